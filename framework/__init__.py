@@ -1,0 +1,15 @@
+"""diffstage: declarative diffusion pipelines from one YAML file per model."""
+from .builder import build_from_config, build_pipeline, check_model
+from .errors import (DiffstageError, DisallowedPathError, LoadError, Problem, RequestError, SpecError,
+                     UnsafeCheckpointError)
+from .pipeline import Pipeline, PipelineOutput
+from .req import Req
+from .stage import CallbackSpec, Contract, PipelineStage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "build_pipeline", "build_from_config", "check_model", "Pipeline", "PipelineOutput", "Req",
+    "PipelineStage", "CallbackSpec", "Contract", "DiffstageError", "SpecError", "Problem",
+    "DisallowedPathError", "LoadError", "RequestError", "UnsafeCheckpointError",
+]

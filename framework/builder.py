@@ -1,0 +1,148 @@
+"""The builder: Hydra config -> model spec -> static check -> modules -> stages -> Pipeline.
+
+    build_pipeline("flux", model_path="/ckpt/flux", overrides=["runtime.dtype=bfloat16"])
+
+Everything that can be checked without weights is checked first, and every
+problem is reported at once."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import loader
+from .check import PlannedStage, check_contracts
+from .errors import DiffstageError, SpecError
+from .models_dir import model_yaml
+from .pipeline import Pipeline
+from .resolve import DEFAULT_ALLOWLIST, resolve
+from .spec import ModelSpec, validate_spec
+from .stage import PipelineStage
+from .torch_utils import parse_device, parse_dtype
+from .yaml_lines import load_yaml_with_lines
+
+CONFIG_MODULE = "diffstage.conf"
+
+
+@dataclass
+class CheckedModel:
+    """A model YAML that passed the schema and contract checks (nothing loaded yet)."""
+
+    file: Path
+    data: dict
+    spec: ModelSpec
+    plan: list[PlannedStage]
+    allowlist: tuple[str, ...]
+
+
+def _known_stages() -> list[type[PipelineStage]]:
+    from diffstage.stages import STANDARD_STAGES
+
+    return list(STANDARD_STAGES)
+
+
+def check_model(name_or_path: str | Path, allowlist: Iterable[str] = ()) -> CheckedModel:
+    """Validate a model YAML (schema + stage contracts) without loading any weights.
+
+    Raises SpecError listing every problem found, each with file, key path and line."""
+    file = model_yaml(str(name_or_path))
+    allow = tuple(DEFAULT_ALLOWLIST) + tuple(allowlist)
+    data, lines = load_yaml_with_lines(file)
+    spec, problems = validate_spec(data, str(file), lines)
+    plan: list[PlannedStage] = []
+    if isinstance(data, dict):
+        plan, contract_problems = check_contracts(data, str(file), lines, allow, _known_stages())
+        problems += contract_problems
+    if problems:
+        problems.sort(key=lambda p: (p.line or 0, p.key))
+        raise SpecError(problems)
+    assert spec is not None
+    return CheckedModel(file, data, spec, plan, allow)
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides (outside a Hydra app)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return compose("config", overrides=list(overrides))
+        with initialize_config_module(CONFIG_MODULE, version_base=None):
+            return compose("config", overrides=list(overrides))
+    except HydraException as e:
+        raise DiffstageError(f"bad config override: {e}") from None
+
+
+def _substitute(value: Any, path: tuple, obj: Any) -> Any:
+    """Return a copy of `value` with the item at `path` replaced by `obj`."""
+    if not path:
+        return obj
+    value = copy.copy(value)
+    value[path[0]] = _substitute(value[path[0]], path[1:], obj)
+    return value
+
+
+def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dict[str, Any]) -> PipelineStage:
+    args = dict(planned.args)
+    for arg_path, module_name in planned.contract.modules.items():
+        top = arg_path[0]
+        args[top] = _substitute(args.get(top, module_name), arg_path[1:], modules[module_name])
+    target = checked.data["stages"][planned.index]["_target_"]
+    resolve(target, checked.allowlist)  # allowlist again, right before Hydra imports it
+    stage = instantiate({"_target_": target}, **args, _convert_="all")
+    stage._contract = planned.contract
+    pc = checked.spec.pipeline_config
+    group = pc.callbacks.get(planned.cls.callback_group(), {})
+    stage.bind({name: resolve(path, checked.allowlist) for name, path in group.items()}, pc.settings)
+    return stage
+
+
+def build_from_config(cfg: DictConfig | dict) -> Pipeline:
+    """Build a Pipeline from a composed run config (see conf/config.yaml)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    checked = check_model(cfg.model, allowlist=cfg.get("allowlist") or ())
+    spec = checked.spec
+    model_path = cfg.get("model_path") or spec.model_path
+    if not model_path:
+        hint = f" (the YAML suggests: {', '.join(spec.hf_model_paths)})" if spec.hf_model_paths else ""
+        raise DiffstageError(f"model '{spec.name}' needs model_path=DIR_OR_REPO_ID{hint}")
+    if cfg.get("model_path") is None and spec.model_path and not Path(spec.model_path).is_absolute():
+        local = checked.file.parent / spec.model_path
+        model_path = str(local) if local.exists() else spec.model_path
+    runtime = cfg.get("runtime") or {}
+    dtype = parse_dtype(runtime.get("dtype", "float32"))
+    device = parse_device(runtime.get("device", "cpu"))
+    modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
+                                  allow_pickle=bool(cfg.get("allow_pickle", False)),
+                                  allowlist=checked.allowlist)
+    stages = [instantiate_stage(p, checked, modules) for p in checked.plan]
+    defaults = spec.sampling.model_dump()
+    overrides = OmegaConf.to_container(cfg.get("sampling") or {}, resolve=True)
+    defaults.update({k: v for k, v in overrides.items() if v is not None})
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config.pop("hydra", None)
+    return Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),
+                    config={"run": run_config, "model": checked.data})
+
+
+def build_pipeline(model: str | Path | None = None, *, model_path: str | Path | None = None,
+                   overrides: Sequence[str] = ()) -> Pipeline:
+    """Build a pipeline from a model name (or YAML path) and Hydra-style overrides.
+
+        pipe = build_pipeline("flux", model_path="ckpt/", overrides=["sampling.height=512"])
+        image = pipe(prompt="a red fox", seed=0).images[0]
+    """
+    args = list(overrides)
+    if model is not None:
+        args.append(f"model={model}")
+    if model_path is not None:
+        args.append(f"model_path={model_path}")
+    return build_from_config(compose_config(args))

@@ -1,0 +1,247 @@
+"""The static contract check: runs on the raw YAML data before any weight loads.
+
+Walks the stages in order with the set of Req fields available so far and
+reports, all at once: unresolvable or disallowed targets, stage arguments the
+stage does not take (or of the wrong type), unknown module names, fields a stage
+reads that nothing produces, missing callbacks, and callbacks nothing calls."""
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from .errors import DiffstageError, Problem
+from .req import Req
+from .resolve import is_allowed, resolve
+from .spec import did_you_mean
+from .stage import Contract, PipelineStage, accepts_positional
+from .yaml_lines import LineMap, format_key
+
+
+@dataclass
+class PlannedStage:
+    """A stage that passed the check: its class, YAML args and contract."""
+
+    index: int
+    cls: type[PipelineStage]
+    args: dict[str, Any]
+    contract: Contract
+
+
+def stage_signature(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """(parameters, type hints, accepts **kwargs) of a stage's __init__."""
+    sig = inspect.signature(cls.__init__)
+    params = {n: p for n, p in list(sig.parameters.items())[1:]
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable forward refs: skip type checks, keep name checks
+        hints = {}
+    return params, hints, var_kw
+
+
+class _Checker:
+    def __init__(self, data: dict, file: str, lines: LineMap, allowlist: Iterable[str],
+                 known_stages: Iterable[type[PipelineStage]]):
+        self.data, self.file, self.lines = data, file, lines
+        self.allowlist = tuple(allowlist)
+        self.known_stages = list(known_stages)
+        self.problems: list[Problem] = []
+
+    def add(self, path: tuple, message: str, hint: str | None = None, stage: str | None = None) -> None:
+        self.problems.append(Problem(message, key=format_key(path), file=self.file,
+                                     line=self.lines.line(path), hint=hint, stage=stage))
+
+    # -- helpers -------------------------------------------------------------
+    def _mapping(self, *path) -> dict:
+        node: Any = self.data
+        for p in path:
+            node = node.get(p) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else {}
+
+    def _resolve_stage(self, i: int, target: Any) -> type[PipelineStage] | None:
+        path = ("stages", i, "_target_")
+        if not isinstance(target, str):
+            self.add(("stages", i), "stage has no `_target_` (the dotted path of its class)")
+            return None
+        if not is_allowed(target, self.allowlist):
+            self.add(path, f"'{target}' is outside the import allowlist {list(self.allowlist)}; refused "
+                           "without importing it", hint="add a trusted package prefix to `allowlist` in your config")
+            return None
+        try:
+            cls = resolve(target, self.allowlist)
+        except DiffstageError as e:
+            names = [f"{c.__module__}.{c.__name__}" for c in self.known_stages]
+            short = [f"diffstage.stages.{c.__name__}" for c in self.known_stages]
+            self.add(path, f"unknown stage: {e}", hint=did_you_mean(target, short + names))
+            return None
+        if not (isinstance(cls, type) and issubclass(cls, PipelineStage)):
+            self.add(path, f"'{target}' is not a PipelineStage subclass")
+            return None
+        return cls
+
+    def _check_args(self, i: int, cls: type[PipelineStage], args: dict) -> bool:
+        params, hints, var_kw = stage_signature(cls)
+        ok = True
+        for name, value in args.items():
+            path = ("stages", i, name)
+            if name not in params:
+                if not var_kw:
+                    self.add(path, f"unknown argument '{name}'", stage=cls.__name__,
+                             hint=did_you_mean(name, params) or f"{cls.__name__} takes: {', '.join(params) or 'nothing'}")
+                    ok = False
+                continue
+            if name in cls.module_params:
+                if not isinstance(value, str):
+                    self.add(path, f"argument '{name}' must name a module (a string), got {value!r}", stage=cls.__name__)
+                    ok = False
+                continue
+            if name in hints:
+                try:
+                    TypeAdapter(hints[name]).validate_python(value)
+                except ValidationError as e:
+                    for err in e.errors():
+                        sub = path + tuple(err["loc"])
+                        self.add(sub, f"{err['msg']} (got {err.get('input')!r})", stage=cls.__name__)
+                    ok = False
+        for name, p in params.items():
+            if p.default is inspect.Parameter.empty and name not in args and name not in cls.module_params:
+                self.add(("stages", i), f"missing required argument '{name}'", stage=cls.__name__)
+                ok = False
+        return ok
+
+    # -- the walk ----------------------------------------------------------------
+    def run(self) -> list[PlannedStage]:
+        stages = self.data.get("stages")
+        if not isinstance(stages, list):
+            return []
+        modules = set(self._mapping("modules"))
+        given_callbacks = self._mapping("pipeline_config", "callbacks")
+
+        request = Req.request_fields()
+        all_fields = Req.field_names()
+        available = set(request)
+        plan: list[PlannedStage] = []
+        used_modules: set[str] = set()
+        taken: dict[str, dict[str, Any]] = {}  # callback group -> {name: spec}
+        writers_in_pipeline: dict[str, list[int]] = {}
+
+        contracts: list[tuple[int, type[PipelineStage], dict, Contract] | None] = []
+        for i, raw in enumerate(stages):
+            if not isinstance(raw, dict):
+                self.add(("stages", i), "each stage must be a mapping with `_target_` and its arguments")
+                contracts.append(None)
+                continue
+            cls = self._resolve_stage(i, raw.get("_target_"))
+            if cls is None:
+                contracts.append(None)
+                continue
+            args = {k: v for k, v in raw.items() if k != "_target_"}
+            if not self._check_args(i, cls, args):
+                contracts.append(None)
+                continue
+            try:
+                contract = cls.contract(args)
+            except Exception as e:  # a stage rejecting its own args
+                self.add(("stages", i), f"invalid arguments: {e}", stage=cls.__name__)
+                contracts.append(None)
+                continue
+            contracts.append((i, cls, args, contract))
+            for f in contract.writes:
+                writers_in_pipeline.setdefault(f, []).append(i)
+
+        for entry in contracts:
+            if entry is None:
+                continue
+            i, cls, args, contract = entry
+            for arg_path, module in contract.modules.items():
+                used_modules.add(module)
+                if module not in modules:
+                    self.add(("stages", i) + tuple(arg_path), f"unknown module '{module}'", stage=cls.__name__,
+                             hint=did_you_mean(module, modules) or f"declared modules: {', '.join(sorted(modules))}")
+            for f in sorted(contract.reads | contract.optional_reads):
+                if f not in all_fields:
+                    self.add(("stages", i), f"reads '{f}', which is not a Req field", stage=cls.__name__,
+                             hint=did_you_mean(f, all_fields))
+            for f in sorted(contract.reads):
+                if f in all_fields and f not in available:
+                    self.add(("stages", i), f"reads '{f}' but no earlier stage writes it and the request does "
+                                            "not supply it", stage=cls.__name__, hint=self._producers_hint(f, i, writers_in_pipeline))
+            for f in contract.writes:
+                if f not in all_fields:
+                    self.add(("stages", i), f"writes '{f}', which is not a Req field", stage=cls.__name__,
+                             hint=did_you_mean(f, all_fields))
+            available |= contract.writes
+            group = taken.setdefault(cls.callback_group(), {})
+            for spec in contract.callbacks:
+                group.setdefault(spec.name, (spec, cls.__name__))
+            plan.append(PlannedStage(i, cls, args, contract))
+
+        self._check_callbacks(given_callbacks, taken)
+        for name in sorted(modules - used_modules):
+            if all(c is not None for c in contracts):  # otherwise usage is unknown
+                self.add(("modules", name), f"module '{name}' is listed but no stage uses it",
+                         hint="remove it, or reference it from a stage argument")
+        return plan
+
+    def _producers_hint(self, f: str, i: int, writers: dict[str, list[int]]) -> str:
+        later = [j for j in writers.get(f, []) if j > i]
+        if later:
+            return f"stages[{later[0]}] writes it: move that stage before stages[{i}]"
+        producers = sorted({c.__name__ for c in self.known_stages if f in c.writes})
+        if producers:
+            return f"add a stage that writes it before stages[{i}], e.g. {', '.join(producers)}"
+        return "no known stage writes it; add one that does"
+
+    def _check_callbacks(self, given: dict, taken: dict[str, dict]) -> None:
+        base = ("pipeline_config", "callbacks")
+        for group, entries in given.items():
+            if group not in taken:
+                self.add(base + (group,), f"no stage in this pipeline calls callbacks of group '{group}'",
+                         hint=did_you_mean(group, taken) or f"groups used here: {', '.join(sorted(taken)) or 'none'}")
+                continue
+            if not isinstance(entries, dict):
+                continue  # the schema check reports the type
+            for name, target in entries.items():
+                path = base + (group, name)
+                if name not in taken[group]:
+                    self.add(path, f"callback '{name}' is not called by any stage of group '{group}'",
+                             hint=did_you_mean(name, taken[group]) or f"callbacks of '{group}': {', '.join(sorted(taken[group]))}")
+                    continue
+                spec, stage_name = taken[group][name]
+                self._check_callback_target(path, spec, stage_name, target)
+        for group, specs in taken.items():
+            for name, (spec, stage_name) in specs.items():
+                if spec.required and name not in (given.get(group) or {}):
+                    self.add(base + (group,), f"missing required callback '{group}.{name}'", stage=stage_name,
+                             hint=f"signature: {name}({', '.join(spec.params)}); {spec.doc}".rstrip("; "))
+
+    def _check_callback_target(self, path: tuple, spec, stage_name: str, target: Any) -> None:
+        if not isinstance(target, str):
+            return
+        if not is_allowed(target, self.allowlist):
+            self.add(path, f"'{target}' is outside the import allowlist {list(self.allowlist)}; refused "
+                           "without importing it", hint="add a trusted package prefix to `allowlist` in your config")
+            return
+        try:
+            fn = resolve(target, self.allowlist)
+        except DiffstageError as e:
+            self.add(path, f"cannot resolve callback: {e}")
+            return
+        if not callable(fn):
+            self.add(path, f"'{target}' is not callable")
+        elif not accepts_positional(fn, len(spec.params)):
+            self.add(path, f"callback '{target}' cannot be called as {spec.name}({', '.join(spec.params)})",
+                     stage=stage_name)
+
+
+def check_contracts(data: dict, file: str, lines: LineMap, allowlist: Iterable[str],
+                    known_stages: Iterable[type[PipelineStage]]) -> tuple[list[PlannedStage], list[Problem]]:
+    checker = _Checker(data, file, lines, allowlist, known_stages)
+    plan = checker.run()
+    return plan, checker.problems

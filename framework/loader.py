@@ -1,0 +1,157 @@
+"""Load the modules a model spec lists from a Diffusers-format checkpoint.
+
+A checkpoint is a directory with model_index.json and one subfolder per module,
+or a Hugging Face repo id (fetched with snapshot_download, which honours
+HF_HUB_OFFLINE and the local cache). Weights load from safetensors only unless
+the user allows pickle. Loaded modules are cached in-process, so building the
+same model twice loads nothing the second time."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LoadError, UnsafeCheckpointError
+from .resolve import DEFAULT_ALLOWLIST, resolve
+from .spec import ModelSpec
+from .torch_utils import parse_dtype
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    path: str
+    subfolder: str
+    cls: str
+    dtype: str
+    device: str
+
+
+_CACHE: dict[CacheKey, Any] = {}
+load_count = 0  # modules actually loaded from disk (the cache tests read it)
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def looks_like_repo_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and os.sep not in parts[1] \
+        and not path.endswith((".json", ".yaml"))
+
+
+def resolve_checkpoint(model_path: str | os.PathLike, subfolders: Iterable[str]) -> Path:
+    """A local checkpoint directory for `model_path` (downloading a repo id if allowed)."""
+    p = Path(model_path).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise LoadError(f"'{p}' is not a Diffusers-format checkpoint: it has no model_index.json")
+        return p.resolve()
+    text = str(model_path)
+    if not looks_like_repo_id(text):
+        raise LoadError(f"model path '{text}' does not exist (expected a checkpoint directory or a "
+                        "Hugging Face repo id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["model_index.json"] + [f"{s}/*" for s in subfolders]
+        return Path(snapshot_download(text, allow_patterns=patterns))
+    except Exception as e:  # network, auth, offline-without-cache: all the user's to fix
+        offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else str(e).splitlines()[0]
+        raise LoadError(f"could not get '{text}' from the Hugging Face Hub: {why}") from None
+
+
+def check_safetensors(folder: Path, module: str, allow_pickle: bool) -> None:
+    """Refuse a module whose weights exist only as pickle files, unless allowed."""
+    if allow_pickle or not folder.is_dir():
+        return
+    files = [f for f in folder.iterdir() if f.is_file()]
+    if any(f.suffix == ".safetensors" for f in files):
+        return
+    pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise UnsafeCheckpointError(
+            f"module '{module}': {folder / pickles[0]} is a pickle checkpoint, and loading pickle can run "
+            "arbitrary code; convert it to safetensors, or set allow_pickle=true if you trust its source")
+
+
+def module_class(spec: ModelSpec, name: str, index: dict, allowlist: Iterable[str]) -> type:
+    target = spec.module_spec(name).target
+    if target is None:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(entry)):
+            raise LoadError(f"module '{name}' is not in model_index.json; give its class with `_target_` in "
+                            f"the YAML's modules.{name}")
+        target = f"{entry[0]}.{entry[1]}"
+    return resolve(target, allowlist)
+
+
+def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    if not hasattr(cls, "from_pretrained"):
+        raise LoadError(f"{cls.__module__}.{cls.__name__} has no from_pretrained; it cannot be a module")
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        return cls.from_pretrained(root, subfolder=subfolder)  # tokenizers, schedulers: no weights
+    kwargs: dict[str, Any] = {"subfolder": subfolder, "use_safetensors": None if allow_pickle else True}
+    if cls.__module__.startswith("transformers."):
+        import transformers
+
+        major = int(transformers.__version__.split(".")[0])
+        kwargs["dtype" if major >= 5 else "torch_dtype"] = dtype
+    else:
+        kwargs["torch_dtype"] = dtype
+    return cls.from_pretrained(root, **kwargs)
+
+
+def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+                 device: str | torch.device = "cpu", allow_pickle: bool = False,
+                 allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> dict[str, Any]:
+    """Load (or fetch from the cache) every module the spec lists."""
+    global load_count
+    allowlist = tuple(allowlist)
+    subfolders = {n: spec.module_spec(n).subfolder or n for n in spec.modules}
+    root = resolve_checkpoint(model_path, subfolders.values())
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoadError(f"cannot read {root / 'model_index.json'}: {e}") from None
+    if index.get("_class_name") != spec.pipeline_name:
+        raise LoadError(f"checkpoint '{root}' is a {index.get('_class_name')}, but model '{spec.name}' "
+                        f"serves {spec.pipeline_name}; pick the model YAML that matches this checkpoint")
+
+    modules: dict[str, Any] = {}
+    for name, sub in subfolders.items():
+        cls = module_class(spec, name, index, allowlist)
+        mdtype = parse_dtype(spec.module_spec(name).dtype or dtype)
+        is_torch = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+        key = CacheKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
+                       str(mdtype) if is_torch else "-", str(device) if is_torch else "-")
+        if key in _CACHE:
+            modules[name] = _CACHE[key]
+            continue
+        folder = root / sub
+        if not folder.is_dir():
+            raise LoadError(f"module '{name}': folder '{folder}' does not exist in the checkpoint")
+        check_safetensors(folder, name, allow_pickle)
+        try:
+            module = _from_pretrained(cls, root, sub, mdtype, allow_pickle)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise LoadError(f"module '{name}': loading {cls.__name__} from '{folder}' failed: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if is_torch:
+            module = module.to(device).eval().requires_grad_(False)
+        load_count += 1
+        log.info("loaded %s (%s) from %s", name, cls.__name__, folder)
+        _CACHE[key] = module
+        modules[name] = module
+    return modules

@@ -1,0 +1,53 @@
+"""Find model YAMLs: by name among the shipped ones, or by path for a user's own."""
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import DiffstageError
+from .spec import did_you_mean
+
+
+def shipped_models_dir() -> Path:
+    return Path(str(resources.files("diffstage.pipelines_yaml")))
+
+
+def available_models() -> dict[str, Path]:
+    """Shipped model name -> YAML file."""
+    return {p.stem: p for p in sorted(shipped_models_dir().glob("*.yaml"))}
+
+
+def is_path(name_or_path: str) -> bool:
+    return name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path or "/" in name_or_path
+
+
+def model_yaml(name_or_path: str) -> Path:
+    """The YAML file for a shipped model name or a path to a user's own YAML."""
+    name_or_path = str(name_or_path)
+    if is_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise DiffstageError(f"model YAML '{name_or_path}' does not exist")
+        return path.resolve()
+    models = available_models()
+    if name_or_path not in models:
+        hint = did_you_mean(name_or_path, models)
+        raise DiffstageError(f"unknown model '{name_or_path}'" + (f"; {hint}" if hint else "") +
+                             f" (available: {', '.join(models) or 'none'}; or give a path to a .yaml file)")
+    return models[name_or_path]
+
+
+def describe_models() -> list[tuple[str, str]]:
+    """(name, description) of each shipped model, tolerant of broken files."""
+    out = []
+    for name, path in available_models().items():
+        try:
+            data = yaml.safe_load(path.read_text())
+            desc = str(data.get("description", "")).strip() if isinstance(data, dict) else ""
+        except (OSError, yaml.YAMLError) as e:
+            desc = f"(unreadable: {type(e).__name__})"
+        out.append((name, " ".join(desc.split())))
+    return out

@@ -1,0 +1,86 @@
+"""Pipeline: runs a Req through the checked stages and records per-stage time and memory."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import RequestError
+from .req import Req
+from .spec import ModelSpec, did_you_mean
+from .stage import PipelineStage
+
+
+@dataclass
+class PipelineOutput:
+    images: Any  # list of PIL images, or an array/tensor for output_type np/pt/latent
+    timings: dict[str, float] = field(default_factory=dict)  # stage label -> seconds
+    peak_memory: dict[str, int] = field(default_factory=dict)  # stage label -> bytes (CUDA only)
+    req: Req | None = None
+
+
+class Pipeline:
+    def __init__(self, spec: ModelSpec, stages: list[PipelineStage], modules: dict[str, Any],
+                 defaults: dict[str, Any] | None = None, source: str | None = None,
+                 config: dict[str, Any] | None = None):
+        self.spec = spec
+        self.stages = list(stages)
+        self.modules = modules
+        self.defaults = dict(defaults or {})  # sampling defaults, already merged with overrides
+        self.source = source  # the model YAML file
+        self.config = config or {}  # the resolved run config, for provenance
+
+    def stage_labels(self) -> list[str]:
+        return [f"{i}:{type(s).__name__}" for i, s in enumerate(self.stages)]
+
+    def make_request(self, **kwargs: Any) -> Req:
+        allowed = Req.request_fields()
+        unknown = [k for k in kwargs if k not in allowed]
+        if unknown:
+            hints = [f"'{k}'" + (f" ({did_you_mean(k, allowed)})" if did_you_mean(k, allowed) else "") for k in unknown]
+            raise RequestError(f"unknown request argument{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                               f"accepted: {', '.join(sorted(allowed))}")
+        values = {k: v for k, v in self.defaults.items() if v is not None and k in allowed}
+        values.update({k: v for k, v in kwargs.items() if v is not None})
+        return Req(**values)
+
+    def __call__(self, prompt: str | list[str] | None = None, **kwargs: Any) -> PipelineOutput:
+        """Generate, like a Diffusers pipeline: `pipe(prompt, seed=0, num_inference_steps=4).images[0]`."""
+        return self.run(self.make_request(prompt=prompt, **kwargs))
+
+    @torch.inference_mode()
+    def run(self, req: Req) -> PipelineOutput:
+        timings, memory = {}, {}
+        cuda = torch.cuda.is_available()
+        for label, stage in zip(self.stage_labels(), self.stages):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            req = stage(req)
+            if cuda:
+                torch.cuda.synchronize()
+                memory[label] = torch.cuda.max_memory_allocated()
+            timings[label] = time.perf_counter() - start
+        return PipelineOutput(images=req.output, timings=timings, peak_memory=memory, req=req)
+
+    def graph(self) -> list[tuple[str, str, str]]:
+        """Data-flow edges (producer, consumer, field) derived from declared reads/writes."""
+        edges, last_writer = [], {}
+        labels = self.stage_labels()
+        for label, stage in zip(labels, self.stages):
+            contract = getattr(stage, "_contract", None)
+            reads = contract.reads | contract.optional_reads if contract else set(stage.reads)
+            writes = contract.writes if contract else set(stage.writes)
+            for f in sorted(reads):
+                if f in last_writer:
+                    edges.append((last_writer[f], label, f))
+            for f in writes:
+                last_writer[f] = label
+        return edges
+
+    def __repr__(self) -> str:
+        body = "\n".join(f"  {label}" for label in self.stage_labels())
+        return f"Pipeline({self.spec.name}, {self.spec.pipeline_name}, stages:\n{body}\n)"
+

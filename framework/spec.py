@@ -1,0 +1,136 @@
+"""ModelSpec: the pydantic schema of a model YAML (pipelines_yaml/<name>.yaml).
+
+Unknown keys are errors. Validation errors are turned into Problems that carry
+the YAML file, the key path and the line."""
+from __future__ import annotations
+
+import difflib
+import typing
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import Problem
+from .yaml_lines import LineMap, format_key
+
+
+class Task(str, Enum):
+    t2i = "t2i"  # text to image
+    ti2i = "ti2i"  # text + image to image (editing)
+    i2i = "i2i"
+    t2v = "t2v"  # text to video
+    i2v = "i2v"
+    ti2v = "ti2v"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModuleSpec(_Strict):
+    """One module of the model. By default its class is the one model_index.json names."""
+
+    target: str | None = Field(None, alias="_target_", description="class to load it with (dotted path)")
+    subfolder: str | None = Field(None, description="folder inside the checkpoint; default: the module name")
+    dtype: str | None = Field(None, description="dtype for this module only; default: runtime.dtype")
+
+
+class PipelineConfigSpec(_Strict):
+    settings: dict[str, Any] = Field(default_factory=dict, description="static model settings callbacks read")
+    callbacks: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="callback dotted paths, grouped by the stage that calls them"
+    )
+
+
+class SamplingSpec(_Strict):
+    """Defaults for the sampling parameters; a request may override each."""
+
+    num_inference_steps: int | None = Field(None, gt=0)
+    height: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    guidance_scale: float | None = Field(None, ge=0)
+    true_cfg_scale: float | None = Field(None, ge=0)
+    max_sequence_length: int | None = Field(None, gt=0)
+    negative_prompt: str | None = None
+    num_images_per_prompt: int | None = Field(None, gt=0)
+
+
+class StageSpec(BaseModel):
+    """`_target_` plus the stage's arguments (checked against the stage class)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    target: str = Field(alias="_target_")
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelSpec(_Strict):
+    name: str
+    description: str = ""
+    pipeline_name: str = Field(description="the _class_name in model_index.json this YAML serves")
+    task: Task
+    hf_model_paths: list[str] = Field(default_factory=list)
+    model_path: str | None = Field(None, description="default checkpoint: a directory (relative to this file) or repo id")
+    modules: dict[str, ModuleSpec | None]
+    pipeline_config: PipelineConfigSpec = Field(default_factory=PipelineConfigSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    stages: list[StageSpec] = Field(min_length=1)
+
+    def module_spec(self, name: str) -> ModuleSpec:
+        return self.modules.get(name) or ModuleSpec()
+
+
+def did_you_mean(name: str, options) -> str | None:
+    match = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"did you mean '{match[0]}'?" if match else None
+
+
+def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the mapping at `loc` (for "did you mean" on unknown keys)."""
+    ann: Any = model
+    for part in loc:
+        origin = typing.get_origin(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            fields = {(f.alias or n): f for n, f in ann.model_fields.items()}
+            if part not in fields:
+                return []
+            ann = fields[part].annotation
+        elif origin in (list, dict):
+            ann = typing.get_args(ann)[-1]
+        else:
+            return []
+        # unwrap Optional[X]
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+            ann = args[0]
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [(f.alias or n) for n, f in ann.model_fields.items()]
+    return []
+
+
+def validate_spec(data: Any, file: str, lines: LineMap) -> tuple[ModelSpec | None, list[Problem]]:
+    if not isinstance(data, dict):
+        return None, [Problem("a model YAML must be a mapping with keys name, pipeline_name, task, modules, "
+                              "stages, ...", file=file, line=1)]
+    try:
+        return ModelSpec.model_validate(data), []
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            hint = None
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key '{loc[-1]}'"
+                hint = did_you_mean(loc[-1], _keys_at(ModelSpec, loc[:-1]))
+                valid = _keys_at(ModelSpec, loc[:-1])
+                if not hint and valid:
+                    hint = "valid keys: " + ", ".join(valid)
+            elif err["type"] == "missing":
+                msg = f"missing required key '{loc[-1]}'"
+            else:
+                msg = f"{err['msg']} (got {err.get('input')!r})"
+            problems.append(Problem(msg, key=format_key(loc), file=file, line=lines.line(loc), hint=hint))
+        return None, problems

@@ -1,0 +1,133 @@
+"""PipelineStage: the base class of every stage.
+
+A stage declares, on the class, what it reads from the Req, what it writes, the
+callbacks it calls and the modules it takes. The builder checks those
+declarations across the whole pipeline before any weight loads; at run time
+`__call__` wraps `forward` with the same checks (verify -> forward -> verify)."""
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import RequestError
+from .req import Req
+
+
+@dataclass(frozen=True)
+class CallbackSpec:
+    """A hook a stage calls. `params` are the positional arguments it is called with."""
+
+    name: str
+    params: tuple[str, ...]
+    required: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What one configured stage needs and provides; computed from its YAML args alone."""
+
+    reads: frozenset[str]
+    writes: frozenset[str]
+    optional_reads: frozenset[str] = frozenset()
+    callbacks: tuple[CallbackSpec, ...] = ()
+    # argument path inside the stage's args -> name of the module it refers to
+    modules: Mapping[tuple, str] = field(default_factory=dict)
+
+
+class Settings(dict):
+    """Static model settings from `pipeline_config.settings`, readable as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"pipeline_config.settings has no '{name}'") from None
+
+
+def _snake(name: str) -> str:
+    name = re.sub(r"Stage$", "", name)
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class PipelineStage:
+    reads: ClassVar[tuple[str, ...]] = ()
+    optional_reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    callback_specs: ClassVar[tuple[CallbackSpec, ...]] = ()
+    # __init__ parameters that take a loaded module; the YAML value (default: the
+    # parameter's own name) names an entry of `modules`.
+    module_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.settings = Settings()
+        self._callbacks: dict[str, Callable] = {}
+
+    # --- declarations ---------------------------------------------------------
+    @classmethod
+    def callback_group(cls) -> str:
+        """Key under `pipeline_config.callbacks` that holds this stage's callbacks."""
+        return _snake(cls.__name__)
+
+    @classmethod
+    def contract(cls, args: Mapping[str, Any]) -> Contract:
+        """The stage's needs for these YAML args. Override when they depend on args."""
+        modules = {}
+        for p in cls.module_params:
+            ref = args.get(p, p)
+            if isinstance(ref, str):
+                modules[(p,)] = ref
+        return Contract(
+            reads=frozenset(cls.reads),
+            writes=frozenset(cls.writes),
+            optional_reads=frozenset(cls.optional_reads),
+            callbacks=tuple(cls.callback_specs),
+            modules=modules,
+        )
+
+    # --- wiring (done by the builder) -------------------------------------------
+    def bind(self, callbacks: Mapping[str, Callable], settings: Mapping[str, Any]) -> None:
+        self.settings = Settings(settings)
+        bound = {}
+        for spec in self.callback_specs:
+            fn = callbacks.get(spec.name) or getattr(self, f"default_{spec.name}", None)
+            if fn is None and spec.required:
+                raise RequestError(f"{type(self).__name__}: required callback '{spec.name}' is not set")
+            bound[spec.name] = fn
+        self._callbacks = bound
+
+    def callback(self, name: str) -> Callable:
+        return self._callbacks[name]
+
+    # --- running ----------------------------------------------------------------
+    def __call__(self, req: Req) -> Req:
+        name = type(self).__name__
+        for f in self.reads:
+            if getattr(req, f) is None:
+                raise RequestError(f"{name}: required field '{f}' is not set on the request")
+        out = self.forward(req)
+        if not isinstance(out, Req):
+            raise TypeError(f"{name}.forward must return the Req, got {type(out).__name__}")
+        return out
+
+    def forward(self, req: Req) -> Req:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def accepts_positional(fn: Callable, n: int) -> bool:
+    """Whether `fn` can be called with n positional arguments."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True  # builtins without signatures: give them the benefit of the doubt
+    try:
+        sig.bind(*([None] * n))
+    except TypeError:
+        return False
+    return True

@@ -1,0 +1,80 @@
+"""Load a YAML file together with a map from key path to line number.
+
+OmegaConf and PyYAML's safe_load keep no positions, but every error we report
+must name the line, so we walk PyYAML's node tree ourselves."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import Problem, SpecError
+
+KeyPath = tuple  # of str | int
+
+
+def format_key(path: KeyPath) -> str:
+    """('stages', 3, 'encoders') -> 'stages[3].encoders'."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+class LineMap:
+    """Key path -> 1-based line; unknown paths fall back to their nearest parent."""
+
+    def __init__(self, lines: dict[KeyPath, int] | None = None):
+        self._lines = lines or {}
+
+    def line(self, path: KeyPath) -> int | None:
+        path = tuple(path)
+        while True:
+            if path in self._lines:
+                return self._lines[path]
+            if not path:
+                return None
+            path = path[:-1]
+
+
+def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> None:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+            child = path + (key,)
+            lines[child] = key_node.start_mark.line + 1
+            _walk(value_node, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            _walk(item, path + (i,), lines)
+
+
+def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
+    """Parse a YAML file; a syntax error becomes a SpecError with file and line."""
+    file = str(file)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([Problem("file not found", file=file)]) from None
+    except OSError as e:
+        raise SpecError([Problem(f"cannot read file: {e.strerror}", file=file)]) from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise SpecError([Problem(f"YAML syntax error: {what}", file=file, line=line)]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([Problem(f"YAML error: {e}", file=file)]) from None
+    lines: dict[KeyPath, int] = {}
+    if node is not None:
+        _walk(node, (), lines)
+    return data, LineMap(lines)

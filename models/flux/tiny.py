@@ -1,0 +1,207 @@
+"""Build a tiny random-weight FLUX.1 checkpoint in Diffusers format.
+
+The result loads with ``diffusers.FluxPipeline.from_pretrained(out_dir)`` and runs a
+32x32 / 2-step generation in a fraction of a second on CPU. Everything (weights and
+tokenizers) is generated locally, so nothing is downloaded.
+
+CLI: ``python -m diffstage.models.flux.tiny OUT_DIR [--variant dev|schnell] [--seed N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+MARKER = "tiny_flux.json"
+VARIANTS = ("dev", "schnell")
+
+# Small word list so common test prompts tokenize into whole words; anything else falls
+# back to characters (CLIP: full byte coverage, T5: letters/digits/punctuation, else <unk>).
+WORDS = (
+    "a an the of and in on with at photo picture painting of red green blue yellow black white "
+    "cat dog fox bird tree house car sky sea mountain forest city street flower portrait "
+    "cute big small blurry sharp bad good quality high low night day sun moon astronaut horse"
+).split()
+PUNCT = list(".,!?'\"-:;()")
+
+# Scheduler configs copied from the real FLUX.1 repos.
+SCHEDULERS = {
+    "dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+    "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+}
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet (the 256 symbols ByteLevel pre-tokenization emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _clip_tokenizer() -> CLIPTokenizer:
+    # Every byte symbol exists both word-internal and word-final ("</w>"), so no text ever
+    # hits unk (which is <|endoftext|> in CLIP and would confuse the pooler).
+    vocab: dict[str, int] = {}
+    for sym in _bytes_to_unicode():
+        vocab.setdefault(sym, len(vocab))
+    for sym in _bytes_to_unicode():
+        vocab.setdefault(sym + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:  # left-to-right merges build the whole word
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    # Like real CLIP the special tokens are the last two ids; pad == eos == unk.
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _t5_tokenizer() -> T5TokenizerFast:
+    # Unigram vocab in T5 order: <pad>=0, </s>=1, <unk>=2. Whole words score higher than chars.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    chars += [str(d) for d in range(10)] + PUNCT
+    vocab += [(c, -5.0) for c in chars] + [("▁" + c, -5.5) for c in chars]
+    vocab += [("▁" + w, -1.0) for w in WORDS]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _reinit_if_zero(module: torch.nn.Module) -> None:
+    # Guard against zero-initialised output layers, which would make the image independent of
+    # the transformer (and thus of the prompt).
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear) and not sub.weight.any():
+            torch.nn.init.normal_(sub.weight, std=0.02)
+
+
+def _build_pipeline(variant: str, seed: int) -> FluxPipeline:
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=(variant == "dev"), axes_dims_rope=(4, 6, 6),
+    )
+    _reinit_if_zero(transformer.proj_out)
+    _reinit_if_zero(transformer.norm_out)
+
+    torch.manual_seed(seed)
+    # Two blocks -> vae_scale_factor 2; no quant convs, as in the real FLUX VAE. Non-trivial
+    # scaling/shift factors so callers that forget them produce different numbers.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
+        scaling_factor=0.5, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+    torch.manual_seed(seed)
+    # eos_token_id != 2 selects the "first eos position" pooling path in CLIPTextTransformer.
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+
+
+def _is_complete(out_dir: pathlib.Path, variant: str, seed: int) -> bool:
+    try:
+        marker = json.loads((out_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker == {"variant": variant, "seed": seed} and (out_dir / "model_index.json").is_file()
+
+
+def build_tiny_flux(out_dir, *, variant: str = "dev", seed: int = 0) -> pathlib.Path:
+    """Write a tiny random FLUX.1 ``variant`` ("dev" or "schnell") checkpoint to ``out_dir``.
+
+    Deterministic in ``seed``. Returns immediately if ``out_dir`` already holds a complete
+    checkpoint for the same variant/seed (tracked by a ``tiny_flux.json`` marker).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    out_dir = pathlib.Path(out_dir)
+    if _is_complete(out_dir, variant, seed):
+        return out_dir
+
+    # Build in a sibling temp dir so a crash or a concurrent builder never leaves a
+    # half-written checkpoint that looks complete; the marker is written last.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the final dir normal permissions
+    try:
+        with torch.random.fork_rng(devices=[]):  # don't disturb the caller's global RNG
+            pipe = _build_pipeline(variant, seed)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        # transformers 5 aliases T5TokenizerFast to T5Tokenizer; record the name the real
+        # FLUX.1 repos use (it also resolves in transformers 4 without sentencepiece).
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / MARKER).write_text(json.dumps({"variant": variant, "seed": seed}) + "\n")
+        try:
+            os.rename(tmp, out_dir)  # atomic when out_dir is absent (or an empty dir)
+        except OSError:
+            if _is_complete(out_dir, variant, seed):  # a concurrent builder won the race
+                return out_dir
+            # Existing, non-empty dir: invalidate it, then overwrite entry by entry, marker last.
+            (out_dir / MARKER).unlink(missing_ok=True)
+            for entry in sorted(tmp.iterdir(), key=lambda p: p.name == MARKER):
+                dest = out_dir / entry.name
+                if dest.is_dir():
+                    shutil.rmtree(dest)
+                os.replace(entry, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build a tiny random-weight FLUX.1 checkpoint.")
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--variant", choices=VARIANTS, default="dev")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_flux(args.out_dir, variant=args.variant, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

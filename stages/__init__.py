@@ -1,0 +1,18 @@
+"""The standard stages. Each is a small class with declared reads, writes and callbacks."""
+from .decoding import DecodingStage
+from .denoising import DenoisingStage
+from .input_validation import InputValidationStage
+from .latent_preparation import LatentPreparationStage
+from .text_encoding import EncoderConfig, TextEncodingStage
+from .timestep_preparation import TimestepPreparationStage
+
+STANDARD_STAGES = (
+    InputValidationStage,
+    TextEncodingStage,
+    LatentPreparationStage,
+    TimestepPreparationStage,
+    DenoisingStage,
+    DecodingStage,
+)
+
+__all__ = [s.__name__ for s in STANDARD_STAGES] + ["EncoderConfig", "STANDARD_STAGES"]

@@ -1,0 +1,64 @@
+"""DecodingStage: undo packing and latent normalisation, run the VAE, convert the output."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffstage.req import Req
+from diffstage.stage import CallbackSpec, PipelineStage
+from diffstage.torch_utils import module_device, module_dtype
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """[B, H, W, C] floats in [0, 1] -> PIL images (rounded as Diffusers does)."""
+    arr = (images * 255).round().astype("uint8")
+    if arr.shape[-1] == 1:
+        return [Image.fromarray(a[..., 0], mode="L") for a in arr]
+    return [Image.fromarray(a) for a in arr]
+
+
+class DecodingStage(PipelineStage):
+    reads = ("latents",)
+    optional_reads = ("raw_latent_shape", "height", "width")
+    writes = ("decoded", "output")
+    module_params = ("vae",)
+    callback_specs = (
+        CallbackSpec("unpack", ("latents", "req", "settings", "vae"),
+                     doc="returns latents in the VAE's [B, C, H, W] layout (default: unchanged)"),
+        CallbackSpec("denormalize", ("latents", "settings", "vae"),
+                     doc="undoes the latent scaling (default: latents / scaling_factor + shift_factor)"),
+    )
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    @staticmethod
+    def default_unpack(latents, req, settings, vae):
+        return latents
+
+    @staticmethod
+    def default_denormalize(latents, settings, vae):
+        cfg = vae.config
+        latents = latents / cfg.scaling_factor
+        shift = getattr(cfg, "shift_factor", None)
+        return latents + shift if shift is not None else latents
+
+    @torch.no_grad()
+    def forward(self, req: Req) -> Req:
+        if req.output_type == "latent":
+            req.output = req.latents
+            return req
+        latents = self.callback("unpack")(req.latents, req, self.settings, self.vae)
+        latents = self.callback("denormalize")(latents, self.settings, self.vae)
+        latents = latents.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
+        image = self.vae.decode(latents, return_dict=False)[0]
+        image = (image * 0.5 + 0.5).clamp(0, 1)
+        req.decoded = image
+        if req.output_type == "pt":
+            req.output = image
+        else:
+            arr = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            req.output = arr if req.output_type == "np" else to_pil(arr)
+        return req

@@ -1,0 +1,87 @@
+"""InputValidationStage: range-check the request and decide on guidance, before any work."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from diffstage.errors import RequestError
+from diffstage.req import Req
+from diffstage.stage import PipelineStage
+
+CFG_SCALE_FIELDS = ("guidance_scale", "true_cfg_scale")
+
+
+class InputValidationStage(PipelineStage):
+    """Checks sizes, steps and prompts; seeds the generator; decides whether CFG runs.
+
+    Args:
+        multiple_of: height and width must be positive multiples of this.
+        max_steps: upper bound for num_inference_steps.
+        max_sequence_length_limit: upper bound for max_sequence_length, if any.
+        cfg_scale_field: the request field that holds the CFG scale
+            (`true_cfg_scale` for guidance-distilled models such as FLUX).
+        cfg_needs_negative_prompt: CFG only runs when a negative prompt is given
+            (otherwise the empty prompt is the negative).
+    """
+
+    reads = ("prompt", "num_inference_steps", "height", "width")
+    optional_reads = ("seed", "negative_prompt", "guidance_scale", "true_cfg_scale", "max_sequence_length")
+    writes = ("batch_size", "generator", "do_cfg", "cfg_scale")
+
+    def __init__(self, multiple_of: int = 1, max_steps: int = 1000, max_sequence_length_limit: int | None = None,
+                 cfg_scale_field: Literal["guidance_scale", "true_cfg_scale"] = "guidance_scale",
+                 cfg_needs_negative_prompt: bool = True):
+        super().__init__()
+        self.multiple_of = multiple_of
+        self.max_steps = max_steps
+        self.max_sequence_length_limit = max_sequence_length_limit
+        self.cfg_scale_field = cfg_scale_field
+        self.cfg_needs_negative_prompt = cfg_needs_negative_prompt
+
+    def forward(self, req: Req) -> Req:
+        errors = []
+        prompts = req.prompts()
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            errors.append(f"prompt must be a string or a non-empty list of strings, got {req.prompt!r}")
+        for name in ("height", "width"):
+            v = getattr(req, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % self.multiple_of:
+                errors.append(f"{name} must be a positive multiple of {self.multiple_of}, got {v!r}")
+        steps = req.num_inference_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= self.max_steps:
+            errors.append(f"num_inference_steps must be an integer in [1, {self.max_steps}], got {steps!r}")
+        for name in CFG_SCALE_FIELDS:
+            v = getattr(req, name)
+            if v is not None and (not isinstance(v, (int, float)) or v < 0):
+                errors.append(f"{name} must be a number >= 0, got {v!r}")
+        msl = req.max_sequence_length
+        if msl is not None and (not isinstance(msl, int) or msl <= 0 or
+                                (self.max_sequence_length_limit and msl > self.max_sequence_length_limit)):
+            errors.append(f"max_sequence_length must be an integer in [1, {self.max_sequence_length_limit}], got {msl!r}")
+        if not isinstance(req.num_images_per_prompt, int) or req.num_images_per_prompt < 1:
+            errors.append(f"num_images_per_prompt must be an integer >= 1, got {req.num_images_per_prompt!r}")
+        if req.output_type not in ("pil", "np", "pt", "latent"):
+            errors.append(f"output_type must be one of pil, np, pt, latent, got {req.output_type!r}")
+        neg = req.negative_prompt
+        if neg is not None:
+            negs = [neg] if isinstance(neg, str) else neg
+            if not isinstance(negs, list) or len(negs) != len(prompts):
+                errors.append("negative_prompt must be a string or a list as long as prompt")
+        if req.seed is not None and (not isinstance(req.seed, int) or isinstance(req.seed, bool)):
+            errors.append(f"seed must be an integer, got {req.seed!r}")
+        if errors:
+            raise RequestError("invalid request:\n" + "\n".join(f"  - {e}" for e in errors))
+
+        req.batch_size = len(prompts) * req.num_images_per_prompt
+        # seed=N means what Diffusers' torch.Generator("cpu").manual_seed(N) means.
+        req.generator = torch.Generator("cpu")
+        if req.seed is not None:
+            req.generator.manual_seed(req.seed)
+        else:
+            req.seed = int(req.generator.seed())
+        scale = getattr(req, self.cfg_scale_field)
+        req.cfg_scale = float(scale) if scale is not None else 1.0
+        has_negative = neg is not None or not self.cfg_needs_negative_prompt
+        req.do_cfg = bool(req.cfg_scale > 1.0 and has_negative)
+        return req
