@@ -131,34 +131,35 @@ class _Checker:
         taken: dict[str, dict[str, Any]] = {}  # callback group -> {name: spec}
         writers_in_pipeline: dict[str, list[int]] = {}
 
-        contracts: list[tuple[int, type[PipelineStage], dict, Contract] | None] = []
+        # First pass: every stage's contract. A stage with bad arguments still
+        # contributes its declared contract when it can, so one typo does not
+        # cascade into "nothing writes X" errors further down.
+        contracts: list[tuple[int, type[PipelineStage], dict, Contract, bool]] = []
+        certain = True  # False once some stage's contract is unknown
         for i, raw in enumerate(stages):
             if not isinstance(raw, dict):
                 self.add(("stages", i), "each stage must be a mapping with `_target_` and its arguments")
-                contracts.append(None)
+                certain = False
                 continue
             cls = self._resolve_stage(i, raw.get("_target_"))
             if cls is None:
-                contracts.append(None)
+                certain = False
                 continue
             args = {k: v for k, v in raw.items() if k != "_target_"}
-            if not self._check_args(i, cls, args):
-                contracts.append(None)
-                continue
+            valid = self._check_args(i, cls, args)
             try:
                 contract = cls.contract(args)
             except Exception as e:  # a stage rejecting its own args
-                self.add(("stages", i), f"invalid arguments: {e}", stage=cls.__name__)
-                contracts.append(None)
+                if valid:
+                    self.add(("stages", i), f"invalid arguments: {e}", stage=cls.__name__)
+                certain = False
                 continue
-            contracts.append((i, cls, args, contract))
+            contracts.append((i, cls, args, contract, valid))
             for f in contract.writes:
                 writers_in_pipeline.setdefault(f, []).append(i)
+        self.reads_of = {i: c.reads for i, _, _, c, _ in contracts}
 
-        for entry in contracts:
-            if entry is None:
-                continue
-            i, cls, args, contract = entry
+        for i, cls, args, contract, valid in contracts:
             for arg_path, module in contract.modules.items():
                 used_modules.add(module)
                 if module not in modules:
@@ -169,7 +170,7 @@ class _Checker:
                     self.add(("stages", i), f"reads '{f}', which is not a Req field", stage=cls.__name__,
                              hint=did_you_mean(f, all_fields))
             for f in sorted(contract.reads):
-                if f in all_fields and f not in available:
+                if certain and f in all_fields and f not in available:
                     self.add(("stages", i), f"reads '{f}' but no earlier stage writes it and the request does "
                                             "not supply it", stage=cls.__name__, hint=self._producers_hint(f, i, writers_in_pipeline))
             for f in contract.writes:
@@ -180,17 +181,18 @@ class _Checker:
             group = taken.setdefault(cls.callback_group(), {})
             for spec in contract.callbacks:
                 group.setdefault(spec.name, (spec, cls.__name__))
-            plan.append(PlannedStage(i, cls, args, contract))
+            if valid:
+                plan.append(PlannedStage(i, cls, args, contract))
 
-        self._check_callbacks(given_callbacks, taken)
-        for name in sorted(modules - used_modules):
-            if all(c is not None for c in contracts):  # otherwise usage is unknown
+        self._check_callbacks(given_callbacks, taken, certain)
+        if certain:
+            for name in sorted(modules - used_modules):
                 self.add(("modules", name), f"module '{name}' is listed but no stage uses it",
                          hint="remove it, or reference it from a stage argument")
         return plan
 
     def _producers_hint(self, f: str, i: int, writers: dict[str, list[int]]) -> str:
-        later = [j for j in writers.get(f, []) if j > i]
+        later = [j for j in writers.get(f, []) if j > i and f not in self.reads_of.get(j, ())]
         if later:
             return f"stages[{later[0]}] writes it: move that stage before stages[{i}]"
         producers = sorted({c.__name__ for c in self.known_stages if f in c.writes})
@@ -198,22 +200,22 @@ class _Checker:
             return f"add a stage that writes it before stages[{i}], e.g. {', '.join(producers)}"
         return "no known stage writes it; add one that does"
 
-    def _check_callbacks(self, given: dict, taken: dict[str, dict]) -> None:
+    def _check_callbacks(self, given: dict, taken: dict[str, dict], certain: bool) -> None:
         base = ("pipeline_config", "callbacks")
         for group, entries in given.items():
-            if group not in taken:
-                self.add(base + (group,), f"no stage in this pipeline calls callbacks of group '{group}'",
-                         hint=did_you_mean(group, taken) or f"groups used here: {', '.join(sorted(taken)) or 'none'}")
-                continue
             if not isinstance(entries, dict):
                 continue  # the schema check reports the type
+            known_group = group in taken
+            if not known_group and certain:
+                self.add(base + (group,), f"no stage in this pipeline calls callbacks of group '{group}'",
+                         hint=did_you_mean(group, taken) or f"groups used here: {', '.join(sorted(taken)) or 'none'}")
             for name, target in entries.items():
                 path = base + (group, name)
-                if name not in taken[group]:
+                spec, stage_name = taken.get(group, {}).get(name, (None, None))
+                if known_group and spec is None:
                     self.add(path, f"callback '{name}' is not called by any stage of group '{group}'",
                              hint=did_you_mean(name, taken[group]) or f"callbacks of '{group}': {', '.join(sorted(taken[group]))}")
-                    continue
-                spec, stage_name = taken[group][name]
+                # Targets are checked even when the group is unknown: the allowlist comes first.
                 self._check_callback_target(path, spec, stage_name, target)
         for group, specs in taken.items():
             for name, (spec, stage_name) in specs.items():
@@ -235,7 +237,7 @@ class _Checker:
             return
         if not callable(fn):
             self.add(path, f"'{target}' is not callable")
-        elif not accepts_positional(fn, len(spec.params)):
+        elif spec is not None and not accepts_positional(fn, len(spec.params)):
             self.add(path, f"callback '{target}' cannot be called as {spec.name}({', '.join(spec.params)})",
                      stage=stage_name)
 

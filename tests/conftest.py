@@ -1,0 +1,48 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+FLUX_YAML = REPO / "pipelines_yaml" / "flux.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev(tmp_path_factory):
+    from diffstage.models.flux.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("ckpt") / "tiny-flux-dev", variant="dev")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory):
+    from diffstage.models.flux.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("ckpt") / "tiny-flux-schnell", variant="schnell")
+
+
+@pytest.fixture
+def flux_yaml_variant(tmp_path):
+    """Write a copy of flux.yaml with text replacements applied; returns its path."""
+
+    def make(*replacements: tuple[str, str], name: str = "model.yaml") -> Path:
+        text = FLUX_YAML.read_text()
+        for old, new in replacements:
+            assert old in text, f"test setup: {old!r} not in flux.yaml"
+            text = text.replace(old, new, 1)
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return make
+
+
+def line_of(path: Path, needle: str) -> int:
+    """1-based line of the first line containing `needle`."""
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if needle in line:
+            return i
+    raise AssertionError(f"{needle!r} not in {path}")

@@ -1,0 +1,90 @@
+"""The loader: Diffusers-format directories, repo ids offline, safetensors-only, the module cache."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from diffstage import LoadError, UnsafeCheckpointError, build_pipeline, check_model
+from diffstage import loader
+
+
+@pytest.fixture
+def flux_spec():
+    return check_model("flux").spec
+
+
+def test_loads_listed_modules_with_dtype(tiny_flux_dev, flux_spec):
+    loader.clear_cache()
+    modules = loader.load_modules(flux_spec, tiny_flux_dev, dtype="bfloat16")
+    assert set(modules) == set(flux_spec.modules)
+    assert type(modules["transformer"]).__name__ == "FluxTransformer2DModel"
+    assert modules["transformer"].dtype == torch.bfloat16
+    assert not modules["transformer"].training
+    assert type(modules["scheduler"]).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_cache_loads_nothing_the_second_time(tiny_flux_dev):
+    loader.clear_cache()
+    before = loader.load_count
+    first = build_pipeline("flux", model_path=tiny_flux_dev)
+    assert loader.load_count - before == 7
+    second = build_pipeline("flux", model_path=tiny_flux_dev)
+    assert loader.load_count - before == 7  # nothing new loaded
+    assert second.modules["transformer"] is first.modules["transformer"]
+    # a different dtype is a different cache entry (only torch modules reload)
+    build_pipeline("flux", model_path=tiny_flux_dev, overrides=["runtime.dtype=bfloat16"])
+    assert loader.load_count - before == 7 + 4
+
+
+def test_pickle_checkpoint_refused_unless_allowed(tiny_flux_dev, tmp_path, flux_spec):
+    ckpt = tmp_path / "pickled"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(ckpt / "vae")
+    (ckpt / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    vae.save_pretrained(ckpt / "vae", safe_serialization=False)
+    assert (ckpt / "vae" / "diffusion_pytorch_model.bin").exists()
+    loader.clear_cache()
+    with pytest.raises(UnsafeCheckpointError) as e:
+        loader.load_modules(flux_spec, ckpt)
+    assert "module 'vae'" in str(e.value) and "diffusion_pytorch_model.bin is a pickle checkpoint" in str(e.value)
+    assert "allow_pickle=true" in str(e.value)
+    modules = loader.load_modules(flux_spec, ckpt, allow_pickle=True)
+    assert type(modules["vae"]).__name__ == "AutoencoderKL"
+
+
+def test_bad_paths(tmp_path, flux_spec):
+    with pytest.raises(LoadError, match="does not exist"):
+        loader.load_modules(flux_spec, tmp_path / "missing" / "dir")
+    with pytest.raises(LoadError, match="has no model_index.json"):
+        loader.load_modules(flux_spec, tmp_path)
+
+
+def test_repo_id_offline_without_cache(flux_spec, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(LoadError, match="could not get 'someone/not-cached'"):
+        loader.load_modules(flux_spec, "someone/not-cached")
+
+
+def test_wrong_pipeline_class(tiny_flux_dev, tmp_path, flux_spec):
+    ckpt = tmp_path / "other"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    index = json.loads((ckpt / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionPipeline"
+    (ckpt / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(LoadError, match="is a StableDiffusionPipeline, but model 'flux' serves FluxPipeline"):
+        loader.load_modules(flux_spec, ckpt)
+
+
+def test_module_missing_from_index(tiny_flux_dev, tmp_path, flux_spec):
+    ckpt = tmp_path / "noindex"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    index = json.loads((ckpt / "model_index.json").read_text())
+    del index["vae"]
+    (ckpt / "model_index.json").write_text(json.dumps(index))
+    loader.clear_cache()
+    with pytest.raises(LoadError, match="module 'vae' is not in model_index.json; give its class with `_target_`"):
+        loader.load_modules(flux_spec, ckpt)

@@ -1,0 +1,39 @@
+"""Dotted paths resolve only through the allowlist; nothing outside it is imported."""
+import sys
+
+import pytest
+
+from diffstage import DiffstageError, DisallowedPathError
+from diffstage.resolve import DEFAULT_ALLOWLIST, is_allowed, resolve
+
+
+@pytest.mark.parametrize("path", ["os.system", "builtins.eval", "subprocess.run", "subprocess.Popen",
+                                  "importlib.import_module", "diffstagex.evil", ".diffstage.x", "diffstage..x", ""])
+def test_refused(path):
+    assert not is_allowed(path)
+    with pytest.raises(DisallowedPathError, match="outside the import allowlist"):
+        resolve(path)
+
+
+def test_refused_before_import(tmp_path, monkeypatch):
+    (tmp_path / "sneaky_mod.py").write_text("raise SystemExit('imported!')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(DisallowedPathError):
+        resolve("sneaky_mod.run")
+    assert "sneaky_mod" not in sys.modules
+
+
+def test_allowed_paths_resolve():
+    from diffstage.stages import DecodingStage
+
+    assert resolve("diffstage.stages.DecodingStage") is DecodingStage
+    assert resolve("torch.nn.Linear").__name__ == "Linear"
+    assert resolve("diffstage.stages.DenoisingStage.default_combine_cfg")(2.0, 1.0, 3.0) == 4.0
+
+
+def test_user_prefix_and_clear_errors():
+    assert resolve("json.dumps", DEFAULT_ALLOWLIST + ("json",))([1]) == "[1]"
+    with pytest.raises(DiffstageError, match="has no attribute 'Nope'"):
+        resolve("diffstage.stages.Nope")
+    with pytest.raises(DiffstageError, match="no importable module"):
+        resolve("diffstage_missing_pkg.x", ("diffstage_missing_pkg",))
