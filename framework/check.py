@@ -195,7 +195,7 @@ class _Checker:
         later = [j for j in writers.get(f, []) if j > i and f not in self.reads_of.get(j, ())]
         if later:
             return f"stages[{later[0]}] writes it: move that stage before stages[{i}]"
-        producers = sorted({c.__name__ for c in self.known_stages if f in c.writes})
+        producers = sorted({c.__name__ for c in self.known_stages if f in c.writes and f not in c.reads})
         if producers:
             return f"add a stage that writes it before stages[{i}], e.g. {', '.join(producers)}"
         return "no known stage writes it; add one that does"

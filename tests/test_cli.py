@@ -1,0 +1,124 @@
+"""The `diffstage` command end to end, in subprocesses."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, line_of
+
+EXE = Path(sys.executable).parent / "diffstage"
+SMALL = ["sampling.num_inference_steps=2", "sampling.height=32", "sampling.width=32", "sampling.max_sequence_length=16"]
+
+
+def run(*args, cwd=None, env=None):
+    cmd = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "diffstage.cli"]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd, env=full_env, timeout=300)
+
+
+def test_generate_writes_png_with_metadata(tiny_flux_dev, tmp_path):
+    r = run("generate", "model=flux", f"model_path={tiny_flux_dev}", "prompt=a red fox", "seed=3",
+            f"hydra.run.dir={tmp_path / 'run'}", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip().splitlines()[-1])
+    assert path == tmp_path / "run" / "image.png" and path.is_file()
+    image = Image.open(path)
+    assert image.size == (32, 32)
+    assert image.text["prompt"] == "a red fox" and image.text["seed"] == "3" and image.text["model"] == "flux"
+    assert "pipeline_name: FluxPipeline" in image.text["config"] and "num_inference_steps: 2" in image.text["config"]
+
+
+def test_multirun_sweep_loads_weights_once(tiny_flux_dev, tmp_path):
+    r = run("generate", "-m", "model=flux", f"model_path={tiny_flux_dev}", "seed=0,1",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    paths = [Path(line) for line in r.stdout.splitlines() if line.endswith(".png")]
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    assert {p.parent.name for p in paths} == {"0", "1"}
+    assert Image.open(paths[0]).tobytes() != Image.open(paths[1]).tobytes()
+    assert (r.stdout + r.stderr).count("loaded transformer") == 1
+
+
+def test_hydra_flags_work():
+    r = run("generate", "--cfg", "job", "seed=5")
+    assert r.returncode == 0 and "seed: 5" in r.stdout
+    r = run("generate", "--help")
+    assert r.returncode == 0 and "sampling" in r.stdout
+
+
+def test_bad_override_exit_2_no_traceback():
+    r = run("generate", "no_such_key=1")
+    assert r.returncode == 2
+    assert "Key 'no_such_key' is not in struct" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_errors_are_clean(tmp_path):
+    r = run("generate", "model=flx", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: unknown model 'flx'; did you mean 'flux'?" in r.stderr
+    r = run("generate", "model=flux", f"model_path={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+    r = run("generate", "model=flux", f"hydra.run.dir={tmp_path}", env={"DIFFSTAGE_DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr  # debug mode shows it
+
+
+@pytest.mark.parametrize("yaml_file", sorted((REPO / "pipelines_yaml").glob("*.yaml")), ids=lambda p: p.stem)
+def test_validate_every_shipped_yaml(yaml_file):
+    r = run("validate", yaml_file.stem)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"OK {yaml_file}")
+
+
+def test_validate_malformed_yaml_reports_everything(flux_yaml_variant):
+    path = flux_yaml_variant(
+        ("stages:\n", "stagse: 1\nstages:\n"),
+        ("  height: 1024", "  height: tall"),
+        ("      mu: diffstage", "      muu: diffstage"),
+        ("  - _target_: diffstage.stages.LatentPreparationStage\n", ""),
+        ("diffstage.stages.DecodingStage", "os.system"),
+    )
+    r = run("validate", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr
+    assert err.startswith("error: ") and "problems in model spec:" in err
+    assert f"{path}:{line_of(path, 'stagse')}: stagse: unknown key 'stagse'" in err
+    assert f"{path}:{line_of(path, 'height: tall')}: sampling.height:" in err
+    assert f"{path}:{line_of(path, 'muu:')}: pipeline_config.callbacks.timestep_preparation.muu: callback 'muu'" in err
+    assert f"{path}:{line_of(path, 'os.system')}: stages[4]._target_: 'os.system' is outside the import allowlist" in err
+
+
+def test_validate_syntax_error_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    r = run("validate", str(bad))
+    assert r.returncode == 2 and f"{bad}:" in r.stderr and "YAML syntax error" in r.stderr
+    r = run("validate", str(tmp_path / "none.yaml"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_os_system_never_runs(flux_yaml_variant, tmp_path):
+    marker = tmp_path / "pwned"
+    path = flux_yaml_variant(("  - _target_: diffstage.stages.DecodingStage\n",
+                              f"  - _target_: os.system\n    command: touch {marker}\n"))
+    r = run("generate", f"model={path}", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2 and "'os.system' is outside the import allowlist" in r.stderr
+    assert not marker.exists()
+
+
+def test_models_lists_descriptions():
+    r = run("models")
+    assert r.returncode == 0
+    assert any(line.startswith("flux ") and "FLUX.1 [dev]" in line for line in r.stdout.splitlines())
+    assert "flux_schnell" in r.stdout
+
+
+def test_usage_and_unknown_command():
+    r = run()
+    assert r.returncode == 2 and "usage: diffstage" in r.stdout
+    r = run("generat")
+    assert r.returncode == 2 and "unknown command 'generat'; did you mean 'generate'?" in r.stderr
+    assert shutil.which("diffstage") or EXE.exists()
