@@ -135,15 +135,15 @@ class _Checker:
         # contributes its declared contract when it can, so one typo does not
         # cascade into "nothing writes X" errors further down.
         contracts: list[tuple[int, type[PipelineStage], dict, Contract, bool]] = []
-        certain = True  # False once some stage's contract is unknown
+        first_unknown = len(stages)  # index of the first stage whose contract is unknown
         for i, raw in enumerate(stages):
             if not isinstance(raw, dict):
                 self.add(("stages", i), "each stage must be a mapping with `_target_` and its arguments")
-                certain = False
+                first_unknown = min(first_unknown, i)
                 continue
             cls = self._resolve_stage(i, raw.get("_target_"))
             if cls is None:
-                certain = False
+                first_unknown = min(first_unknown, i)
                 continue
             args = {k: v for k, v in raw.items() if k != "_target_"}
             valid = self._check_args(i, cls, args)
@@ -152,12 +152,13 @@ class _Checker:
             except Exception as e:  # a stage rejecting its own args
                 if valid:
                     self.add(("stages", i), f"invalid arguments: {e}", stage=cls.__name__)
-                certain = False
+                first_unknown = min(first_unknown, i)
                 continue
             contracts.append((i, cls, args, contract, valid))
             for f in contract.writes:
                 writers_in_pipeline.setdefault(f, []).append(i)
         self.reads_of = {i: c.reads for i, _, _, c, _ in contracts}
+        certain = first_unknown == len(stages)  # every stage's needs are known
 
         for i, cls, args, contract, valid in contracts:
             for arg_path, module in contract.modules.items():
@@ -170,7 +171,8 @@ class _Checker:
                     self.add(("stages", i), f"reads '{f}', which is not a Req field", stage=cls.__name__,
                              hint=did_you_mean(f, all_fields))
             for f in sorted(contract.reads):
-                if certain and f in all_fields and f not in available:
+                # an unknown stage could write anything: only judge stages before it
+                if i < first_unknown and f in all_fields and f not in available:
                     self.add(("stages", i), f"reads '{f}' but no earlier stage writes it and the request does "
                                             "not supply it", stage=cls.__name__, hint=self._producers_hint(f, i, writers_in_pipeline))
             for f in contract.writes:

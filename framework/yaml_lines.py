@@ -41,32 +41,38 @@ class LineMap:
             path = path[:-1]
 
 
-def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> None:
+def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates: list[tuple[KeyPath, int]]) -> None:
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        seen = set()
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
             child = path + (key,)
+            if key in seen:  # PyYAML silently keeps the last one; that hides typos
+                duplicates.append((child, key_node.start_mark.line + 1))
+                continue
+            seen.add(key)
             lines[child] = key_node.start_mark.line + 1
-            _walk(value_node, child, lines)
+            _walk(value_node, child, lines, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
-            _walk(item, path + (i,), lines)
+            _walk(item, path + (i,), lines, duplicates)
 
 
 def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
-    """Parse a YAML file; a syntax error becomes a SpecError with file and line."""
+    """Parse a YAML file safely; syntax errors and duplicate keys become a SpecError with file and line."""
     file = str(file)
     try:
         text = Path(file).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([Problem("file not found", file=file)]) from None
-    except OSError as e:
-        raise SpecError([Problem(f"cannot read file: {e.strerror}", file=file)]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([Problem(f"cannot read file: {e}", file=file)]) from None
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -74,7 +80,14 @@ def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
         raise SpecError([Problem(f"YAML syntax error: {what}", file=file, line=line)]) from None
     except yaml.YAMLError as e:
         raise SpecError([Problem(f"YAML error: {e}", file=file)]) from None
+    finally:
+        loader.dispose()
     lines: dict[KeyPath, int] = {}
+    duplicates: list[tuple[KeyPath, int]] = []
     if node is not None:
-        _walk(node, (), lines)
+        _walk(node, (), lines, duplicates)
+    if duplicates:
+        raise SpecError([Problem(f"duplicate key '{path[-1]}' (an earlier one at line {lines.get(path)} would be "
+                                 "silently replaced)", key=format_key(path), file=file, line=line)
+                         for path, line in duplicates])
     return data, LineMap(lines)

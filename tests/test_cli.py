@@ -48,6 +48,8 @@ def test_hydra_flags_work():
     assert r.returncode == 0 and "seed: 5" in r.stdout
     r = run("generate", "--help")
     assert r.returncode == 0 and "sampling" in r.stdout
+    r = run("generate", "--info", "searchpath")
+    assert r.returncode == 0 and "pkg://diffstage.conf" in r.stdout
 
 
 def test_bad_override_exit_2_no_traceback():
@@ -89,6 +91,9 @@ def test_validate_malformed_yaml_reports_everything(flux_yaml_variant):
     assert f"{path}:{line_of(path, 'height: tall')}: sampling.height:" in err
     assert f"{path}:{line_of(path, 'muu:')}: pipeline_config.callbacks.timestep_preparation.muu: callback 'muu'" in err
     assert f"{path}:{line_of(path, 'os.system')}: stages[4]._target_: 'os.system' is outside the import allowlist" in err
+    assert (f"{path}:{line_of(path, 'TimestepPreparationStage')}: stages[2]: [TimestepPreparationStage] reads "
+            "'latents' but no earlier stage writes it") in err
+    assert err.startswith("error: 6 problems in model spec:")
 
 
 def test_validate_syntax_error_and_missing_file(tmp_path):

@@ -88,3 +88,11 @@ def test_line_map_covers_nested_sequences(tmp_path):
     assert lines.line(("a", "b", 0, "d")) == 4
     assert lines.line(("a", "b", 0, "missing")) == 3  # falls back to the parent
     assert format_key(("stages", 3, "encoders")) == "stages[3].encoders"
+
+
+def test_duplicate_keys_are_errors(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: a\npipeline_config:\n  callbacks:\n    decoding: {}\n    decoding: {}\n")
+    (p,) = problems_of(path)
+    assert p.key == "pipeline_config.callbacks.decoding" and p.line == 5
+    assert p.message == "duplicate key 'decoding' (an earlier one at line 4 would be silently replaced)"

@@ -1,0 +1,507 @@
+"""Each standard stage alone: constructed directly, bound, run on a hand-built Req."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from diffstage import PipelineStage, Req, RequestError
+from diffstage.models.flux import callbacks as flux
+from diffstage.models.flux.tiny import SCHEDULERS
+from diffstage.stage import CallbackSpec
+from diffstage.stages import (DecodingStage, DenoisingStage, InputValidationStage, LatentPreparationStage,
+                              TextEncodingStage, TimestepPreparationStage)
+from diffstage.stages.decoding import to_pil
+
+
+def bound(stage, callbacks=None, settings=None):
+    stage.bind(callbacks or {}, settings or {})
+    return stage
+
+
+def seeded(seed):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_flux_dev):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    p = tiny_flux_dev
+    return SimpleNamespace(
+        clip=CLIPTextModel.from_pretrained(p, subfolder="text_encoder").eval(),
+        clip_tok=CLIPTokenizer.from_pretrained(p, subfolder="tokenizer"),
+        t5=T5EncoderModel.from_pretrained(p, subfolder="text_encoder_2").eval(),
+        t5_tok=AutoTokenizer.from_pretrained(p, subfolder="tokenizer_2"),
+        transformer=FluxTransformer2DModel.from_pretrained(p, subfolder="transformer"),
+        vae=AutoencoderKL.from_pretrained(p, subfolder="vae"))
+
+
+# --- PipelineStage base -------------------------------------------------------------------------------------------
+class Echo(PipelineStage):
+    reads = ("latents",)
+    writes = ("output",)
+
+    def forward(self, req):
+        req.output = req.latents
+        return req
+
+
+class ReturnsNone(PipelineStage):
+    def forward(self, req):
+        return None
+
+
+class Hooked(PipelineStage):
+    callback_specs = (CallbackSpec("f", ("x",), required=True), CallbackSpec("g", ("x",)))
+
+    @staticmethod
+    def default_g(x):
+        return x
+
+
+def test_base_missing_read_names_stage_and_field():
+    with pytest.raises(RequestError) as e:
+        Echo()(Req())
+    assert str(e.value) == "Echo: required field 'latents' is not set on the request"
+    assert Echo()(Req(latents=5)).output == 5
+
+
+def test_base_forward_must_return_req():
+    with pytest.raises(TypeError, match=r"^ReturnsNone.forward must return the Req, got NoneType$"):
+        ReturnsNone()(Req())
+
+
+def test_base_bind_fills_defaults_and_settings():
+    f = lambda x: x + 1  # noqa: E731
+    stage = bound(Hooked(), {"f": f}, {"alpha": 2})
+    assert stage.callback("f") is f and stage.callback("g") is Hooked.default_g
+    assert stage.settings.alpha == 2
+    with pytest.raises(AttributeError, match="pipeline_config.settings has no 'beta'"):
+        stage.settings.beta
+
+
+@pytest.mark.parametrize("stage, name", [
+    (Hooked(), "f"),
+    (DenoisingStage(transformer=None, scheduler=None), "model_inputs"),
+    (LatentPreparationStage(transformer=None, vae=None), "latent_shape"),
+])
+def test_base_bind_missing_required_callback(stage, name):
+    with pytest.raises(RequestError, match=rf"^{type(stage).__name__}: required callback '{name}' is not set$"):
+        stage.bind({}, {})
+
+
+@pytest.mark.xfail(strict=True, reason="stage.py promises 'verify -> forward -> verify', but __call__ never "
+                                       "checks that forward set the declared writes")
+def test_base_declared_write_not_set_is_reported():
+    class ForgetsOutput(Echo):
+        def forward(self, req):
+            return req
+
+    with pytest.raises((RequestError, RuntimeError), match="output"):
+        ForgetsOutput()(Req(latents=1))
+
+
+# --- InputValidationStage -----------------------------------------------------------------------------------------
+def valid(**kw):
+    return Req(**{"prompt": "a red fox", "num_inference_steps": 4, "height": 32, "width": 32, **kw})
+
+
+def test_validation_batch_size_and_seeded_generator():
+    req = InputValidationStage()(valid(prompt=["a", "b"], num_images_per_prompt=3, seed=1234))
+    assert req.batch_size == 6 and req.seed == 1234
+    assert torch.equal(torch.randn(3, generator=req.generator), torch.randn(3, generator=seeded(1234)))
+
+
+def test_validation_seed_none_records_the_seed_used():
+    a, b = InputValidationStage()(valid()), InputValidationStage()(valid())
+    assert isinstance(a.seed, int) and a.seed != b.seed
+    assert torch.equal(torch.randn(3, generator=a.generator), torch.randn(3, generator=seeded(a.seed)))
+
+
+@pytest.mark.parametrize("negative, scale, needs_negative, do_cfg, cfg_scale", [
+    (None, 2.5, True, False, 2.5),
+    ("blurry", 2.5, True, True, 2.5),
+    ("blurry", 1.0, True, False, 1.0),
+    ("blurry", None, True, False, 1.0),
+    (None, 2.5, False, True, 2.5),
+    (None, 0.5, False, False, 0.5),
+])
+def test_validation_cfg_decision(negative, scale, needs_negative, do_cfg, cfg_scale):
+    stage = InputValidationStage(cfg_scale_field="true_cfg_scale", cfg_needs_negative_prompt=needs_negative)
+    req = stage(valid(negative_prompt=negative, true_cfg_scale=scale, guidance_scale=7.0))  # guidance ignored
+    assert req.do_cfg is do_cfg and req.cfg_scale == cfg_scale and isinstance(req.cfg_scale, float)
+
+
+def test_validation_default_cfg_field_is_guidance_scale():
+    req = InputValidationStage()(valid(negative_prompt="blurry", guidance_scale=7, true_cfg_scale=1.0))
+    assert req.do_cfg is True and req.cfg_scale == 7.0
+
+
+def test_validation_collects_every_problem_in_one_error():
+    stage = InputValidationStage(multiple_of=16, max_steps=50, max_sequence_length_limit=64)
+    req = valid(prompt=["a", 3], height=30, width=0, num_inference_steps=51, guidance_scale=-1,
+                max_sequence_length=100, num_images_per_prompt=0, output_type="gif", negative_prompt=["x"], seed=1.5)
+    with pytest.raises(RequestError) as e:
+        stage(req)
+    assert str(e.value).splitlines() == [
+        "invalid request:",
+        "  - prompt must be a string or a non-empty list of strings, got ['a', 3]",
+        "  - height must be a positive multiple of 16, got 30",
+        "  - width must be a positive multiple of 16, got 0",
+        "  - num_inference_steps must be an integer in [1, 50], got 51",
+        "  - guidance_scale must be a number >= 0, got -1",
+        "  - max_sequence_length must be an integer in [1, 64], got 100",
+        "  - num_images_per_prompt must be an integer >= 1, got 0",
+        "  - output_type must be one of pil, np, pt, latent, got 'gif'",
+        "  - negative_prompt must be a string or a list as long as prompt",
+        "  - seed must be an integer, got 1.5",
+    ]
+    assert req.batch_size is None and req.generator is None  # nothing written
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(prompt=[]), "prompt must be a string or a non-empty list of strings, got []"),
+    (dict(height=True), "height must be a positive multiple of 1, got True"),
+    (dict(num_inference_steps=2.0), "num_inference_steps must be an integer in [1, 1000], got 2.0"),
+    (dict(seed=True), "seed must be an integer, got True"),
+    (dict(true_cfg_scale="2"), "true_cfg_scale must be a number >= 0, got '2'"),
+])
+def test_validation_single_problem(kw, message):
+    with pytest.raises(RequestError) as e:
+        InputValidationStage()(valid(**kw))
+    assert str(e.value) == f"invalid request:\n  - {message}"
+
+
+def test_validation_missing_prompt_is_a_missing_read():
+    with pytest.raises(RequestError, match=r"^InputValidationStage: required field 'prompt' is not set"):
+        InputValidationStage()(valid(prompt=None))
+
+
+@pytest.mark.xfail(strict=True, reason="prompt_2 is never validated: a list of the wrong length gives "
+                                       "prompt_embeds and pooled_prompt_embeds different batch sizes")
+def test_validation_rejects_prompt_2_of_wrong_length():
+    with pytest.raises(RequestError, match="prompt_2"):
+        InputValidationStage()(valid(prompt=["a", "b"], prompt_2=["c"]))
+
+
+@pytest.mark.xfail(strict=True, reason="bools pass the int/float checks of these fields (height, steps and "
+                                       "seed reject them)")
+@pytest.mark.parametrize("field", ["num_images_per_prompt", "max_sequence_length", "true_cfg_scale"])
+def test_validation_rejects_bool(field):
+    with pytest.raises(RequestError, match=field):
+        InputValidationStage()(valid(**{field: True}))
+
+
+# --- TextEncodingStage --------------------------------------------------------------------------------------------
+FLUX_ENCODERS = [
+    dict(text_encoder="text_encoder", tokenizer="tokenizer", output="pooler_output", field="pooled_prompt_embeds"),
+    dict(text_encoder="text_encoder_2", tokenizer="tokenizer_2", max_length_field="max_sequence_length",
+         prompt_field="prompt_2", field="prompt_embeds"),
+]
+
+
+def text_stage(tiny):
+    mods = {"text_encoder": tiny.clip, "tokenizer": tiny.clip_tok,
+            "text_encoder_2": tiny.t5, "tokenizer_2": tiny.t5_tok}
+    encoders = [{**e, "text_encoder": mods[e["text_encoder"]], "tokenizer": mods[e["tokenizer"]]}
+                for e in FLUX_ENCODERS]
+    return bound(TextEncodingStage(encoders))
+
+
+def clip_pooled(tiny, texts):
+    ids = tiny.clip_tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return tiny.clip(ids).pooler_output
+
+
+def t5_seq(tiny, texts, n=16):
+    ids = tiny.t5_tok(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    return tiny.t5(ids).last_hidden_state
+
+
+def text_req(**kw):
+    return Req(**{"prompt": ["a red fox", "a blue cat"], "num_images_per_prompt": 2, "batch_size": 4,
+                  "do_cfg": False, "max_sequence_length": 16, **kw})
+
+
+@torch.no_grad()
+def test_text_encoding_shapes_values_and_repeat(tiny):
+    req = text_stage(tiny)(text_req(negative_prompt="blurry"))
+    assert req.pooled_prompt_embeds.shape == (4, 32) and req.prompt_embeds.shape == (4, 16, 32)
+    pooled, seq = clip_pooled(tiny, ["a red fox", "a blue cat"]), t5_seq(tiny, ["a red fox", "a blue cat"])
+    assert torch.allclose(req.pooled_prompt_embeds, pooled.repeat_interleave(2, 0), atol=1e-6)
+    assert torch.allclose(req.prompt_embeds, seq.repeat_interleave(2, 0), atol=1e-6)
+    assert not torch.allclose(pooled[0], pooled[1])
+    assert req.negative_prompt_embeds is None and req.negative_pooled_prompt_embeds is None  # no CFG
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("negative, text", [("blurry", "blurry"), (None, "")])
+def test_text_encoding_negatives_with_cfg(tiny, negative, text):
+    req = text_stage(tiny)(text_req(do_cfg=True, negative_prompt=negative))
+    assert req.negative_prompt_embeds.shape == (4, 16, 32)
+    assert torch.allclose(req.negative_pooled_prompt_embeds, clip_pooled(tiny, [text]).expand(4, -1), atol=1e-6)
+    assert torch.allclose(req.negative_prompt_embeds, t5_seq(tiny, [text]).expand(4, -1, -1), atol=1e-6)
+
+
+@torch.no_grad()
+def test_text_encoding_prompt_2_goes_to_its_encoder(tiny):
+    req = text_stage(tiny)(text_req(prompt="a red fox", prompt_2="a blue cat", num_images_per_prompt=1, batch_size=1))
+    assert torch.allclose(req.pooled_prompt_embeds, clip_pooled(tiny, ["a red fox"]), atol=1e-6)
+    assert torch.allclose(req.prompt_embeds, t5_seq(tiny, ["a blue cat"]), atol=1e-6)
+
+
+def test_text_encoding_fixed_and_default_max_length(tiny):
+    enc = dict(text_encoder=tiny.clip, tokenizer=tiny.clip_tok, field="prompt_embeds")
+    req = bound(TextEncodingStage([enc]))(text_req(max_sequence_length=None))
+    assert req.prompt_embeds.shape == (4, 77, 32)  # tokenizer.model_max_length
+    req = bound(TextEncodingStage([{**enc, "max_length": 8}]))(text_req())
+    assert req.prompt_embeds.shape == (4, 8, 32)
+
+
+def test_text_encoding_contract():
+    c = TextEncodingStage.contract({"encoders": FLUX_ENCODERS})
+    assert c.writes == {"pooled_prompt_embeds", "negative_pooled_prompt_embeds", "prompt_embeds",
+                        "negative_prompt_embeds"}
+    assert c.reads == {"prompt", "batch_size", "do_cfg"}
+    assert c.optional_reads == {"prompt_2", "negative_prompt", "max_sequence_length"}
+    assert dict(c.modules) == {("encoders", 0, "text_encoder"): "text_encoder",
+                               ("encoders", 0, "tokenizer"): "tokenizer",
+                               ("encoders", 1, "text_encoder"): "text_encoder_2",
+                               ("encoders", 1, "tokenizer"): "tokenizer_2"}
+
+
+@pytest.mark.parametrize("field, message", [
+    ("prompt", "encoders[1].field: 'prompt' is not a Req state field"),  # a request field
+    ("text_position_ids", "encoders[1].field: 'negative_text_position_ids' is not a Req state field"),
+])
+def test_text_encoding_contract_rejects_non_state_field(field, message):
+    with pytest.raises(ValueError) as e:
+        TextEncodingStage.contract({"encoders": [FLUX_ENCODERS[0], {**FLUX_ENCODERS[1], "field": field}]})
+    assert str(e.value) == message
+
+
+def test_text_encoding_contract_needs_an_encoder():
+    with pytest.raises(ValueError, match="^`encoders` must list at least one encoder$"):
+        TextEncodingStage.contract({})
+
+
+# --- LatentPreparationStage ---------------------------------------------------------------------------------------
+FLUX_LATENT_CALLBACKS = dict(latent_shape=flux.latent_shape, pack=flux.pack, position_ids=flux.position_ids)
+
+
+def test_latents_flux_shapes_noise_and_ids(tiny):
+    stage = bound(LatentPreparationStage(transformer=tiny.transformer, vae=tiny.vae), FLUX_LATENT_CALLBACKS)
+    req = stage(Req(height=48, width=32, batch_size=2, generator=seeded(5)))
+    assert req.raw_latent_shape == (2, 4, 24, 16)  # in_channels/4, 2 * (48 // (2*2)), 2 * (32 // (2*2))
+    assert req.latents.shape == (2, 12 * 8, 16) and req.latents.dtype == torch.float32
+    noise = torch.randn(2, 4, 24, 16, generator=seeded(5))
+    assert torch.equal(req.latents, flux.pack(noise, req, {}))
+    assert torch.equal(flux.unpack(req.latents, req, {}, tiny.vae), noise)
+    ids = req.image_position_ids
+    assert ids.shape == (96, 3) and ids[:, 0].eq(0).all()
+    assert ids[9].tolist() == [0, 1, 1] and ids[95].tolist() == [0, 11, 7]  # token k -> (0, k // 8, k % 8)
+
+
+def test_latents_input_latents_used_as_given(tiny):
+    stage = bound(LatentPreparationStage(transformer=tiny.transformer, vae=tiny.vae), FLUX_LATENT_CALLBACKS)
+    given = torch.arange(2 * 96 * 16, dtype=torch.float64).reshape(2, 96, 16)
+    gen = seeded(5)
+    req = stage(Req(height=48, width=32, batch_size=2, generator=gen, input_latents=given))
+    assert req.latents.dtype == torch.float32 and torch.equal(req.latents, given.float())  # not packed again
+    assert req.raw_latent_shape == (2, 4, 24, 16) and req.image_position_ids.shape == (96, 3)
+    assert torch.equal(torch.randn(2, generator=gen), torch.randn(2, generator=seeded(5)))  # no noise drawn
+
+
+def test_latents_default_pack_and_position_ids():
+    stage = bound(LatentPreparationStage(transformer=None, vae=None), {"latent_shape": lambda *a: (3, 4, 5)})
+    req = stage(Req(height=8, width=8, batch_size=2, generator=seeded(1)))
+    assert torch.equal(req.latents, torch.randn(2, 3, 4, 5, generator=seeded(1)))
+    assert req.raw_latent_shape == (2, 3, 4, 5) and req.image_position_ids is None
+
+
+# --- TimestepPreparationStage -------------------------------------------------------------------------------------
+def scheduler(variant):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
+
+
+def test_timesteps_flux_sigmas_and_mu():
+    stage = bound(TimestepPreparationStage(scheduler("dev")), dict(sigmas=flux.sigmas, mu=flux.mu))
+    req = stage(Req(num_inference_steps=4, latents=torch.zeros(1, 96, 16)))
+    slope = (1.15 - 0.5) / (4096 - 256)
+    mu = 96 * slope + 0.5 - slope * 256
+    assert flux.mu(req, {}, stage.scheduler) == pytest.approx(mu)
+    ref = scheduler("dev")
+    ref.set_timesteps(sigmas=np.linspace(1, 1 / 4, 4), mu=mu)
+    assert len(req.timesteps) == 4 and req.num_inference_steps == 4
+    assert torch.equal(req.timesteps, ref.timesteps) and torch.equal(req.sigmas, ref.sigmas)
+    assert req.timesteps[0] == 1000 and req.sigmas[-1] == 0 and len(req.sigmas) == 5
+
+
+def test_timesteps_default_uses_scheduler_spacing():
+    req = bound(TimestepPreparationStage(scheduler("schnell")))(Req(num_inference_steps=4, latents=torch.zeros(1)))
+    ref = scheduler("schnell")
+    ref.set_timesteps(4)
+    assert torch.equal(req.timesteps, ref.timesteps)
+    assert req.timesteps.tolist() == pytest.approx([1000, 667, 334, 1], abs=0.5)  # not FLUX's 1000, 750, 500, 250
+
+
+# --- DenoisingStage -----------------------------------------------------------------------------------------------
+class FakeTransformer(torch.nn.Module):
+    """Predicts the constant it is conditioned on; records every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, hidden_states, timestep, cond, return_dict=False):
+        self.calls.append((timestep.clone(), float(cond)))
+        return (torch.full_like(hidden_states, float(cond)),)
+
+
+class SubtractScheduler:
+    def step(self, model_output, t, sample, return_dict=False):
+        return (sample - model_output,)
+
+
+def denoiser(scheduler=None, **callbacks):
+    log = []
+
+    def model_inputs(req, settings, transformer, negative):
+        log.append(negative)
+        return {"cond": req.negative_prompt_embeds if negative else req.prompt_embeds}
+
+    stage = DenoisingStage(FakeTransformer(), scheduler or SubtractScheduler(), progress=False)
+    return bound(stage, {"model_inputs": model_inputs, **callbacks}), log
+
+
+def denoise_req(**kw):
+    return Req(**{"latents": torch.zeros(2, 3), "timesteps": torch.tensor([1000.0, 500.0, 250.0]), "do_cfg": False,
+                  "cfg_scale": 1.0, "prompt_embeds": torch.tensor(3.0), **kw})
+
+
+def test_denoising_without_cfg_one_call_per_step():
+    stage, log = denoiser()
+    req = stage(denoise_req())
+    assert log == [False] and len(stage.transformer.calls) == 3
+    assert [c[1] for c in stage.transformer.calls] == [3.0] * 3
+    assert torch.equal(stage.transformer.calls[1][0], torch.tensor([500.0, 500.0]))  # t for each batch item
+    assert torch.equal(req.latents, torch.full((2, 3), -9.0))
+
+
+def test_denoising_cfg_combines_two_calls_per_step():
+    stage, log = denoiser()
+    req = stage(denoise_req(do_cfg=True, cfg_scale=2.5, negative_prompt_embeds=torch.tensor(1.0)))
+    assert log == [False, True]  # model inputs computed once per branch, not per step
+    assert [c[1] for c in stage.transformer.calls] == [3.0, 1.0] * 3
+    assert torch.equal(req.latents, torch.full((2, 3), -3 * (1 + 2.5 * (3 - 1))))
+
+
+def test_denoising_custom_combine_cfg():
+    stage, _ = denoiser(combine_cfg=lambda cond, uncond, scale: cond * 10 + uncond)
+    req = stage(denoise_req(do_cfg=True, cfg_scale=2.5, negative_prompt_embeds=torch.tensor(1.0)))
+    assert torch.equal(req.latents, torch.full((2, 3), -3 * 31.0))
+
+
+def test_denoising_step_hooks_see_each_step_and_can_replace_prediction():
+    stage, _ = denoiser()
+    seen = []
+
+    def record(stage_, req, i, t, pred):
+        seen.append((i, float(t), float(pred[0, 0]), float(req.latents[0, 0])))
+
+    stage.add_step_hook(lambda s, req, i, t, pred: None if i == 0 else torch.full_like(pred, 10.0))
+    stage.add_step_hook(record)
+    req = stage(denoise_req())
+    assert seen == [(0, 1000.0, 3.0, 0.0), (1, 500.0, 10.0, -3.0), (2, 250.0, 10.0, -13.0)]
+    assert torch.equal(req.latents, torch.full((2, 3), -23.0))
+
+
+def test_denoising_with_flow_match_scheduler_integrates_velocity():
+    sched = scheduler("dev")
+    steps = bound(TimestepPreparationStage(sched), dict(sigmas=flux.sigmas, mu=flux.mu))
+    req = steps(Req(num_inference_steps=4, latents=torch.zeros(1, 96, 16)))
+    stage, _ = denoiser(sched)
+    req = stage(denoise_req(latents=req.latents, timesteps=req.timesteps, prompt_embeds=torch.tensor(0.5)))
+    assert torch.allclose(req.latents, torch.full((1, 96, 16), -0.5), atol=1e-6)  # x0 + (0 - 1) * v
+
+
+def test_denoising_contract():
+    c = DenoisingStage.contract({"conditioning": ["prompt_embeds", "pooled_prompt_embeds"], "transformer": "unet"})
+    assert c.reads == {"latents", "timesteps", "do_cfg", "cfg_scale", "prompt_embeds", "pooled_prompt_embeds"}
+    assert c.optional_reads == {"negative_prompt_embeds", "negative_pooled_prompt_embeds"}
+    assert c.writes == {"latents"}
+    assert dict(c.modules) == {("transformer",): "unet", ("scheduler",): "scheduler"}
+    assert [s.name for s in c.callbacks] == ["model_inputs", "timestep_input", "combine_cfg"]
+    assert DenoisingStage.contract({}).reads >= {"prompt_embeds"}
+
+
+@pytest.mark.xfail(strict=True, reason="__call__ checks only the class-level reads, not the contract's "
+                                       "`conditioning` reads, so a missing conditioning field reaches the model")
+def test_denoising_missing_conditioning_field_is_a_request_error():
+    stage, _ = denoiser()
+    stage.conditioning = ["prompt_embeds", "pooled_prompt_embeds"]
+    with pytest.raises(RequestError, match="DenoisingStage: required field 'pooled_prompt_embeds' is not set"):
+        stage(denoise_req())
+
+
+# --- DecodingStage ------------------------------------------------------------------------------------------------
+IMAGE = torch.tensor([[[-1.5, -1.0], [0.0, -0.21]], [[1.0, 1.5], [0.2, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])[None]
+
+
+class FakeVAE(torch.nn.Module):
+    def __init__(self, shift=0.1, dtype=torch.float32):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.config = SimpleNamespace(scaling_factor=0.5, shift_factor=shift)
+        self.received = None
+
+    def decode(self, latents, return_dict=False):
+        self.received = latents
+        return (IMAGE.to(latents.dtype),)
+
+
+@pytest.mark.parametrize("shift, expected", [(0.1, 0.3 / 0.5 + 0.1), (None, 0.3 / 0.5)])
+def test_decoding_default_denormalize_and_pt(shift, expected):
+    vae = FakeVAE(shift, dtype=torch.float64)
+    req = bound(DecodingStage(vae))(Req(latents=torch.full((1, 4, 2, 2), 0.3), output_type="pt"))
+    assert vae.received.dtype == torch.float64  # moved to the VAE's dtype
+    assert torch.allclose(vae.received, torch.full((1, 4, 2, 2), expected, dtype=torch.float64))
+    assert req.output is req.decoded
+    assert torch.allclose(req.output, (IMAGE.double() * 0.5 + 0.5).clamp(0, 1))
+
+
+def test_decoding_np_and_pil():
+    req = bound(DecodingStage(FakeVAE()))(Req(latents=torch.zeros(1, 4, 2, 2), output_type="np"))
+    arr = req.output
+    assert isinstance(arr, np.ndarray) and arr.shape == (1, 2, 2, 3)  # [B, H, W, C]
+    assert arr[0, 0, 0].tolist() == [0.0, 1.0, 0.5]  # clamped, [-1, 1] -> [0, 1]
+    (img,) = bound(DecodingStage(FakeVAE()))(Req(latents=torch.zeros(1, 4, 2, 2))).output  # "pil" by default
+    assert img.mode == "RGB" and img.size == (2, 2)
+    px = np.asarray(img)
+    assert px[0, 0].tolist() == [0, 255, 128]  # 127.5 rounds (as Diffusers does), not truncates
+    assert px[1, 1].tolist() == [101, 128, 128]  # (-0.21 * 0.5 + 0.5) * 255 = 100.7 -> 101
+    assert to_pil(np.full((1, 2, 2, 1), 0.5))[0].mode == "L"
+
+
+def test_decoding_latent_output_skips_vae():
+    vae, latents = FakeVAE(), torch.randn(1, 4, 2, 2)
+    req = bound(DecodingStage(vae))(Req(latents=latents, output_type="latent"))
+    assert req.output is latents and vae.received is None and req.decoded is None
+
+
+def test_decoding_custom_unpack():
+    seen = {}
+
+    def unpack(latents, req, settings, vae):
+        seen["settings"] = settings.tag
+        return latents.reshape(1, 4, 2, 2)
+
+    vae = FakeVAE()
+    packed = torch.arange(16.0).reshape(1, 4, 4)
+    bound(DecodingStage(vae), {"unpack": unpack}, {"tag": "x"})(Req(latents=packed, output_type="pt"))
+    assert seen == {"settings": "x"}
+    assert torch.allclose(vae.received, packed.reshape(1, 4, 2, 2) / 0.5 + 0.1)
