@@ -175,7 +175,7 @@ class _Checker:
                 if i < first_unknown and f in all_fields and f not in available:
                     self.add(("stages", i), f"reads '{f}' but no earlier stage writes it and the request does "
                                             "not supply it", stage=cls.__name__, hint=self._producers_hint(f, i, writers_in_pipeline))
-            for f in contract.writes:
+            for f in sorted(contract.writes | contract.optional_writes):
                 if f not in all_fields:
                     self.add(("stages", i), f"writes '{f}', which is not a Req field", stage=cls.__name__,
                              hint=did_you_mean(f, all_fields))

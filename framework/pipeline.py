@@ -72,7 +72,7 @@ class Pipeline:
         for label, stage in zip(labels, self.stages):
             contract = getattr(stage, "_contract", None)
             reads = contract.reads | contract.optional_reads if contract else set(stage.reads)
-            writes = contract.writes if contract else set(stage.writes)
+            writes = contract.writes | contract.optional_writes if contract else set(stage.writes)
             for f in sorted(reads):
                 if f in last_writer:
                     edges.append((last_writer[f], label, f))

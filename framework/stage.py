@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import RequestError
+from .errors import DiffstageError, RequestError
 from .req import Req
 
 
@@ -33,6 +33,7 @@ class Contract:
     reads: frozenset[str]
     writes: frozenset[str]
     optional_reads: frozenset[str] = frozenset()
+    optional_writes: frozenset[str] = frozenset()  # written only in some cases (e.g. negatives with CFG)
     callbacks: tuple[CallbackSpec, ...] = ()
     # argument path inside the stage's args -> name of the module it refers to
     modules: Mapping[tuple, str] = field(default_factory=dict)
@@ -57,6 +58,7 @@ class PipelineStage:
     reads: ClassVar[tuple[str, ...]] = ()
     optional_reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
+    optional_writes: ClassVar[tuple[str, ...]] = ()
     callback_specs: ClassVar[tuple[CallbackSpec, ...]] = ()
     # __init__ parameters that take a loaded module; the YAML value (default: the
     # parameter's own name) names an entry of `modules`.
@@ -84,6 +86,7 @@ class PipelineStage:
             reads=frozenset(cls.reads),
             writes=frozenset(cls.writes),
             optional_reads=frozenset(cls.optional_reads),
+            optional_writes=frozenset(cls.optional_writes),
             callbacks=tuple(cls.callback_specs),
             modules=modules,
         )
@@ -91,26 +94,46 @@ class PipelineStage:
     # --- wiring (done by the builder) -------------------------------------------
     def bind(self, callbacks: Mapping[str, Callable], settings: Mapping[str, Any]) -> None:
         self.settings = Settings(settings)
+        known = {spec.name for spec in self.callback_specs}
+        unknown = sorted(set(callbacks) - known)
+        if unknown:
+            raise DiffstageError(f"{type(self).__name__} takes no callback {', '.join(map(repr, unknown))}; "
+                                 f"it takes: {', '.join(sorted(known)) or 'none'}")
         bound = {}
         for spec in self.callback_specs:
             fn = callbacks.get(spec.name) or getattr(self, f"default_{spec.name}", None)
             if fn is None and spec.required:
-                raise RequestError(f"{type(self).__name__}: required callback '{spec.name}' is not set")
+                raise DiffstageError(f"{type(self).__name__}: required callback '{spec.name}' is not set")
             bound[spec.name] = fn
         self._callbacks = bound
 
     def callback(self, name: str) -> Callable:
-        return self._callbacks[name]
+        try:
+            return self._callbacks[name]
+        except KeyError:
+            raise DiffstageError(f"{type(self).__name__}: callback '{name}' is not bound; call "
+                                 "stage.bind(callbacks, settings) first (the builder does this)") from None
 
     # --- running ----------------------------------------------------------------
+    def required_reads(self) -> tuple[str, ...]:
+        """Fields that must be set before forward (override when they depend on arguments)."""
+        return self.reads
+
+    def guaranteed_writes(self) -> tuple[str, ...]:
+        """Fields forward always sets (override when they depend on arguments)."""
+        return self.writes
+
     def __call__(self, req: Req) -> Req:
         name = type(self).__name__
-        for f in self.reads:
+        for f in self.required_reads():
             if getattr(req, f) is None:
                 raise RequestError(f"{name}: required field '{f}' is not set on the request")
         out = self.forward(req)
         if not isinstance(out, Req):
             raise TypeError(f"{name}.forward must return the Req, got {type(out).__name__}")
+        missing = [f for f in self.guaranteed_writes() if getattr(out, f) is None]
+        if missing:  # a stage bug: later stages would fail far from the cause
+            raise RuntimeError(f"{name}.forward did not set {', '.join(missing)}, which it declares it writes")
         return out
 
     def forward(self, req: Req) -> Req:  # pragma: no cover - abstract

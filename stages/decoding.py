@@ -21,7 +21,8 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 class DecodingStage(PipelineStage):
     reads = ("latents",)
     optional_reads = ("raw_latent_shape", "height", "width")
-    writes = ("decoded", "output")
+    writes = ("output",)
+    optional_writes = ("decoded",)  # not set for output_type="latent"
     module_params = ("vae",)
     callback_specs = (
         CallbackSpec("unpack", ("latents", "req", "settings", "vae"),

@@ -56,6 +56,9 @@ class DenoisingStage(PipelineStage):
         return Contract(reads=base.reads | frozenset(cond), writes=base.writes,
                         optional_reads=frozenset(negatives), callbacks=base.callbacks, modules=base.modules)
 
+    def required_reads(self) -> tuple[str, ...]:
+        return tuple(self.reads) + tuple(self.conditioning)
+
     @staticmethod
     def default_timestep_input(t, req, settings):
         return t.expand(req.latents.shape[0]).to(req.latents.dtype)

@@ -12,6 +12,14 @@ from diffstage.stage import PipelineStage
 CFG_SCALE_FIELDS = ("guidance_scale", "true_cfg_scale")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class InputValidationStage(PipelineStage):
     """Checks sizes, steps and prompts; seeds the generator; decides whether CFG runs.
 
@@ -39,41 +47,15 @@ class InputValidationStage(PipelineStage):
         self.cfg_scale_field = cfg_scale_field
         self.cfg_needs_negative_prompt = cfg_needs_negative_prompt
 
+    def required_reads(self) -> tuple[str, ...]:
+        return ()  # problems() reports missing fields together with every other problem
+
     def forward(self, req: Req) -> Req:
-        errors = []
-        prompts = req.prompts()
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            errors.append(f"prompt must be a string or a non-empty list of strings, got {req.prompt!r}")
-        for name in ("height", "width"):
-            v = getattr(req, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % self.multiple_of:
-                errors.append(f"{name} must be a positive multiple of {self.multiple_of}, got {v!r}")
-        steps = req.num_inference_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= self.max_steps:
-            errors.append(f"num_inference_steps must be an integer in [1, {self.max_steps}], got {steps!r}")
-        for name in CFG_SCALE_FIELDS:
-            v = getattr(req, name)
-            if v is not None and (not isinstance(v, (int, float)) or v < 0):
-                errors.append(f"{name} must be a number >= 0, got {v!r}")
-        msl = req.max_sequence_length
-        if msl is not None and (not isinstance(msl, int) or msl <= 0 or
-                                (self.max_sequence_length_limit and msl > self.max_sequence_length_limit)):
-            errors.append(f"max_sequence_length must be an integer in [1, {self.max_sequence_length_limit}], got {msl!r}")
-        if not isinstance(req.num_images_per_prompt, int) or req.num_images_per_prompt < 1:
-            errors.append(f"num_images_per_prompt must be an integer >= 1, got {req.num_images_per_prompt!r}")
-        if req.output_type not in ("pil", "np", "pt", "latent"):
-            errors.append(f"output_type must be one of pil, np, pt, latent, got {req.output_type!r}")
-        neg = req.negative_prompt
-        if neg is not None:
-            negs = [neg] if isinstance(neg, str) else neg
-            if not isinstance(negs, list) or len(negs) != len(prompts):
-                errors.append("negative_prompt must be a string or a list as long as prompt")
-        if req.seed is not None and (not isinstance(req.seed, int) or isinstance(req.seed, bool)):
-            errors.append(f"seed must be an integer, got {req.seed!r}")
+        errors = self.problems(req)
         if errors:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {e}" for e in errors))
 
-        req.batch_size = len(prompts) * req.num_images_per_prompt
+        req.batch_size = len(req.prompts()) * req.num_images_per_prompt
         # seed=N means what Diffusers' torch.Generator("cpu").manual_seed(N) means.
         req.generator = torch.Generator("cpu")
         if req.seed is not None:
@@ -82,6 +64,43 @@ class InputValidationStage(PipelineStage):
             req.seed = int(req.generator.seed())
         scale = getattr(req, self.cfg_scale_field)
         req.cfg_scale = float(scale) if scale is not None else 1.0
-        has_negative = neg is not None or not self.cfg_needs_negative_prompt
+        has_negative = req.negative_prompt is not None or not self.cfg_needs_negative_prompt
         req.do_cfg = bool(req.cfg_scale > 1.0 and has_negative)
         return req
+
+    def problems(self, req: Req) -> list[str]:
+        """Every problem with the request, so the caller can fix them in one go."""
+        errors = []
+        prompts = req.prompts()
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            errors.append(f"prompt must be a string or a non-empty list of strings, got {req.prompt!r}")
+        for name in ("prompt_2", "negative_prompt"):
+            value = getattr(req, name)
+            if value is None:
+                continue
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, (list, tuple)) or len(values) != len(prompts) or \
+                    not all(isinstance(v, str) for v in values):
+                errors.append(f"{name} must be a string or a list of strings as long as prompt, got {value!r}")
+        for name in ("height", "width"):
+            v = getattr(req, name)
+            if not _is_int(v) or v <= 0 or v % self.multiple_of:
+                errors.append(f"{name} must be a positive multiple of {self.multiple_of}, got {v!r}")
+        steps = req.num_inference_steps
+        if not _is_int(steps) or not 1 <= steps <= self.max_steps:
+            errors.append(f"num_inference_steps must be an integer in [1, {self.max_steps}], got {steps!r}")
+        for name in CFG_SCALE_FIELDS:
+            v = getattr(req, name)
+            if v is not None and (not _is_number(v) or v < 0):
+                errors.append(f"{name} must be a number >= 0, got {v!r}")
+        msl, limit = req.max_sequence_length, self.max_sequence_length_limit
+        if msl is not None and (not _is_int(msl) or msl <= 0 or (limit and msl > limit)):
+            bound = f"in [1, {limit}]" if limit else ">= 1"
+            errors.append(f"max_sequence_length must be an integer {bound}, got {msl!r}")
+        if not _is_int(req.num_images_per_prompt) or req.num_images_per_prompt < 1:
+            errors.append(f"num_images_per_prompt must be an integer >= 1, got {req.num_images_per_prompt!r}")
+        if req.output_type not in ("pil", "np", "pt", "latent"):
+            errors.append(f"output_type must be one of pil, np, pt, latent, got {req.output_type!r}")
+        if req.seed is not None and not _is_int(req.seed):
+            errors.append(f"seed must be an integer, got {req.seed!r}")
+        return errors

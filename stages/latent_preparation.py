@@ -14,7 +14,8 @@ class LatentPreparationStage(PipelineStage):
 
     reads = ("batch_size", "height", "width", "generator")
     optional_reads = ("input_latents",)
-    writes = ("latents", "raw_latent_shape", "image_position_ids")
+    writes = ("latents", "raw_latent_shape")
+    optional_writes = ("image_position_ids",)  # None for models without position ids
     module_params = ("transformer", "vae")
     callback_specs = (
         CallbackSpec("latent_shape", ("req", "settings", "transformer", "vae"), required=True,

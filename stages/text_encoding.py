@@ -32,26 +32,29 @@ class TextEncodingStage(PipelineStage):
 
     def __init__(self, encoders: list[EncoderConfig]):
         super().__init__()
-        self.encoders = [e if isinstance(e, dict) else e.model_dump() for e in encoders]
-        for e in self.encoders:
-            e.setdefault("output", "last_hidden_state")
+        defaults = {"output": "last_hidden_state", "prompt_field": "prompt"}
+        self.encoders = [{**defaults, **(e if isinstance(e, dict) else e.model_dump())} for e in encoders]
 
     @classmethod
     def contract(cls, args) -> Contract:
         configs = [EncoderConfig.model_validate(e) for e in args.get("encoders", [])]
         if not configs:
             raise ValueError("`encoders` must list at least one encoder")
-        writes, modules = set(), {}
+        writes, negatives, modules = set(), set(), {}
         fields = Req.state_fields()
         for i, c in enumerate(configs):
             for f in (c.field, f"negative_{c.field}"):
                 if f not in fields:
                     raise ValueError(f"encoders[{i}].field: '{f}' is not a Req state field")
-                writes.add(f)
+            writes.add(c.field)
+            negatives.add(f"negative_{c.field}")
             modules[("encoders", i, "text_encoder")] = c.text_encoder
             modules[("encoders", i, "tokenizer")] = c.tokenizer
-        return Contract(reads=frozenset(cls.reads), writes=frozenset(writes),
+        return Contract(reads=frozenset(cls.reads), writes=frozenset(writes), optional_writes=frozenset(negatives),
                         optional_reads=frozenset(cls.optional_reads), modules=modules)
+
+    def guaranteed_writes(self) -> tuple[str, ...]:
+        return tuple(e["field"] for e in self.encoders)
 
     @torch.no_grad()
     def encode(self, enc: dict, prompts: list[str], req: Req) -> torch.Tensor:

@@ -7,7 +7,8 @@ from diffstage.stage import CallbackSpec, PipelineStage
 
 class TimestepPreparationStage(PipelineStage):
     reads = ("num_inference_steps", "latents")
-    writes = ("timesteps", "sigmas")
+    writes = ("timesteps", "num_inference_steps")  # steps: the schedule's real length
+    optional_writes = ("sigmas",)
     module_params = ("scheduler",)
     callback_specs = (
         CallbackSpec("sigmas", ("req", "settings", "scheduler"),

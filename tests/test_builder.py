@@ -30,7 +30,7 @@ def test_unknown_request_argument(pipe):
     (dict(num_inference_steps=0), "num_inference_steps must be an integer in [1, 1000], got 0"),
     (dict(max_sequence_length=600), "max_sequence_length must be an integer in [1, 512], got 600"),
     (dict(output_type="gif"), "output_type must be one of pil, np, pt, latent, got 'gif'"),
-    (dict(negative_prompt=["a", "b"]), "negative_prompt must be a string or a list as long as prompt"),
+    (dict(negative_prompt=["a", "b"]), "negative_prompt must be a string or a list of strings as long as prompt, got ['a', 'b']"),
 ])
 def test_request_out_of_range(pipe, kwargs, message):
     with pytest.raises(RequestError) as e:

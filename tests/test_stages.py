@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffstage import PipelineStage, Req, RequestError
+from diffstage import DiffstageError, PipelineStage, Req, RequestError
 from diffstage.models.flux import callbacks as flux
 from diffstage.models.flux.tiny import SCHEDULERS
 from diffstage.stage import CallbackSpec
@@ -88,12 +88,10 @@ def test_base_bind_fills_defaults_and_settings():
     (LatentPreparationStage(transformer=None, vae=None), "latent_shape"),
 ])
 def test_base_bind_missing_required_callback(stage, name):
-    with pytest.raises(RequestError, match=rf"^{type(stage).__name__}: required callback '{name}' is not set$"):
+    with pytest.raises(DiffstageError, match=rf"^{type(stage).__name__}: required callback '{name}' is not set$"):
         stage.bind({}, {})
 
 
-@pytest.mark.xfail(strict=True, reason="stage.py promises 'verify -> forward -> verify', but __call__ never "
-                                       "checks that forward set the declared writes")
 def test_base_declared_write_not_set_is_reported():
     class ForgetsOutput(Echo):
         def forward(self, req):
@@ -148,6 +146,7 @@ def test_validation_collects_every_problem_in_one_error():
     assert str(e.value).splitlines() == [
         "invalid request:",
         "  - prompt must be a string or a non-empty list of strings, got ['a', 3]",
+        "  - negative_prompt must be a string or a list of strings as long as prompt, got ['x']",
         "  - height must be a positive multiple of 16, got 30",
         "  - width must be a positive multiple of 16, got 0",
         "  - num_inference_steps must be an integer in [1, 50], got 51",
@@ -155,7 +154,6 @@ def test_validation_collects_every_problem_in_one_error():
         "  - max_sequence_length must be an integer in [1, 64], got 100",
         "  - num_images_per_prompt must be an integer >= 1, got 0",
         "  - output_type must be one of pil, np, pt, latent, got 'gif'",
-        "  - negative_prompt must be a string or a list as long as prompt",
         "  - seed must be an integer, got 1.5",
     ]
     assert req.batch_size is None and req.generator is None  # nothing written
@@ -174,20 +172,22 @@ def test_validation_single_problem(kw, message):
     assert str(e.value) == f"invalid request:\n  - {message}"
 
 
-def test_validation_missing_prompt_is_a_missing_read():
-    with pytest.raises(RequestError, match=r"^InputValidationStage: required field 'prompt' is not set"):
-        InputValidationStage()(valid(prompt=None))
+def test_validation_missing_fields_are_reported_with_the_rest():
+    with pytest.raises(RequestError) as e:
+        InputValidationStage()(valid(prompt=None, height=None, num_inference_steps=0))
+    assert str(e.value).splitlines() == [
+        "invalid request:",
+        "  - prompt must be a string or a non-empty list of strings, got None",
+        "  - height must be a positive multiple of 1, got None",
+        "  - num_inference_steps must be an integer in [1, 1000], got 0",
+    ]
 
 
-@pytest.mark.xfail(strict=True, reason="prompt_2 is never validated: a list of the wrong length gives "
-                                       "prompt_embeds and pooled_prompt_embeds different batch sizes")
 def test_validation_rejects_prompt_2_of_wrong_length():
     with pytest.raises(RequestError, match="prompt_2"):
         InputValidationStage()(valid(prompt=["a", "b"], prompt_2=["c"]))
 
 
-@pytest.mark.xfail(strict=True, reason="bools pass the int/float checks of these fields (height, steps and "
-                                       "seed reject them)")
 @pytest.mark.parametrize("field", ["num_images_per_prompt", "max_sequence_length", "true_cfg_scale"])
 def test_validation_rejects_bool(field):
     with pytest.raises(RequestError, match=field):
@@ -262,8 +262,8 @@ def test_text_encoding_fixed_and_default_max_length(tiny):
 
 def test_text_encoding_contract():
     c = TextEncodingStage.contract({"encoders": FLUX_ENCODERS})
-    assert c.writes == {"pooled_prompt_embeds", "negative_pooled_prompt_embeds", "prompt_embeds",
-                        "negative_prompt_embeds"}
+    assert c.writes == {"pooled_prompt_embeds", "prompt_embeds"}
+    assert c.optional_writes == {"negative_pooled_prompt_embeds", "negative_prompt_embeds"}  # only with CFG
     assert c.reads == {"prompt", "batch_size", "do_cfg"}
     assert c.optional_reads == {"prompt_2", "negative_prompt", "max_sequence_length"}
     assert dict(c.modules) == {("encoders", 0, "text_encoder"): "text_encoder",
@@ -439,8 +439,6 @@ def test_denoising_contract():
     assert DenoisingStage.contract({}).reads >= {"prompt_embeds"}
 
 
-@pytest.mark.xfail(strict=True, reason="__call__ checks only the class-level reads, not the contract's "
-                                       "`conditioning` reads, so a missing conditioning field reaches the model")
 def test_denoising_missing_conditioning_field_is_a_request_error():
     stage, _ = denoiser()
     stage.conditioning = ["prompt_embeds", "pooled_prompt_embeds"]
@@ -505,3 +503,8 @@ def test_decoding_custom_unpack():
     bound(DecodingStage(vae), {"unpack": unpack}, {"tag": "x"})(Req(latents=packed, output_type="pt"))
     assert seen == {"settings": "x"}
     assert torch.allclose(vae.received, packed.reshape(1, 4, 2, 2) / 0.5 + 0.1)
+
+
+def test_base_bind_rejects_unknown_callback():
+    with pytest.raises(DiffstageError, match=r"^DecodingStage takes no callback 'unpak'; it takes: denormalize, unpack$"):
+        DecodingStage(vae=None).bind({"unpak": print}, {})
