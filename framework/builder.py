@@ -24,7 +24,7 @@ from .resolve import DEFAULT_ALLOWLIST, resolve
 from .spec import ModelSpec, validate_spec
 from .stage import PipelineStage
 from .torch_utils import parse_device, parse_dtype
-from .yaml_lines import load_yaml_with_lines
+from .model_yaml import load_model_yaml
 
 CONFIG_MODULE = "diffstage.conf"
 
@@ -52,7 +52,7 @@ def check_model(name_or_path: str | Path, allowlist: Iterable[str] = ()) -> Chec
     Raises SpecError listing every problem found, each with file, key path and line."""
     file = model_yaml(str(name_or_path))
     allow = tuple(DEFAULT_ALLOWLIST) + tuple(allowlist)
-    data, lines = load_yaml_with_lines(file)
+    data, lines = load_model_yaml(file)
     spec, problems = validate_spec(data, str(file), lines)
     plan: list[PlannedStage] = []
     if isinstance(data, dict):

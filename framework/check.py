@@ -54,8 +54,9 @@ class _Checker:
         self.problems: list[Problem] = []
 
     def add(self, path: tuple, message: str, hint: str | None = None, stage: str | None = None) -> None:
-        self.problems.append(Problem(message, key=format_key(path), file=self.file,
-                                     line=self.lines.line(path), hint=hint, stage=stage))
+        file, line = self.lines.where(path)
+        self.problems.append(Problem(message, key=format_key(path), file=file or self.file,
+                                     line=line, hint=hint, stage=stage))
 
     # -- helpers -------------------------------------------------------------
     def _mapping(self, *path) -> dict:

@@ -132,5 +132,6 @@ def validate_spec(data: Any, file: str, lines: LineMap) -> tuple[ModelSpec | Non
                 msg = f"missing required key '{loc[-1]}'"
             else:
                 msg = f"{err['msg']} (got {err.get('input')!r})"
-            problems.append(Problem(msg, key=format_key(loc), file=file, line=lines.line(loc), hint=hint))
+            where_file, line = lines.where(loc)
+            problems.append(Problem(msg, key=format_key(loc), file=where_file or file, line=line, hint=hint))
         return None, problems

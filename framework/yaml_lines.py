@@ -26,19 +26,38 @@ def format_key(path: KeyPath) -> str:
 
 
 class LineMap:
-    """Key path -> 1-based line; unknown paths fall back to their nearest parent."""
+    """Key path -> (file, 1-based line); unknown paths fall back to their nearest parent.
 
-    def __init__(self, lines: dict[KeyPath, int] | None = None):
-        self._lines = lines or {}
+    A model YAML that `extends` another mixes keys of two files, so the file is
+    kept per key, not once per map."""
 
-    def line(self, path: KeyPath) -> int | None:
+    def __init__(self, file: str | None = None, lines: dict[KeyPath, int] | None = None):
+        self._where: dict[KeyPath, tuple[str | None, int]] = {p: (file, n) for p, n in (lines or {}).items()}
+        self.default_file = file
+
+    def where(self, path: KeyPath) -> tuple[str | None, int | None]:
         path = tuple(path)
         while True:
-            if path in self._lines:
-                return self._lines[path]
+            if path in self._where:
+                return self._where[path]
             if not path:
-                return None
+                return self.default_file, None
             path = path[:-1]
+
+    def line(self, path: KeyPath) -> int | None:
+        return self.where(path)[1]
+
+    def file(self, path: KeyPath) -> str | None:
+        return self.where(path)[0]
+
+    def overlay(self, child: "LineMap", replaced: set[KeyPath]) -> "LineMap":
+        """This map with `child` on top; base entries under a `replaced` path are dropped."""
+        out = LineMap(child.default_file)
+        for path, where in self._where.items():
+            if not any(path[:len(r)] == r for r in replaced):
+                out._where[path] = where
+        out._where.update(child._where)
+        return out
 
 
 def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates: list[tuple[KeyPath, int]]) -> None:
@@ -90,4 +109,4 @@ def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
         raise SpecError([Problem(f"duplicate key '{path[-1]}' (an earlier one at line {lines.get(path)} would be "
                                  "silently replaced)", key=format_key(path), file=file, line=line)
                          for path, line in duplicates])
-    return data, LineMap(lines)
+    return data, LineMap(file, lines)

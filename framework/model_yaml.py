@@ -1,0 +1,59 @@
+"""Read a model YAML, following `extends:` so a variant can be a few lines.
+
+    extends: flux            # a shipped model name, or a path relative to this file
+    name: flux_schnell
+    sampling: {num_inference_steps: 4}
+
+Mappings merge key by key (the variant wins); lists and scalars are replaced
+whole. Every key keeps the file and line it came from, for error messages."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import DiffstageError, Problem, SpecError
+from .models_dir import model_yaml
+from .yaml_lines import KeyPath, LineMap, load_yaml_with_lines
+
+
+def _merge(base: Any, child: Any, path: KeyPath, replaced: set[KeyPath]) -> Any:
+    if isinstance(base, dict) and isinstance(child, dict):
+        out = dict(base)
+        for key, value in child.items():
+            out[key] = _merge(base.get(key), value, path + (key,), replaced) if key in base else value
+            if key not in base or not (isinstance(base[key], dict) and isinstance(value, dict)):
+                replaced.add(path + (key,))
+        return out
+    replaced.add(path)
+    return child
+
+
+def _base_file(ref: Any, child_file: Path, lines: LineMap) -> Path:
+    if not isinstance(ref, str) or not ref:
+        file, line = lines.where(("extends",))
+        raise SpecError([Problem("`extends` must name a model or a YAML path", key="extends", file=file, line=line)])
+    local = child_file.parent / ref
+    if ref.endswith((".yaml", ".yml")) and local.is_file():
+        return local.resolve()
+    try:
+        return model_yaml(ref)
+    except DiffstageError as e:
+        file, line = lines.where(("extends",))
+        raise SpecError([Problem(f"cannot extend: {e}", key="extends", file=file, line=line)]) from None
+
+
+def load_model_yaml(file: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[Any, LineMap]:
+    file = Path(file).resolve()
+    data, lines = load_yaml_with_lines(file)
+    if not (isinstance(data, dict) and "extends" in data):
+        return data, lines
+    base_file = _base_file(data["extends"], file, lines)
+    if base_file in _chain + (file,):
+        chain = " -> ".join(p.name for p in _chain + (file, base_file))
+        f, line = lines.where(("extends",))
+        raise SpecError([Problem(f"`extends` forms a cycle: {chain}", key="extends", file=f, line=line)])
+    base, base_lines = load_model_yaml(base_file, _chain + (file,))
+    child = {k: v for k, v in data.items() if k != "extends"}
+    replaced: set[KeyPath] = set()
+    merged = _merge(base if isinstance(base, dict) else {}, child, (), replaced)
+    return merged, base_lines.overlay(lines, replaced)
