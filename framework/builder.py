@@ -96,7 +96,10 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
         args[top] = _substitute(args.get(top, module_name), arg_path[1:], modules[module_name])
     target = checked.data["stages"][planned.index]["_target_"]
     resolve(target, checked.allowlist)  # allowlist again, right before Hydra imports it
-    stage = instantiate({"_target_": target}, **args, _convert_="all")
+    # Hydra makes the factory; the arguments never pass through OmegaConf, so a nested
+    # `_target_` is not instantiated and `${oc.env:...}` is not interpolated: YAML data stays data.
+    factory = instantiate({"_target_": target, "_partial_": True})
+    stage = factory(**args)
     stage._contract = planned.contract
     pc = checked.spec.pipeline_config
     group = pc.callbacks.get(planned.cls.callback_group(), {})

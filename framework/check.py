@@ -188,11 +188,30 @@ class _Checker:
                 plan.append(PlannedStage(i, cls, args, contract))
 
         self._check_callbacks(given_callbacks, taken, certain)
+        self._check_module_targets()
         if certain:
             for name in sorted(modules - used_modules):
                 self.add(("modules", name), f"module '{name}' is listed but no stage uses it",
                          hint="remove it, or reference it from a stage argument")
         return plan
+
+    def _check_module_targets(self) -> None:
+        for name, spec in self._mapping("modules").items():
+            target = spec.get("_target_") if isinstance(spec, dict) else None
+            if not isinstance(target, str):
+                continue
+            path = ("modules", name, "_target_")
+            if not is_allowed(target, self.allowlist):
+                self.add(path, f"'{target}' is outside the import allowlist {list(self.allowlist)}; refused "
+                               "without importing it", hint="add a trusted package prefix to `allowlist` in your config")
+                continue
+            try:
+                cls = resolve(target, self.allowlist)
+            except DiffstageError as e:
+                self.add(path, f"cannot resolve module class: {e}")
+                continue
+            if not hasattr(cls, "from_pretrained"):
+                self.add(path, f"'{target}' has no from_pretrained, so it cannot load module '{name}'")
 
     def _producers_hint(self, f: str, i: int, writers: dict[str, list[int]]) -> str:
         later = [j for j in writers.get(f, []) if j > i and f not in self.reads_of.get(j, ())]

@@ -71,8 +71,10 @@ class PipelineStage:
     # --- declarations ---------------------------------------------------------
     @classmethod
     def callback_group(cls) -> str:
-        """Key under `pipeline_config.callbacks` that holds this stage's callbacks."""
-        return _snake(cls.__name__)
+        """Key under `pipeline_config.callbacks` that holds this stage's callbacks: named after
+        the class that declares them, so a subclass shares its parent's group."""
+        owner = next((c for c in cls.__mro__ if "callback_specs" in vars(c)), cls)
+        return _snake(owner.__name__)
 
     @classmethod
     def contract(cls, args: Mapping[str, Any]) -> Contract:

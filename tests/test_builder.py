@@ -73,3 +73,23 @@ def test_user_yaml_by_path_with_own_callback(tiny_flux_dev, flux_yaml_variant, t
                                      "sampling.num_inference_steps=2", "sampling.max_sequence_length=16"])
     assert pipe.stages[4].callback("combine_cfg").__module__ == "my_flux_callbacks"
     assert pipe("a fox", seed=0, negative_prompt="", true_cfg_scale=2.0).images[0].size == (32, 32)
+
+
+def test_stage_args_stay_data(tiny_flux_dev, flux_yaml_variant, tmp_path, monkeypatch):
+    """A nested `_target_` or an OmegaConf interpolation in stage args is never instantiated or resolved."""
+    (tmp_path / "my_stages.py").write_text(
+        "from typing import Any\n"
+        "from diffstage.stages import DecodingStage\n"
+        "class RecordingDecoder(DecodingStage):\n"
+        "    seen = None\n"
+        "    def __init__(self, vae, options: Any = None):\n"
+        "        super().__init__(vae)\n"
+        "        RecordingDecoder.seen = options\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = flux_yaml_variant(("  - _target_: diffstage.stages.DecodingStage\n",
+                              "  - _target_: my_stages.RecordingDecoder\n"
+                              "    options: {nested: {_target_: os.getcwd}, env: '${oc.env:HOME}'}\n"))
+    build_pipeline(str(path), model_path=tiny_flux_dev, overrides=["allowlist=[my_stages]"])
+    import my_stages
+
+    assert my_stages.RecordingDecoder.seen == {"nested": {"_target_": "os.getcwd"}, "env": "${oc.env:HOME}"}

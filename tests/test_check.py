@@ -176,3 +176,15 @@ def test_user_allowlist_extends(flux_yaml_variant, tmp_path, monkeypatch):
     assert "outside the import allowlist" in problems[0].message
     checked = check_model(path, allowlist=["my_callbacks"])
     assert checked.spec.pipeline_config.callbacks["timestep_preparation"]["mu"] == "my_callbacks.mu"
+
+
+def test_module_target_checked_statically(flux_yaml_variant):
+    path = flux_yaml_variant(("  vae:\n", "  vae: {_target_: os.system}\n"),
+                             ("  scheduler:\n", "  scheduler: {_target_: torch.nn.Linear}\n"),
+                             ("  tokenizer:\n", "  tokenizer: {_target_: transformers.NoSuchTokenizer}\n"))
+    problems = {p.key: p for p in problems_of(path)}
+    assert "'os.system' is outside the import allowlist" in problems["modules.vae._target_"].message
+    assert problems["modules.scheduler._target_"].message == (
+        "'torch.nn.Linear' has no from_pretrained, so it cannot load module 'scheduler'")
+    assert "cannot resolve module class" in problems["modules.tokenizer._target_"].message
+    assert problems["modules.vae._target_"].line == line_of(path, "_target_: os.system")

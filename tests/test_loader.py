@@ -88,3 +88,16 @@ def test_module_missing_from_index(tiny_flux_dev, tmp_path, flux_spec):
     loader.clear_cache()
     with pytest.raises(LoadError, match="module 'vae' is not in model_index.json; give its class with `_target_`"):
         loader.load_modules(flux_spec, ckpt)
+
+
+def test_model_index_classes_go_through_the_allowlist(tiny_flux_dev, tmp_path, flux_spec):
+    from diffstage import DisallowedPathError
+
+    ckpt = tmp_path / "evil"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    index = json.loads((ckpt / "model_index.json").read_text())
+    index["vae"] = ["os", "system"]
+    (ckpt / "model_index.json").write_text(json.dumps(index))
+    loader.clear_cache()
+    with pytest.raises(DisallowedPathError, match="'os.system' is outside the import allowlist"):
+        loader.load_modules(flux_spec, ckpt)
