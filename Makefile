@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 # lands, it uses a tiny random-weight FLUX checkpoint built locally (the image is noise).
 demo: install
 	$(BIN)/python -m diffstage.models.flux.tiny $(DEMO_CKPT) >/dev/null
-	HF_HUB_OFFLINE=1 $(BIN)/diffstage generate model=flux model_path=$(DEMO_CKPT) prompt="$(PROMPT)" seed=0 \
+	HF_HUB_OFFLINE=1 $(BIN)/diffstage generate model=flux model_path=$(DEMO_CKPT) prompt="'$(PROMPT)'" seed=0 \
 		sampling.num_inference_steps=4 sampling.height=64 sampling.width=64 sampling.max_sequence_length=32
 
 test: install

@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import loader
 from .check import PlannedStage, check_contracts
-from .errors import DiffstageError, SpecError
+from .errors import DiffstageError, RequestError, SpecError
 from .models_dir import model_yaml
-from .pipeline import Pipeline
+from .pipeline import Pipeline, make_request
 from .resolve import DEFAULT_ALLOWLIST, resolve
 from .spec import ModelSpec, validate_spec
 from .stage import PipelineStage
@@ -54,12 +54,13 @@ def check_model(name_or_path: str | Path, allowlist: Iterable[str] = ()) -> Chec
     allow = tuple(DEFAULT_ALLOWLIST) + tuple(allowlist)
     data, lines = load_model_yaml(file)
     spec, problems = validate_spec(data, str(file), lines)
+    problems = lines.problems + problems
     plan: list[PlannedStage] = []
     if isinstance(data, dict):
         plan, contract_problems = check_contracts(data, str(file), lines, allow, _known_stages())
         problems += contract_problems
     if problems:
-        problems.sort(key=lambda p: (p.line or 0, p.key))
+        problems.sort(key=lambda p: (p.file != str(file), p.file or "", p.line or 0, p.key))
         raise SpecError(problems)
     assert spec is not None
     return CheckedModel(file, data, spec, plan, allow)
@@ -107,12 +108,24 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
     return stage
 
 
-def build_from_config(cfg: DictConfig | dict) -> Pipeline:
-    """Build a Pipeline from a composed run config (see conf/config.yaml)."""
+def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = None) -> Pipeline:
+    """Build a Pipeline from a composed run config (see conf/config.yaml).
+
+    With `request` (the arguments the pipeline will be called with), stages that need
+    no weights check it first, so a request out of range fails before anything loads."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
     checked = check_model(cfg.model, allowlist=cfg.get("allowlist") or ())
     spec = checked.spec
+    defaults = spec.sampling.model_dump()
+    overrides = OmegaConf.to_container(cfg.get("sampling") or {}, resolve=True)
+    defaults.update({k: v for k, v in overrides.items() if v is not None})
+    early = {p.index: instantiate_stage(p, checked, {}) for p in checked.plan if not p.contract.modules}
+    if request is not None:
+        req = make_request(defaults, **request)
+        problems = [msg for stage in early.values() for msg in stage.request_problems(req)]
+        if problems:
+            raise RequestError("invalid request:\n" + "\n".join(f"  - {m}" for m in problems))
     model_path = cfg.get("model_path") or spec.model_path
     if not model_path:
         hint = f" (the YAML suggests: {', '.join(spec.hf_model_paths)})" if spec.hf_model_paths else ""
@@ -126,10 +139,7 @@ def build_from_config(cfg: DictConfig | dict) -> Pipeline:
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
                                   allow_pickle=bool(cfg.get("allow_pickle", False)),
                                   allowlist=checked.allowlist)
-    stages = [instantiate_stage(p, checked, modules) for p in checked.plan]
-    defaults = spec.sampling.model_dump()
-    overrides = OmegaConf.to_container(cfg.get("sampling") or {}, resolve=True)
-    defaults.update({k: v for k, v in overrides.items() if v is not None})
+    stages = [early.get(p.index) or instantiate_stage(p, checked, modules) for p in checked.plan]
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config.pop("hydra", None)
     return Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),

@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from .errors import DiffstageError, Problem
+from .errors import DiffstageError, DisallowedPathError, Problem
 from .req import Req
-from .resolve import is_allowed, resolve
+from .resolve import ALLOWLIST_HINT, disallowed_message, is_allowed, resolve
 from .spec import did_you_mean
 from .stage import Contract, PipelineStage, accepts_positional
 from .yaml_lines import LineMap, format_key
@@ -65,21 +65,28 @@ class _Checker:
             node = node.get(p) if isinstance(node, dict) else None
         return node if isinstance(node, dict) else {}
 
+    def _resolve(self, path: tuple, target: str, what: str, hint_from: Iterable[str] = ()) -> Any:
+        """The object `target` names, or None after recording why not (allowlist first)."""
+        if not is_allowed(target, self.allowlist):
+            self.add(path, disallowed_message(target, self.allowlist), hint=ALLOWLIST_HINT)
+            return None
+        try:
+            return resolve(target, self.allowlist)
+        except DisallowedPathError as e:
+            self.add(path, str(e).split(" (")[0], hint=ALLOWLIST_HINT)
+        except DiffstageError as e:
+            self.add(path, f"{what}: {e}", hint=did_you_mean(target, hint_from))
+        return None
+
     def _resolve_stage(self, i: int, target: Any) -> type[PipelineStage] | None:
         path = ("stages", i, "_target_")
         if not isinstance(target, str):
             self.add(("stages", i), "stage has no `_target_` (the dotted path of its class)")
             return None
-        if not is_allowed(target, self.allowlist):
-            self.add(path, f"'{target}' is outside the import allowlist {list(self.allowlist)}; refused "
-                           "without importing it", hint="add a trusted package prefix to `allowlist` in your config")
-            return None
-        try:
-            cls = resolve(target, self.allowlist)
-        except DiffstageError as e:
-            names = [f"{c.__module__}.{c.__name__}" for c in self.known_stages]
-            short = [f"diffstage.stages.{c.__name__}" for c in self.known_stages]
-            self.add(path, f"unknown stage: {e}", hint=did_you_mean(target, short + names))
+        names = [f"{c.__module__}.{c.__name__}" for c in self.known_stages]
+        short = [f"diffstage.stages.{c.__name__}" for c in self.known_stages]
+        cls = self._resolve(path, target, "unknown stage", short + names)
+        if cls is None:
             return None
         if not (isinstance(cls, type) and issubclass(cls, PipelineStage)):
             self.add(path, f"'{target}' is not a PipelineStage subclass")
@@ -104,7 +111,11 @@ class _Checker:
                 continue
             if name in hints:
                 try:
-                    TypeAdapter(hints[name]).validate_python(value)
+                    adapter = TypeAdapter(hints[name])
+                except Exception:  # a type pydantic cannot check (a custom class): names were checked
+                    continue
+                try:
+                    adapter.validate_python(value)
                 except ValidationError as e:
                     for err in e.errors():
                         sub = path + tuple(err["loc"])
@@ -139,9 +150,8 @@ class _Checker:
         first_unknown = len(stages)  # index of the first stage whose contract is unknown
         for i, raw in enumerate(stages):
             if not isinstance(raw, dict):
-                self.add(("stages", i), "each stage must be a mapping with `_target_` and its arguments")
                 first_unknown = min(first_unknown, i)
-                continue
+                continue  # the schema check reports it
             cls = self._resolve_stage(i, raw.get("_target_"))
             if cls is None:
                 first_unknown = min(first_unknown, i)
@@ -165,8 +175,9 @@ class _Checker:
             for arg_path, module in contract.modules.items():
                 used_modules.add(module)
                 if module not in modules:
+                    declared = f"declared modules: {', '.join(sorted(modules))}" if modules else "no modules are declared"
                     self.add(("stages", i) + tuple(arg_path), f"unknown module '{module}'", stage=cls.__name__,
-                             hint=did_you_mean(module, modules) or f"declared modules: {', '.join(sorted(modules))}")
+                             hint=did_you_mean(module, modules) or declared)
             for f in sorted(contract.reads | contract.optional_reads):
                 if f not in all_fields:
                     self.add(("stages", i), f"reads '{f}', which is not a Req field", stage=cls.__name__,
@@ -189,6 +200,9 @@ class _Checker:
 
         self._check_callbacks(given_callbacks, taken, certain)
         self._check_module_targets()
+        if certain and "output" not in available:
+            self.add(("stages",), "no stage writes 'output', so the pipeline would produce nothing",
+                     hint="end the pipeline with a stage that writes it, e.g. DecodingStage")
         if certain:
             for name in sorted(modules - used_modules):
                 self.add(("modules", name), f"module '{name}' is listed but no stage uses it",
@@ -201,16 +215,8 @@ class _Checker:
             if not isinstance(target, str):
                 continue
             path = ("modules", name, "_target_")
-            if not is_allowed(target, self.allowlist):
-                self.add(path, f"'{target}' is outside the import allowlist {list(self.allowlist)}; refused "
-                               "without importing it", hint="add a trusted package prefix to `allowlist` in your config")
-                continue
-            try:
-                cls = resolve(target, self.allowlist)
-            except DiffstageError as e:
-                self.add(path, f"cannot resolve module class: {e}")
-                continue
-            if not hasattr(cls, "from_pretrained"):
+            cls = self._resolve(path, target, "cannot resolve module class")
+            if cls is not None and not hasattr(cls, "from_pretrained"):
                 self.add(path, f"'{target}' has no from_pretrained, so it cannot load module '{name}'")
 
     def _producers_hint(self, f: str, i: int, writers: dict[str, list[int]]) -> str:
@@ -229,8 +235,10 @@ class _Checker:
                 continue  # the schema check reports the type
             known_group = group in taken
             if not known_group and certain:
+                with_callbacks = sorted(g for g, specs in taken.items() if specs)
                 self.add(base + (group,), f"no stage in this pipeline calls callbacks of group '{group}'",
-                         hint=did_you_mean(group, taken) or f"groups used here: {', '.join(sorted(taken)) or 'none'}")
+                         hint=did_you_mean(group, with_callbacks) or
+                         f"groups used here: {', '.join(with_callbacks) or 'none'}")
             for name, target in entries.items():
                 path = base + (group, name)
                 spec, stage_name = taken.get(group, {}).get(name, (None, None))
@@ -248,14 +256,8 @@ class _Checker:
     def _check_callback_target(self, path: tuple, spec, stage_name: str, target: Any) -> None:
         if not isinstance(target, str):
             return
-        if not is_allowed(target, self.allowlist):
-            self.add(path, f"'{target}' is outside the import allowlist {list(self.allowlist)}; refused "
-                           "without importing it", hint="add a trusted package prefix to `allowlist` in your config")
-            return
-        try:
-            fn = resolve(target, self.allowlist)
-        except DiffstageError as e:
-            self.add(path, f"cannot resolve callback: {e}")
+        fn = self._resolve(path, target, "cannot resolve callback")
+        if fn is None:
             return
         if not callable(fn):
             self.add(path, f"'{target}' is not callable")

@@ -5,7 +5,7 @@
     diffstage models                          list the shipped model YAMLs
 
 Errors in user input print a message and exit 2; set DIFFSTAGE_DEBUG=1 (or
-pass --debug to validate/models) to see the traceback instead."""
+pass --debug to validate) to see the traceback instead."""
 from __future__ import annotations
 
 import argparse
@@ -37,24 +37,35 @@ def _fail(err: Exception) -> None:
 
 
 # --- generate -------------------------------------------------------------------
+def _output_name(filename: str) -> Path:
+    from .errors import DiffstageError
+
+    name = Path(str(filename))
+    if name.name != str(filename) or name.suffix.lower() != ".png":
+        raise DiffstageError(f"output.filename must be a file name ending in .png (it is written into the run "
+                             f"directory; set hydra.run.dir to choose that), got '{filename}'")
+    return name
+
+
 def _generate_task(cfg) -> None:
+    import yaml
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
     from .builder import build_from_config
     from .errors import DiffstageError
     from .png import save_png
 
     try:
-        pipe = build_from_config(cfg)
-        out = pipe(prompt=cfg.prompt, seed=cfg.seed)
+        base = _output_name(cfg.output.filename)
+        request = {"prompt": cfg.prompt, "seed": cfg.seed}
+        pipe = build_from_config(cfg, request=request)
+        out = pipe(**request)
     except DiffstageError as e:
         _fail(e)
         return
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    base = Path(cfg.output.filename)
     meta = {"prompt": str(cfg.prompt), "seed": str(out.req.seed), "model": pipe.spec.name,
-            "config": OmegaConf.to_yaml(OmegaConf.create(pipe.config))}
+            "config": yaml.safe_dump(pipe.config, sort_keys=False, allow_unicode=True)}
     for i, image in enumerate(out.images):
         name = base.name if i == 0 else f"{base.stem}_{i}{base.suffix}"
         path = save_png(image, out_dir / name, meta)

@@ -7,6 +7,7 @@ the user allows pickle. Loaded modules are cached in-process, so building the
 same model twice loads nothing the second time."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import LoadError, UnsafeCheckpointError
+from .errors import DiffstageError, DisallowedPathError, LoadError, UnsafeCheckpointError
 from .resolve import DEFAULT_ALLOWLIST, resolve
 from .spec import ModelSpec
 from .torch_utils import parse_dtype
@@ -69,7 +70,8 @@ def resolve_checkpoint(model_path: str | os.PathLike, subfolders: Iterable[str])
     except Exception as e:  # network, auth, offline-without-cache: all the user's to fix
         offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else str(e).splitlines()[0]
-        raise LoadError(f"could not get '{text}' from the Hugging Face Hub: {why}") from None
+        raise LoadError(f"'{text}' is not a local directory, and getting it as a Hugging Face repo id failed: "
+                        f"{why}") from None
 
 
 def check_safetensors(folder: Path, module: str, allow_pickle: bool) -> None:
@@ -88,13 +90,22 @@ def check_safetensors(folder: Path, module: str, allow_pickle: bool) -> None:
 
 def module_class(spec: ModelSpec, name: str, index: dict, allowlist: Iterable[str]) -> type:
     target = spec.module_spec(name).target
-    if target is None:
-        entry = index.get(name)
-        if not (isinstance(entry, list) and len(entry) == 2 and all(entry)):
-            raise LoadError(f"module '{name}' is not in model_index.json; give its class with `_target_` in "
-                            f"the YAML's modules.{name}")
-        target = f"{entry[0]}.{entry[1]}"
-    return resolve(target, allowlist)
+    if target is not None:
+        return resolve(target, allowlist)  # checked statically already
+    entry = index.get(name)
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) and e for e in entry)):
+        raise LoadError(f"module '{name}' is not in model_index.json; give its class with `_target_` in "
+                        f"the YAML's modules.{name}")
+    target = f"{entry[0]}.{entry[1]}"
+    try:
+        return resolve(target, allowlist)
+    except DisallowedPathError:
+        raise DisallowedPathError(
+            f"the checkpoint's model_index.json names '{target}' for module '{name}', which is outside the import "
+            f"allowlist {list(allowlist)}; refused. Checkpoints cannot choose code to run: if you trust this "
+            f"one, set modules.{name}._target_ in the model YAML (and extend the allowlist)") from None
+    except DiffstageError as e:
+        raise LoadError(f"module '{name}': model_index.json names class '{target}', which cannot be loaded: {e}") from None
 
 
 def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, allow_pickle: bool) -> Any:
@@ -137,7 +148,8 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         key = CacheKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
                        str(mdtype) if is_torch else "-", str(device) if is_torch else "-")
         if key in _CACHE:
-            modules[name] = _CACHE[key]
+            # Weights are shared; stateful helpers (schedulers keep their timesteps) are not.
+            modules[name] = _CACHE[key] if is_torch else copy.deepcopy(_CACHE[key])
             continue
         folder = root / sub
         if not folder.is_dir():
@@ -145,9 +157,12 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         check_safetensors(folder, name, allow_pickle)
         try:
             module = _from_pretrained(cls, root, sub, mdtype, allow_pickle)
-        except (OSError, ValueError, EnvironmentError) as e:
+        except DiffstageError:
+            raise
+        except Exception as e:  # corrupt weights, config/weight mismatch, wrong class: all about the files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise LoadError(f"module '{name}': loading {cls.__name__} from '{folder}' failed: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                            f"{type(e).__name__}: {first}") from None
         if is_torch:
             module = module.to(device).eval().requires_grad_(False)
         load_count += 1

@@ -29,6 +29,8 @@ def model_yaml(name_or_path: str) -> Path:
     name_or_path = str(name_or_path)
     if is_path(name_or_path):
         path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            raise DiffstageError(f"model YAML '{name_or_path}' is a directory; give the .yaml file inside it")
         if not path.is_file():
             raise DiffstageError(f"model YAML '{name_or_path}' does not exist")
         return path.resolve()

@@ -13,6 +13,19 @@ from .spec import ModelSpec, did_you_mean
 from .stage import PipelineStage
 
 
+def make_request(defaults: dict[str, Any], **kwargs: Any) -> Req:
+    """A Req from sampling defaults and the caller's arguments (None means "use the default")."""
+    allowed = Req.request_fields()
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        hints = [f"'{k}'" + (f" ({did_you_mean(k, allowed)})" if did_you_mean(k, allowed) else "") for k in unknown]
+        raise RequestError(f"unknown request argument{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                           f"accepted: {', '.join(sorted(allowed))}")
+    values = {k: v for k, v in defaults.items() if v is not None and k in allowed}
+    values.update({k: v for k, v in kwargs.items() if v is not None})
+    return Req(**values)
+
+
 @dataclass
 class PipelineOutput:
     images: Any  # list of PIL images, or an array/tensor for output_type np/pt/latent
@@ -36,15 +49,7 @@ class Pipeline:
         return [f"{i}:{type(s).__name__}" for i, s in enumerate(self.stages)]
 
     def make_request(self, **kwargs: Any) -> Req:
-        allowed = Req.request_fields()
-        unknown = [k for k in kwargs if k not in allowed]
-        if unknown:
-            hints = [f"'{k}'" + (f" ({did_you_mean(k, allowed)})" if did_you_mean(k, allowed) else "") for k in unknown]
-            raise RequestError(f"unknown request argument{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
-                               f"accepted: {', '.join(sorted(allowed))}")
-        values = {k: v for k, v in self.defaults.items() if v is not None and k in allowed}
-        values.update({k: v for k, v in kwargs.items() if v is not None})
-        return Req(**values)
+        return make_request(self.defaults, **kwargs)
 
     def __call__(self, prompt: str | list[str] | None = None, **kwargs: Any) -> PipelineOutput:
         """Generate, like a Diffusers pipeline: `pipe(prompt, seed=0, num_inference_steps=4).images[0]`."""

@@ -6,6 +6,7 @@ subprocess.*). The check happens on the string, before anything is imported."""
 from __future__ import annotations
 
 import importlib
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,20 +25,36 @@ def is_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> bool:
     return False
 
 
+ALLOWLIST_HINT = ("if you trust it, add its package prefix to the allowlist: allowlist=[prefix] on the "
+                  "command line or in the run config, --allow prefix for `diffstage validate`")
+
+
+def disallowed_message(path: str, allowlist: Iterable[str]) -> str:
+    return f"'{path}' is outside the import allowlist {list(allowlist)}; refused without importing it"
+
+
 def check_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> None:
     allowlist = tuple(allowlist)
     if not is_allowed(path, allowlist):
-        raise DisallowedPathError(
-            f"'{path}' is outside the import allowlist {list(allowlist)}; "
-            "add its package prefix to `allowlist` in your config if you trust it"
-        )
+        raise DisallowedPathError(f"{disallowed_message(path, allowlist)} ({ALLOWLIST_HINT})")
+
+
+def _home(obj: Any) -> str | None:
+    """The module an object was defined in (or is), for re-exports like 'torch.os.system'."""
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    home = getattr(obj, "__module__", None)
+    return home if isinstance(home, str) else None
 
 
 def resolve(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> Any:
     """Import and return the object a dotted path names, if the allowlist permits it.
 
     Tries the longest importable module prefix, then walks attributes, so both
-    'pkg.mod.func' and 'pkg.mod.Class.method' work."""
+    'pkg.mod.func' and 'pkg.mod.Class.method' work. Only allowed modules are
+    imported, and the object found must itself live in an allowed module, so
+    'torch.os.system' (os reached through torch) is refused too."""
+    allowlist = tuple(allowlist)
     check_allowed(path, allowlist)
     parts = path.split(".")
     last_error: Exception | None = None
@@ -49,14 +66,21 @@ def resolve(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> Any:
             # Only swallow "this prefix is not a module"; a missing dependency
             # inside a real module is a genuine error worth showing.
             if e.name and not module_name.startswith(e.name) and e.name != module_name:
-                raise DiffstageError(f"importing '{module_name}' for '{path}' failed: {e}") from e
+                raise DiffstageError(f"importing '{module_name}' for '{path}' failed: {e}") from None
             last_error = e
             continue
-        try:
-            for attr in parts[split:]:
+        except Exception as e:  # a broken module (syntax error, failing import-time code)
+            raise DiffstageError(f"importing '{module_name}' for '{path}' failed: {type(e).__name__}: {e}") from None
+        for i, attr in enumerate(parts[split:]):
+            try:
                 obj = getattr(obj, attr)
-        except AttributeError:
-            raise DiffstageError(f"cannot resolve '{path}': module '{module_name}' has no attribute "
-                                 f"'{'.'.join(parts[split:])}'") from None
+            except AttributeError:
+                raise DiffstageError(f"cannot resolve '{path}': module '{module_name}' has no attribute "
+                                     f"'{'.'.join(parts[split:split + i + 1])}'") from None
+            home = _home(obj)
+            if home is not None and not is_allowed(home + ".", allowlist):
+                where = home if isinstance(obj, types.ModuleType) else f"{home}.{getattr(obj, '__qualname__', attr)}"
+                raise DisallowedPathError(f"'{path}' reaches '{where}', which is outside the import allowlist "
+                                          f"{list(allowlist)}; refused ({ALLOWLIST_HINT})")
         return obj
     raise DiffstageError(f"cannot resolve '{path}': no importable module in it ({last_error})")

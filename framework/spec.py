@@ -7,9 +7,9 @@ from __future__ import annotations
 import difflib
 import typing
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import Problem
 from .yaml_lines import LineMap, format_key
@@ -33,7 +33,15 @@ class ModuleSpec(_Strict):
 
     target: str | None = Field(None, alias="_target_", description="class to load it with (dotted path)")
     subfolder: str | None = Field(None, description="folder inside the checkpoint; default: the module name")
-    dtype: str | None = Field(None, description="dtype for this module only; default: runtime.dtype")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype for this module only; default: runtime.dtype")
+
+    @field_validator("subfolder")
+    @classmethod
+    def _inside_checkpoint(cls, value: str | None) -> str | None:
+        if value is not None and (value.startswith(("/", "\\")) or ".." in value.replace("\\", "/").split("/")):
+            raise ValueError("subfolder must be a relative path inside the checkpoint (no '..', not absolute)")
+        return value
 
 
 class PipelineConfigSpec(_Strict):

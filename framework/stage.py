@@ -125,6 +125,10 @@ class PipelineStage:
         """Fields forward always sets (override when they depend on arguments)."""
         return self.writes
 
+    def request_problems(self, req: Req) -> list[str]:
+        """Problems with a request this stage can see before any weight loads (default: none)."""
+        return []
+
     def __call__(self, req: Req) -> Req:
         name = type(self).__name__
         for f in self.required_reads():

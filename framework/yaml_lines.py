@@ -34,6 +34,7 @@ class LineMap:
     def __init__(self, file: str | None = None, lines: dict[KeyPath, int] | None = None):
         self._where: dict[KeyPath, tuple[str | None, int]] = {p: (file, n) for p, n in (lines or {}).items()}
         self.default_file = file
+        self.problems: list[Problem] = []  # non-fatal parse problems (duplicate keys)
 
     def where(self, path: KeyPath) -> tuple[str | None, int | None]:
         path = tuple(path)
@@ -57,6 +58,7 @@ class LineMap:
             if not any(path[:len(r)] == r for r in replaced):
                 out._where[path] = where
         out._where.update(child._where)
+        out.problems = self.problems + child.problems
         return out
 
 
@@ -80,7 +82,8 @@ def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates:
 
 
 def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
-    """Parse a YAML file safely; syntax errors and duplicate keys become a SpecError with file and line."""
+    """Parse a YAML file safely. A syntax error raises SpecError with file and line; duplicate
+    keys are left in `LineMap.problems` so they are reported along with everything else."""
     file = str(file)
     try:
         text = Path(file).read_text(encoding="utf-8")
@@ -105,8 +108,9 @@ def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
     duplicates: list[tuple[KeyPath, int]] = []
     if node is not None:
         _walk(node, (), lines, duplicates)
-    if duplicates:
-        raise SpecError([Problem(f"duplicate key '{path[-1]}' (an earlier one at line {lines.get(path)} would be "
+    line_map = LineMap(file, lines)
+    # Reported with the other problems, not alone: the data is still usable (last one wins).
+    line_map.problems = [Problem(f"duplicate key '{path[-1]}' (an earlier one at line {lines.get(path)} would be "
                                  "silently replaced)", key=format_key(path), file=file, line=line)
-                         for path, line in duplicates])
-    return data, LineMap(file, lines)
+                         for path, line in duplicates]
+    return data, line_map

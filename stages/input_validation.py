@@ -48,10 +48,10 @@ class InputValidationStage(PipelineStage):
         self.cfg_needs_negative_prompt = cfg_needs_negative_prompt
 
     def required_reads(self) -> tuple[str, ...]:
-        return ()  # problems() reports missing fields together with every other problem
+        return ()  # request_problems() reports missing fields together with every other problem
 
     def forward(self, req: Req) -> Req:
-        errors = self.problems(req)
+        errors = self.request_problems(req)
         if errors:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {e}" for e in errors))
 
@@ -68,7 +68,7 @@ class InputValidationStage(PipelineStage):
         req.do_cfg = bool(req.cfg_scale > 1.0 and has_negative)
         return req
 
-    def problems(self, req: Req) -> list[str]:
+    def request_problems(self, req: Req) -> list[str]:
         """Every problem with the request, so the caller can fix them in one go."""
         errors = []
         prompts = req.prompts()

@@ -188,3 +188,11 @@ def test_module_target_checked_statically(flux_yaml_variant):
         "'torch.nn.Linear' has no from_pretrained, so it cannot load module 'scheduler'")
     assert "cannot resolve module class" in problems["modules.tokenizer._target_"].message
     assert problems["modules.vae._target_"].line == line_of(path, "_target_: os.system")
+
+
+def test_pipeline_must_write_output(flux_yaml_variant):
+    path = flux_yaml_variant(("  - _target_: diffstage.stages.DecodingStage\n", ""),
+                             ("    decoding:\n      unpack: diffstage.models.flux.callbacks.unpack\n", ""))
+    problems = problems_of(path)
+    assert [p.message for p in problems] == ["no stage writes 'output', so the pipeline would produce nothing"]
+    assert problems[0].hint == "end the pipeline with a stage that writes it, e.g. DecodingStage"

@@ -26,6 +26,9 @@ def test_generate_writes_png_with_metadata(tiny_flux_dev, tmp_path):
     assert r.returncode == 0, r.stderr
     path = Path(r.stdout.strip().splitlines()[-1])
     assert path == tmp_path / "run" / "image.png" and path.is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     image = Image.open(path)
     assert image.size == (32, 32)
     assert image.text["prompt"] == "a red fox" and image.text["seed"] == "3" and image.text["model"] == "flux"
@@ -47,7 +50,7 @@ def test_hydra_flags_work():
     r = run("generate", "--cfg", "job", "seed=5")
     assert r.returncode == 0 and "seed: 5" in r.stdout
     r = run("generate", "--help")
-    assert r.returncode == 0 and "sampling" in r.stdout
+    assert r.returncode == 0 and "sampling" in r.stdout and "diffstage is powered by Hydra" in r.stdout
     r = run("generate", "--info", "searchpath")
     assert r.returncode == 0 and "pkg://diffstage.conf" in r.stdout
 
@@ -127,3 +130,17 @@ def test_usage_and_unknown_command():
     r = run("generat")
     assert r.returncode == 2 and "unknown command 'generat'; did you mean 'generate'?" in r.stderr
     assert shutil.which("diffstage") or EXE.exists()
+
+
+def test_request_out_of_range_fails_before_loading(tiny_flux_dev, tmp_path):
+    r = run("generate", "model=flux", f"model_path={tiny_flux_dev}", "sampling.height=30", "seed=abc",
+            f"hydra.run.dir={tmp_path}", *SMALL[:1])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "height must be a positive multiple of 16, got 30" in r.stderr
+    assert "seed must be an integer, got 'abc'" in r.stderr
+    assert "loaded transformer" not in r.stderr  # nothing was loaded
+
+
+def test_output_filename_must_be_a_png_name(tmp_path):
+    r = run("generate", "output.filename=sub/x.jpg", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2 and "output.filename must be a file name ending in .png" in r.stderr

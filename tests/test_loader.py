@@ -65,7 +65,7 @@ def test_bad_paths(tmp_path, flux_spec):
 def test_repo_id_offline_without_cache(flux_spec, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(LoadError, match="could not get 'someone/not-cached'"):
+    with pytest.raises(LoadError, match="'someone/not-cached' is not a local directory, and getting it as a Hugging Face repo id failed"):
         loader.load_modules(flux_spec, "someone/not-cached")
 
 
@@ -99,5 +99,22 @@ def test_model_index_classes_go_through_the_allowlist(tiny_flux_dev, tmp_path, f
     index["vae"] = ["os", "system"]
     (ckpt / "model_index.json").write_text(json.dumps(index))
     loader.clear_cache()
-    with pytest.raises(DisallowedPathError, match="'os.system' is outside the import allowlist"):
+    with pytest.raises(DisallowedPathError, match="model_index.json names 'os.system' for module 'vae', which is outside"):
         loader.load_modules(flux_spec, ckpt)
+
+
+def test_corrupt_weights_are_a_load_error(tiny_flux_dev, tmp_path, flux_spec):
+    ckpt = tmp_path / "corrupt"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    config = json.loads((ckpt / "vae" / "config.json").read_text())
+    config["block_out_channels"] = [16, 32]  # weights were saved for (8, 16)
+    (ckpt / "vae" / "config.json").write_text(json.dumps(config))
+    loader.clear_cache()
+    with pytest.raises(LoadError, match=r"module 'vae': loading AutoencoderKL from '.*vae' failed: \w+"):
+        loader.load_modules(flux_spec, ckpt)
+
+
+def test_schedulers_are_not_shared_between_pipelines(tiny_flux_dev, flux_spec):
+    a = loader.load_modules(flux_spec, tiny_flux_dev)
+    b = loader.load_modules(flux_spec, tiny_flux_dev)
+    assert a["transformer"] is b["transformer"] and a["scheduler"] is not b["scheduler"]

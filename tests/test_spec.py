@@ -93,6 +93,21 @@ def test_line_map_covers_nested_sequences(tmp_path):
 def test_duplicate_keys_are_errors(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("name: a\npipeline_config:\n  callbacks:\n    decoding: {}\n    decoding: {}\n")
-    (p,) = problems_of(path)
+    (p,) = [p for p in problems_of(path) if "duplicate" in p.message]
     assert p.key == "pipeline_config.callbacks.decoding" and p.line == 5
     assert p.message == "duplicate key 'decoding' (an earlier one at line 4 would be silently replaced)"
+
+
+def test_duplicate_key_reported_with_other_problems(flux_yaml_variant):
+    path = flux_yaml_variant(("task: t2i\n", "task: t2i\ntask: t2v\n"), ("  height: 1024", "  height: tall"))
+    problems = problems_of(path)
+    assert [p.key for p in problems] == ["task", "sampling.height"]
+
+
+@pytest.mark.parametrize("spec, key", [("{subfolder: ../../etc}", "modules.vae.subfolder"),
+                                       ("{subfolder: /etc}", "modules.vae.subfolder"),
+                                       ("{dtype: int8}", "modules.vae.dtype")])
+def test_module_spec_values_checked(flux_yaml_variant, spec, key):
+    path = flux_yaml_variant(("  vae:\n", f"  vae: {spec}\n"))
+    (p,) = problems_of(path)
+    assert p.key == key and p.line == line_of(path, "  vae: {")
