@@ -54,7 +54,8 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
+def clip_tokenizer(words=WORDS) -> CLIPTokenizer:
+    """A byte-level BPE CLIP tokenizer with whole-word merges for `words`."""
     # Every byte symbol exists both word-internal and word-final ("</w>"), so no text ever
     # hits unk (which is <|endoftext|> in CLIP and would confuse the pooler).
     vocab: dict[str, int] = {}
@@ -63,7 +64,7 @@ def _clip_tokenizer() -> CLIPTokenizer:
     for sym in _bytes_to_unicode():
         vocab.setdefault(sym + "</w>", len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in WORDS:
+    for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:  # left-to-right merges build the whole word
             pair = (pieces[0], pieces[1])
@@ -77,13 +78,14 @@ def _clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _t5_tokenizer() -> T5TokenizerFast:
+def t5_tokenizer(words=WORDS) -> T5TokenizerFast:
+    """A Unigram T5 tokenizer over letters, digits and punctuation plus whole `words`."""
     # Unigram vocab in T5 order: <pad>=0, </s>=1, <unk>=2. Whole words score higher than chars.
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
     chars += [str(d) for d in range(10)] + PUNCT
     vocab += [(c, -5.0) for c in chars] + [("▁" + c, -5.5) for c in chars]
-    vocab += [("▁" + w, -1.0) for w in WORDS]
+    vocab += [("▁" + w, -1.0) for w in words]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
@@ -95,8 +97,27 @@ def _reinit_if_zero(module: torch.nn.Module) -> None:
             torch.nn.init.normal_(sub.weight, std=0.02)
 
 
+def text_encoders(tokenizer, tokenizer_2, seed: int, width: int = 32) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """Small random CLIP and T5 text encoders matching the two tokenizers."""
+    torch.manual_seed(seed)
+    # eos_token_id != 2 selects the "first eos position" pooling path in CLIPTextTransformer.
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    return clip, t5
+
+
 def _build_pipeline(variant: str, seed: int) -> FluxPipeline:
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -117,22 +138,7 @@ def _build_pipeline(variant: str, seed: int) -> FluxPipeline:
         scaling_factor=0.5, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False,
     )
 
-    torch.manual_seed(seed)
-    # eos_token_id != 2 selects the "first eos position" pooling path in CLIPTextTransformer.
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-
-    torch.manual_seed(seed)
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    ))
-
+    text_encoder, text_encoder_2 = text_encoders(tokenizer, tokenizer_2, seed)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
     return FluxPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
