@@ -27,7 +27,7 @@ class EncoderConfig(BaseModel):
 class TextEncodingStage(PipelineStage):
     """Encodes `prompt` (and `negative_prompt` when CFG runs) with each configured encoder."""
 
-    reads = ("prompt", "batch_size", "do_cfg")
+    reads = ("prompt", "do_cfg")
     optional_reads = ("prompt_2", "negative_prompt", "max_sequence_length")
 
     def __init__(self, encoders: list[EncoderConfig]):

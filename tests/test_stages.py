@@ -264,7 +264,7 @@ def test_text_encoding_contract():
     c = TextEncodingStage.contract({"encoders": FLUX_ENCODERS})
     assert c.writes == {"pooled_prompt_embeds", "prompt_embeds"}
     assert c.optional_writes == {"negative_pooled_prompt_embeds", "negative_prompt_embeds"}  # only with CFG
-    assert c.reads == {"prompt", "batch_size", "do_cfg"}
+    assert c.reads == {"prompt", "do_cfg"}
     assert c.optional_reads == {"prompt_2", "negative_prompt", "max_sequence_length"}
     assert dict(c.modules) == {("encoders", 0, "text_encoder"): "text_encoder",
                                ("encoders", 0, "tokenizer"): "tokenizer",
