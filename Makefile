@@ -1,14 +1,14 @@
-# Set-up and the two everyday commands. Each target creates ./.venv and installs
-# what it needs on first use (torch pinned to the CPU build these machines carry;
-# see README for CUDA).
+# Set-up and the everyday commands. Each target creates ./.venv and installs what
+# it needs on first use (torch pinned to the CPU build these machines carry; see
+# README for CUDA).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
-DEMO_CKPT := .cache/tiny-flux
-PROMPT ?= a red fox in the snow
+PROMPT ?= a handwritten digit seven
+DIGITS_OUT ?= models/digits/checkpoint
 
-.PHONY: install demo test clean
+.PHONY: install demo sheet test train-digits clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,15 +20,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# The main job: generate an image offline. Until the embedded `digits` model
-# lands, it uses a tiny random-weight FLUX checkpoint built locally (the image is noise).
+# The main job: generate an image offline with the embedded default model (digits).
 demo: install
-	$(BIN)/python -m diffstage.models.flux.tiny $(DEMO_CKPT) >/dev/null
-	HF_HUB_OFFLINE=1 $(BIN)/diffstage generate model=flux model_path=$(DEMO_CKPT) prompt="'$(PROMPT)'" seed=0 \
-		sampling.num_inference_steps=4 sampling.height=64 sampling.width=64 sampling.max_sequence_length=32
+	HF_HUB_OFFLINE=1 $(BIN)/diffstage generate prompt="'$(PROMPT)'"
+
+# A labelled contact sheet of all ten digits.
+sheet: install
+	HF_HUB_OFFLINE=1 $(BIN)/diffstage sheet
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Retrain the embedded digits model from scratch (about 25 minutes on 2 CPU cores).
+train-digits: install
+	$(BIN)/python -m diffstage.models.digits.train $(DIGITS_OUT)
 
 clean:
 	rm -rf $(VENV) .cache outputs multirun

@@ -1,6 +1,6 @@
 """The builder: Hydra config -> model spec -> static check -> modules -> stages -> Pipeline.
 
-    build_pipeline("flux", model_path="/ckpt/flux", overrides=["runtime.dtype=bfloat16"])
+    build_pipeline("my_model", model_path="/ckpt/my_model", overrides=["runtime.dtype=bfloat16"])
 
 Everything that can be checked without weights is checked first, and every
 problem is reported at once."""
@@ -143,14 +143,14 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config.pop("hydra", None)
     return Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),
-                    config={"run": run_config, "model": checked.data})
+                    config={"run": run_config, "model": checked.data}, checkpoint=str(model_path))
 
 
 def build_pipeline(model: str | Path | None = None, *, model_path: str | Path | None = None,
                    overrides: Sequence[str] = ()) -> Pipeline:
     """Build a pipeline from a model name (or YAML path) and Hydra-style overrides.
 
-        pipe = build_pipeline("flux", model_path="ckpt/", overrides=["sampling.height=512"])
+        pipe = build_pipeline("my_model", model_path="ckpt/", overrides=["sampling.height=512"])
         image = pipe(prompt="a red fox", seed=0).images[0]
     """
     args = list(overrides)

@@ -1,6 +1,7 @@
 """The `diffstage` command.
 
     diffstage generate [HYDRA OVERRIDES...]   generate an image (a Hydra app: -m, --cfg job, ... work)
+    diffstage sheet [HYDRA OVERRIDES...]      a labelled contact sheet of the model's example prompts
     diffstage validate NAME_OR_PATH          check a model YAML without loading weights
     diffstage models                          list the shipped model YAMLs
 
@@ -17,7 +18,9 @@ USAGE = """usage: diffstage <command> [args]
 
 commands:
   generate [overrides]   generate an image; Hydra overrides such as prompt="a red fox" seed=0
-                         model=flux model_path=DIR sampling.num_inference_steps=4 (-m sweeps, --cfg job, --help)
+                         model=NAME_OR_YAML model_path=DIR sampling.num_inference_steps=4 (-m, --cfg job, --help)
+  sheet [overrides]      a labelled contact sheet: one image per example prompt of the model (or
+                         prompts=[...]) and seed (seeds=[0,1]); same overrides as generate
   validate NAME_OR_PATH  check a model YAML (schema + stage contracts) without loading weights
   models                 list the shipped model YAMLs
 
@@ -36,7 +39,7 @@ def _fail(err: Exception) -> None:
     sys.exit(2)
 
 
-# --- generate -------------------------------------------------------------------
+# --- generate / sheet (Hydra apps) ------------------------------------------------------
 def _output_name(filename: str) -> Path:
     from .errors import DiffstageError
 
@@ -47,13 +50,22 @@ def _output_name(filename: str) -> Path:
     return name
 
 
-def _generate_task(cfg) -> None:
+def _save(image, name: str, pipe, prompt: str, seed) -> None:
+    """Write one PNG with provenance into the run directory and print its path."""
     import yaml
     from hydra.core.hydra_config import HydraConfig
 
+    from .png import save_png
+
+    meta = {"prompt": prompt, "seed": str(seed), "model": pipe.spec.name,
+            "config": yaml.safe_dump(pipe.config, sort_keys=False, allow_unicode=True)}
+    path = save_png(image, Path(HydraConfig.get().runtime.output_dir) / name, meta)
+    print(path.resolve(), flush=True)
+
+
+def _generate_task(cfg) -> None:
     from .builder import build_from_config
     from .errors import DiffstageError
-    from .png import save_png
 
     try:
         base = _output_name(cfg.output.filename)
@@ -63,28 +75,69 @@ def _generate_task(cfg) -> None:
     except DiffstageError as e:
         _fail(e)
         return
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    meta = {"prompt": str(cfg.prompt), "seed": str(out.req.seed), "model": pipe.spec.name,
-            "config": yaml.safe_dump(pipe.config, sort_keys=False, allow_unicode=True)}
     for i, image in enumerate(out.images):
-        name = base.name if i == 0 else f"{base.stem}_{i}{base.suffix}"
-        path = save_png(image, out_dir / name, meta)
-        print(path.resolve(), flush=True)
+        _save(image, base.name if i == 0 else f"{base.stem}_{i}{base.suffix}", pipe, str(cfg.prompt), out.req.seed)
 
 
-def _generate(argv: list[str]) -> None:
+def _sheet_entries(cfg, examples) -> list[tuple[str, str]]:
+    """(label, prompt) pairs: `prompts=[...]` from the command line, else the model's examples."""
+    from omegaconf import OmegaConf
+
+    from .errors import DiffstageError
+
+    chosen = OmegaConf.to_container(cfg.prompts) if cfg.get("prompts") is not None else examples
+    if isinstance(chosen, str):
+        chosen = [chosen]
+    if isinstance(chosen, dict):
+        return [(str(k), str(v)) for k, v in chosen.items()]
+    if not chosen:
+        raise DiffstageError("this model's YAML has no `examples`; pass prompts=[...] (or add examples to the YAML)")
+    return [(str(p), str(p)) for p in chosen]
+
+
+def _sheet_task(cfg) -> None:
+    from .builder import build_from_config, check_model
+    from .errors import DiffstageError
+    from .sheet import contact_sheet
+
+    try:
+        base = _output_name(cfg.output.filename)
+        entries = _sheet_entries(cfg, check_model(cfg.model, cfg.get("allowlist") or ()).spec.examples)
+        seeds = list(cfg.seeds) if cfg.get("seeds") is not None else [cfg.seed]
+        pipe = build_from_config(cfg, request={"prompt": entries[0][1], "seed": seeds[0]})
+        images, labels = [], []
+        for seed in seeds:
+            for label, prompt in entries:
+                images.append(pipe(prompt=prompt, seed=seed).images[0])
+                labels.append(label if len(seeds) == 1 else f"{label} (seed {seed})")
+    except DiffstageError as e:
+        _fail(e)
+        return
+    sheet = contact_sheet(images, labels, columns=len(entries))
+    _save(sheet, base.name, pipe, "; ".join(p for _, p in entries), ",".join(map(str, seeds)))
+
+
+def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     import hydra
 
     from .errors import DiffstageError
 
-    app = hydra.main(version_base=None, config_path="pkg://diffstage.conf", config_name="config")(_generate_task)
-    sys.argv = ["diffstage generate"] + argv
+    app = hydra.main(version_base=None, config_path="pkg://diffstage.conf", config_name=config_name)(task)
+    sys.argv = [f"diffstage {command}"] + argv
     try:
         app()
     except DiffstageError as e:
         _fail(e)
     except SystemExit as e:  # Hydra reports its own errors (bad overrides) with exit 1
         sys.exit(2 if e.code == 1 else e.code)
+
+
+def _generate(argv: list[str]) -> None:
+    _hydra_app(_generate_task, "config", argv, "generate")
+
+
+def _sheet(argv: list[str]) -> None:
+    _hydra_app(_sheet_task, "sheet", argv, "sheet")
 
 
 # --- validate / models -------------------------------------------------------------
@@ -123,7 +176,7 @@ def _models(argv: list[str]) -> None:
         print(f"{name.ljust(width)}  {desc}")
 
 
-COMMANDS = {"generate": _generate, "validate": _validate, "models": _models}
+COMMANDS = {"generate": _generate, "sheet": _sheet, "validate": _validate, "models": _models}
 
 
 def main(argv: list[str] | None = None) -> None:

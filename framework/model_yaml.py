@@ -1,7 +1,7 @@
 """Read a model YAML, following `extends:` so a variant can be a few lines.
 
-    extends: flux            # a shipped model name, or a path relative to this file
-    name: flux_schnell
+    extends: base_model      # a shipped model name, or a path relative to this file
+    name: base_model_fast
     sampling: {num_inference_steps: 4}
 
 Mappings merge key by key (the variant wins); lists and scalars are replaced

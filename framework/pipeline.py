@@ -37,13 +37,14 @@ class PipelineOutput:
 class Pipeline:
     def __init__(self, spec: ModelSpec, stages: list[PipelineStage], modules: dict[str, Any],
                  defaults: dict[str, Any] | None = None, source: str | None = None,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, checkpoint: str | None = None):
         self.spec = spec
         self.stages = list(stages)
         self.modules = modules
         self.defaults = dict(defaults or {})  # sampling defaults, already merged with overrides
         self.source = source  # the model YAML file
         self.config = config or {}  # the resolved run config, for provenance
+        self.checkpoint = checkpoint  # where the modules were loaded from
 
     def stage_labels(self) -> list[str]:
         return [f"{i}:{type(s).__name__}" for i, s in enumerate(self.stages)]

@@ -82,6 +82,8 @@ class ModelSpec(_Strict):
     task: Task
     hf_model_paths: list[str] = Field(default_factory=list)
     model_path: str | None = Field(None, description="default checkpoint: a directory (relative to this file) or repo id")
+    examples: list[str] | dict[str, str] = Field(
+        default_factory=list, description="example prompts (or label: prompt), used by `diffstage sheet`")
     modules: dict[str, ModuleSpec | None]
     pipeline_config: PipelineConfigSpec = Field(default_factory=PipelineConfigSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)

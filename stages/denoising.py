@@ -85,7 +85,9 @@ class DenoisingStage(PipelineStage):
             self.scheduler.set_begin_index(0)
 
         latents = req.latents
-        for i, t in enumerate(tqdm(req.timesteps, disable=not self.progress, desc="denoising", leave=False)):
+        # disable=None: no bar when stderr is not a terminal (logs, CI, subprocesses)
+        bar = tqdm(req.timesteps, disable=None if self.progress else True, desc="denoising", leave=False)
+        for i, t in enumerate(bar):
             req.latents = latents
             timestep = timestep_input(t, req, self.settings)
             noise_pred = self.predict(latents, timestep, cond_inputs)

@@ -28,7 +28,7 @@ class InputValidationStage(PipelineStage):
         max_steps: upper bound for num_inference_steps.
         max_sequence_length_limit: upper bound for max_sequence_length, if any.
         cfg_scale_field: the request field that holds the CFG scale
-            (`true_cfg_scale` for guidance-distilled models such as FLUX).
+            (`true_cfg_scale` for guidance-distilled models, which embed guidance_scale).
         cfg_needs_negative_prompt: CFG only runs when a negative prompt is given
             (otherwise the empty prompt is the negative).
     """

@@ -144,3 +144,28 @@ def test_request_out_of_range_fails_before_loading(tiny_flux_dev, tmp_path):
 def test_output_filename_must_be_a_png_name(tmp_path):
     r = run("generate", "output.filename=sub/x.jpg", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2 and "output.filename must be a file name ending in .png" in r.stderr
+
+
+def test_sheet_lays_out_prompts_and_seeds(tiny_flux_dev, tmp_path):
+    r = run("sheet", "model=flux", f"model_path={tiny_flux_dev}", "prompts={fox: a red fox, cat: a blue cat}",
+            "seeds=[0,1]", f"hydra.run.dir={tmp_path}", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines() == [str(tmp_path / "sheet.png")]  # logs go to stderr
+    sheet = Image.open(tmp_path / "sheet.png")
+    assert sheet.size == (2 * (96 + 4) + 4, 2 * (96 + 14 + 4) + 4)  # 2 prompts x 2 seeds of 96 px cells
+    assert sheet.text["prompt"] == "a red fox; a blue cat" and sheet.text["seed"] == "0,1"
+    r = run("sheet", "model=flux", f"model_path={tiny_flux_dev}", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2 and "this model's YAML has no `examples`; pass prompts=[...]" in r.stderr
+
+
+def test_readme_main_command_draws_the_digit(tmp_path):
+    """`diffstage generate prompt=...` with no other argument: the embedded digits model, offline."""
+    from diffstage.models.digits.classifier import classify
+    import numpy as np
+
+    r = run("generate", "prompt=a handwritten digit seven", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip().splitlines()[-1])
+    image = Image.open(path)
+    assert image.size == (32, 32) and image.text["model"] == "digits"
+    assert classify(np.asarray(image, dtype=np.float32)[None] / 255)[0] == 7

@@ -1,0 +1,66 @@
+"""The embedded `digits` model: its outputs show the prompted digit, and match Diffusers'."""
+import numpy as np
+import pytest
+import torch
+
+from diffstage import build_pipeline, check_model
+from diffstage.models.digits import classifier, data
+from diffstage.models.digits.classifier import classify, generate_and_score
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_pipeline("digits")
+
+
+def test_default_model_and_checkpoint_are_shipped(pipe):
+    from diffstage.builder import compose_config
+
+    assert compose_config().model == "digits"
+    assert pipe.spec.name == "digits" and pipe.defaults["height"] == 32
+    assert type(pipe.modules["transformer"]).__name__ == "FluxTransformer2DModel"
+    assert len(check_model("digits").spec.examples) == 10
+
+
+def test_the_judge_recognises_real_digits_it_has_not_seen():
+    from sklearn.svm import SVC
+
+    images, labels = data.load()
+    features, labels = data.images_to_features(images).numpy(), labels.numpy()
+    held_out = SVC(gamma=0.001, C=10.0).fit(features[:1000], labels[:1000])  # the gate's recipe
+    assert (held_out.predict(features[1000:]) == labels[1000:]).mean() > 0.95
+
+
+def test_quality_gate(pipe):
+    """100 generated digits (10 per digit, distinct seeds, the YAML's default sampling): >= 95% recognised."""
+    accuracy, confusion = generate_and_score(pipe, per_digit=10)
+    print(f"digits quality gate: accuracy {accuracy:.2%}\n{confusion}")
+    assert accuracy >= 0.95, f"accuracy {accuracy:.2%}\n{confusion}"
+
+
+def test_untrained_noise_fails_the_gate():
+    """The gate can fail: noise shaped like the model's output is not recognised."""
+    rng = np.random.default_rng(0)
+    noise = rng.random((100, 32, 32, 3)).astype(np.float32)
+    labels = np.repeat(np.arange(10), 10)
+    assert (classifier.classify(noise) == labels).mean() < 0.5
+
+
+def test_parity_with_diffusers(pipe):
+    from diffusers import FluxPipeline
+
+    ref = FluxPipeline.from_pretrained(pipe.checkpoint, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    d = pipe.defaults
+    worst = 0.0
+    for digit, seed in ((7, 0), (3, 11)):
+        prompt = data.prompt(digit)
+        ours = pipe(prompt, seed=seed, output_type="np").images
+        expected = ref(prompt, negative_prompt=d["negative_prompt"], true_cfg_scale=d["true_cfg_scale"],
+                       guidance_scale=d["guidance_scale"], num_inference_steps=d["num_inference_steps"],
+                       height=d["height"], width=d["width"], max_sequence_length=d["max_sequence_length"],
+                       generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
+        worst = max(worst, float(np.abs(ours - expected).max()))
+    print(f"digits parity vs diffusers.FluxPipeline: max|Δ| = {worst:.3g}")
+    assert worst <= 1e-4
+
