@@ -9,6 +9,16 @@ from diffstage import LoadError, UnsafeCheckpointError, build_pipeline, check_mo
 from diffstage import loader
 
 
+def edited_copy(src, dst, file: str, edit) -> object:
+    """A copy of checkpoint `src` at `dst` whose JSON `file` went through `edit(dict)`."""
+    shutil.copytree(src, dst)
+    data = json.loads((dst / file).read_text())
+    edit(data)
+    (dst / file).write_text(json.dumps(data))
+    loader.clear_cache()
+    return dst
+
+
 @pytest.fixture
 def flux_spec():
     return check_model("flux").spec
@@ -70,22 +80,14 @@ def test_repo_id_offline_without_cache(flux_spec, monkeypatch, tmp_path):
 
 
 def test_wrong_pipeline_class(tiny_flux_dev, tmp_path, flux_spec):
-    ckpt = tmp_path / "other"
-    shutil.copytree(tiny_flux_dev, ckpt)
-    index = json.loads((ckpt / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionPipeline"
-    (ckpt / "model_index.json").write_text(json.dumps(index))
+    ckpt = edited_copy(tiny_flux_dev, tmp_path / "other", "model_index.json",
+                       lambda index: index.update(_class_name="StableDiffusionPipeline"))
     with pytest.raises(LoadError, match="is a StableDiffusionPipeline, but model 'flux' serves FluxPipeline"):
         loader.load_modules(flux_spec, ckpt)
 
 
 def test_module_missing_from_index(tiny_flux_dev, tmp_path, flux_spec):
-    ckpt = tmp_path / "noindex"
-    shutil.copytree(tiny_flux_dev, ckpt)
-    index = json.loads((ckpt / "model_index.json").read_text())
-    del index["vae"]
-    (ckpt / "model_index.json").write_text(json.dumps(index))
-    loader.clear_cache()
+    ckpt = edited_copy(tiny_flux_dev, tmp_path / "noindex", "model_index.json", lambda index: index.pop("vae"))
     with pytest.raises(LoadError, match="module 'vae' is not in model_index.json; give its class with `_target_`"):
         loader.load_modules(flux_spec, ckpt)
 
@@ -93,23 +95,16 @@ def test_module_missing_from_index(tiny_flux_dev, tmp_path, flux_spec):
 def test_model_index_classes_go_through_the_allowlist(tiny_flux_dev, tmp_path, flux_spec):
     from diffstage import DisallowedPathError
 
-    ckpt = tmp_path / "evil"
-    shutil.copytree(tiny_flux_dev, ckpt)
-    index = json.loads((ckpt / "model_index.json").read_text())
-    index["vae"] = ["os", "system"]
-    (ckpt / "model_index.json").write_text(json.dumps(index))
-    loader.clear_cache()
+    ckpt = edited_copy(tiny_flux_dev, tmp_path / "evil", "model_index.json",
+                       lambda index: index.update(vae=["os", "system"]))
     with pytest.raises(DisallowedPathError, match="model_index.json names 'os.system' for module 'vae', which is outside"):
         loader.load_modules(flux_spec, ckpt)
 
 
 def test_corrupt_weights_are_a_load_error(tiny_flux_dev, tmp_path, flux_spec):
-    ckpt = tmp_path / "corrupt"
-    shutil.copytree(tiny_flux_dev, ckpt)
-    config = json.loads((ckpt / "vae" / "config.json").read_text())
-    config["block_out_channels"] = [16, 32]  # weights were saved for (8, 16)
-    (ckpt / "vae" / "config.json").write_text(json.dumps(config))
-    loader.clear_cache()
+    # weights were saved for block_out_channels (8, 16)
+    ckpt = edited_copy(tiny_flux_dev, tmp_path / "corrupt", "vae/config.json",
+                       lambda config: config.update(block_out_channels=[16, 32]))
     with pytest.raises(LoadError, match=r"module 'vae': loading AutoencoderKL from '.*vae' failed: \w+"):
         loader.load_modules(flux_spec, ckpt)
 

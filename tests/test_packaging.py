@@ -25,7 +25,10 @@ def test_wheel_has_only_the_diffstage_namespace(wheel):
     assert tops == {"diffstage", next(t for t in tops if t.endswith(".dist-info"))}
     for expected in ("diffstage/cli.py", "diffstage/stages/denoising.py", "diffstage/models/flux/callbacks.py",
                      "diffstage/pipelines_yaml/flux.yaml", "diffstage/pipelines_yaml/flux_schnell.yaml",
-                     "diffstage/conf/config.yaml", "diffstage/conf/runtime/cpu.yaml"):
+                     "diffstage/conf/config.yaml", "diffstage/conf/sheet.yaml", "diffstage/conf/runtime/cpu.yaml",
+                     "diffstage/pipelines_yaml/digits.yaml", "diffstage/models/digits/README.md",
+                     "diffstage/models/digits/checkpoint/model_index.json",
+                     "diffstage/models/digits/checkpoint/transformer/diffusion_pytorch_model.safetensors"):
         assert expected in names
 
 
@@ -37,8 +40,11 @@ def test_wheel_install_runs(wheel, tmp_path):
     for bad in ("framework", "stages", "models", "conf", "pipelines_yaml"):
         assert not (target / bad).exists()
     env = {**os.environ, "PYTHONPATH": str(target)}
-    code = ("import diffstage, sys; from diffstage.cli import main; "
-            "assert diffstage.__file__.startswith(sys.argv[1]), diffstage.__file__; main(['validate', 'flux'])")
+    # The digits YAML's relative model_path must find the checkpoint in the installed layout too.
+    code = ("import diffstage, sys; from diffstage.cli import main; from diffstage.models_dir import model_yaml; "
+            "assert diffstage.__file__.startswith(sys.argv[1]), diffstage.__file__; "
+            "ckpt = model_yaml('digits').parent / diffstage.check_model('digits').spec.model_path; "
+            "assert (ckpt / 'model_index.json').is_file(), ckpt; main(['validate', 'flux'])")
     r = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
