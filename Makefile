@@ -31,7 +31,7 @@ sheet: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Retrain the embedded digits model from scratch (about 25 minutes on 2 CPU cores).
+# Retrain the embedded digits model from scratch (about 21 minutes on 2 CPU cores).
 train-digits: install
 	$(BIN)/python -m diffstage.models.digits.train $(DIGITS_OUT)
 

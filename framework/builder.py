@@ -25,6 +25,7 @@ from .spec import ModelSpec, validate_spec
 from .stage import PipelineStage
 from .torch_utils import parse_device, parse_dtype
 from .model_yaml import load_model_yaml
+from .yaml_lines import LineMap
 
 CONFIG_MODULE = "diffstage.conf"
 
@@ -38,6 +39,7 @@ class CheckedModel:
     spec: ModelSpec
     plan: list[PlannedStage]
     allowlist: tuple[str, ...]
+    lines: LineMap
 
 
 def _known_stages() -> list[type[PipelineStage]]:
@@ -63,7 +65,7 @@ def check_model(name_or_path: str | Path, allowlist: Iterable[str] = ()) -> Chec
         problems.sort(key=lambda p: (p.file != str(file), p.file or "", p.line or 0, p.key))
         raise SpecError(problems)
     assert spec is not None
-    return CheckedModel(file, data, spec, plan, allow)
+    return CheckedModel(file, data, spec, plan, allow, lines)
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -100,7 +102,12 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
     # Hydra makes the factory; the arguments never pass through OmegaConf, so a nested
     # `_target_` is not instantiated and `${oc.env:...}` is not interpolated: YAML data stays data.
     factory = instantiate({"_target_": target, "_partial_": True})
-    stage = factory(**args)
+    try:
+        stage = factory(**args)
+    except Exception as e:  # the stage rejected its arguments: point at them
+        file, line = checked.lines.where(("stages", planned.index))
+        raise DiffstageError(f"{file}:{line}: stages[{planned.index}]: {planned.cls.__name__} could not be "
+                             f"created: {type(e).__name__}: {e}") from None
     stage._contract = planned.contract
     pc = checked.spec.pipeline_config
     group = pc.callbacks.get(planned.cls.callback_group(), {})
@@ -131,7 +138,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
         hint = f" (the YAML suggests: {', '.join(spec.hf_model_paths)})" if spec.hf_model_paths else ""
         raise DiffstageError(f"model '{spec.name}' needs model_path=DIR_OR_REPO_ID{hint}")
     if cfg.get("model_path") is None and spec.model_path and not Path(spec.model_path).is_absolute():
-        local = checked.file.parent / spec.model_path
+        local = checked.file.parent / spec.model_path  # relative to the YAML (inherited ones already are)
         model_path = str(local) if local.exists() else spec.model_path
     runtime = cfg.get("runtime") or {}
     dtype = parse_dtype(runtime.get("dtype", "float32"))

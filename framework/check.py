@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from .errors import DiffstageError, DisallowedPathError, Problem
+from .loader import module_kind
 from .req import Req
 from .resolve import ALLOWLIST_HINT, disallowed_message, is_allowed, resolve
 from .spec import did_you_mean
@@ -216,8 +217,11 @@ class _Checker:
                 continue
             path = ("modules", name, "_target_")
             cls = self._resolve(path, target, "cannot resolve module class")
-            if cls is not None and not hasattr(cls, "from_pretrained"):
-                self.add(path, f"'{target}' has no from_pretrained, so it cannot load module '{name}'")
+            if cls is not None:
+                try:
+                    module_kind(cls)
+                except DiffstageError as e:
+                    self.add(path, f"module '{name}': {e}")
 
     def _producers_hint(self, f: str, i: int, writers: dict[str, list[int]]) -> str:
         later = [j for j in writers.get(f, []) if j > i and f not in self.reads_of.get(j, ())]

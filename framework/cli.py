@@ -85,13 +85,14 @@ def _sheet_entries(cfg, examples) -> list[tuple[str, str]]:
 
     from .errors import DiffstageError
 
-    chosen = OmegaConf.to_container(cfg.prompts) if cfg.get("prompts") is not None else examples
-    if isinstance(chosen, str):
-        chosen = [chosen]
+    given = cfg.get("prompts")
+    chosen = (OmegaConf.to_container(given) if not isinstance(given, str) else [given]) if given is not None \
+        else examples
+    if not chosen:
+        raise DiffstageError("prompts=[] is empty" if given is not None else
+                             "this model's YAML has no `examples`; pass prompts=[...] (or add examples to the YAML)")
     if isinstance(chosen, dict):
         return [(str(k), str(v)) for k, v in chosen.items()]
-    if not chosen:
-        raise DiffstageError("this model's YAML has no `examples`; pass prompts=[...] (or add examples to the YAML)")
     return [(str(p), str(p)) for p in chosen]
 
 
@@ -104,16 +105,21 @@ def _sheet_task(cfg) -> None:
         base = _output_name(cfg.output.filename)
         entries = _sheet_entries(cfg, check_model(cfg.model, cfg.get("allowlist") or ()).spec.examples)
         seeds = list(cfg.seeds) if cfg.get("seeds") is not None else [cfg.seed]
-        pipe = build_from_config(cfg, request={"prompt": entries[0][1], "seed": seeds[0]})
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise DiffstageError(f"seeds must be a non-empty list of integers, got {seeds}")
+        pipe = build_from_config(cfg, request={"prompt": [p for _, p in entries], "seed": seeds[0]})
         images, labels = [], []
         for seed in seeds:
             for label, prompt in entries:
-                images.append(pipe(prompt=prompt, seed=seed).images[0])
-                labels.append(label if len(seeds) == 1 else f"{label} (seed {seed})")
+                out = pipe(prompt=prompt, seed=seed).images
+                for k, image in enumerate(out):
+                    images.append(image)
+                    suffix = (f" s{seed}" if len(seeds) > 1 else "") + (f" #{k}" if len(out) > 1 else "")
+                    labels.append(label + suffix)
     except DiffstageError as e:
         _fail(e)
         return
-    sheet = contact_sheet(images, labels, columns=len(entries))
+    sheet = contact_sheet(images, labels, columns=len(images) // len(seeds))
     _save(sheet, base.name, pipe, "; ".join(p for _, p in entries), ",".join(map(str, seeds)))
 
 

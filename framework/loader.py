@@ -78,13 +78,13 @@ def check_safetensors(folder: Path, module: str, allow_pickle: bool) -> None:
     """Refuse a module whose weights exist only as pickle files, unless allowed."""
     if allow_pickle or not folder.is_dir():
         return
-    files = [f for f in folder.iterdir() if f.is_file()]
+    files = [f for f in folder.rglob("*") if f.is_file()]
     if any(f.suffix == ".safetensors" for f in files):
         return
-    pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
+    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise UnsafeCheckpointError(
-            f"module '{module}': {folder / pickles[0]} is a pickle checkpoint, and loading pickle can run "
+            f"module '{module}': {pickles[0]} is a pickle checkpoint, and loading pickle can run "
             "arbitrary code; convert it to safetensors, or set allow_pickle=true if you trust its source")
 
 
@@ -98,7 +98,7 @@ def module_class(spec: ModelSpec, name: str, index: dict, allowlist: Iterable[st
                         f"the YAML's modules.{name}")
     target = f"{entry[0]}.{entry[1]}"
     try:
-        return resolve(target, allowlist)
+        cls = resolve(target, allowlist)
     except DisallowedPathError:
         raise DisallowedPathError(
             f"the checkpoint's model_index.json names '{target}' for module '{name}', which is outside the import "
@@ -106,12 +106,40 @@ def module_class(spec: ModelSpec, name: str, index: dict, allowlist: Iterable[st
             f"one, set modules.{name}._target_ in the model YAML (and extend the allowlist)") from None
     except DiffstageError as e:
         raise LoadError(f"module '{name}': model_index.json names class '{target}', which cannot be loaded: {e}") from None
+    try:
+        module_kind(cls)
+    except LoadError as e:
+        raise LoadError(f"module '{name}': model_index.json names '{target}': {e}") from None
+    return cls
+
+
+def _weightless_bases() -> tuple[type, ...]:
+    """Classes of modules that load from configs/vocabularies only (no tensors)."""
+    bases = []
+    for path in ("diffusers.SchedulerMixin", "transformers.PreTrainedTokenizerBase", "transformers.ProcessorMixin",
+                 "transformers.ImageProcessingMixin", "transformers.FeatureExtractionMixin"):
+        try:
+            bases.append(resolve(path))
+        except DiffstageError:
+            pass  # an older/newer library without it
+    return tuple(bases)
+
+
+def module_kind(cls: Any) -> str:
+    """'weights' (a torch module) or 'config' (scheduler, tokenizer, processor). Anything else is
+    refused: a whole pipeline or an Auto* class would load what it likes, bypassing our checks."""
+    if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+        if issubclass(cls, torch.nn.Module):
+            return "weights"
+        if issubclass(cls, _weightless_bases()):
+            return "config"
+    name = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
+    raise LoadError(f"'{name}' cannot load a module: expected a torch model class, a scheduler, a tokenizer or "
+                    "a processor with from_pretrained")
 
 
 def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, allow_pickle: bool) -> Any:
-    if not hasattr(cls, "from_pretrained"):
-        raise LoadError(f"{cls.__module__}.{cls.__name__} has no from_pretrained; it cannot be a module")
-    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+    if module_kind(cls) == "config":
         return cls.from_pretrained(root, subfolder=subfolder)  # tokenizers, schedulers: no weights
     kwargs: dict[str, Any] = {"subfolder": subfolder, "use_safetensors": None if allow_pickle else True}
     if cls.__module__.startswith("transformers."):

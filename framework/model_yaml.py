@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiffstageError, Problem, SpecError
-from .models_dir import model_yaml
+from .models_dir import is_path, model_yaml
 from .yaml_lines import KeyPath, LineMap, load_yaml_with_lines
 
 
@@ -32,14 +32,26 @@ def _base_file(ref: Any, child_file: Path, lines: LineMap) -> Path:
     if not isinstance(ref, str) or not ref:
         file, line = lines.where(("extends",))
         raise SpecError([Problem("`extends` must name a model or a YAML path", key="extends", file=file, line=line)])
-    local = child_file.parent / ref
-    if ref.endswith((".yaml", ".yml")) and local.is_file():
+    if is_path(ref):  # a path: relative to the file that says `extends`, never to the working directory
+        local = (child_file.parent / ref).expanduser()
+        if not local.is_file():
+            file, line = lines.where(("extends",))
+            raise SpecError([Problem(f"cannot extend: '{local}' does not exist", key="extends", file=file,
+                                     line=line)])
         return local.resolve()
     try:
         return model_yaml(ref)
     except DiffstageError as e:
         file, line = lines.where(("extends",))
         raise SpecError([Problem(f"cannot extend: {e}", key="extends", file=file, line=line)]) from None
+
+
+def absolute_model_path(data: dict, file: Path) -> dict:
+    """A relative local `model_path` means relative to the YAML that says it, also when inherited."""
+    path = data.get("model_path")
+    if isinstance(path, str) and not Path(path).is_absolute() and (file.parent / path).exists():
+        return {**data, "model_path": str((file.parent / path).resolve())}
+    return data
 
 
 def load_model_yaml(file: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[Any, LineMap]:
@@ -53,6 +65,8 @@ def load_model_yaml(file: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[An
         f, line = lines.where(("extends",))
         raise SpecError([Problem(f"`extends` forms a cycle: {chain}", key="extends", file=f, line=line)])
     base, base_lines = load_model_yaml(base_file, _chain + (file,))
+    if isinstance(base, dict):
+        base = absolute_model_path(base, base_file)
     child = {k: v for k, v in data.items() if k != "extends"}
     replaced: set[KeyPath] = set()
     merged = _merge(base if isinstance(base, dict) else {}, child, (), replaced)

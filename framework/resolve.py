@@ -18,9 +18,15 @@ DEFAULT_ALLOWLIST: tuple[str, ...] = ("diffstage.", "diffusers.", "transformers.
 def is_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> bool:
     if not isinstance(path, str) or not path or path.startswith(".") or ".." in path:
         return False
+    if any(part.startswith("_") for part in path.split(".")):
+        return False  # private names and __main__ modules (importing one runs a program)
+    return _under(path, allowlist)
+
+
+def _under(name: str, allowlist: Iterable[str]) -> bool:
     for prefix in allowlist:
         prefix = prefix if prefix.endswith(".") else prefix + "."
-        if path.startswith(prefix):
+        if name.startswith(prefix):
             return True
     return False
 
@@ -78,7 +84,7 @@ def resolve(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> Any:
                 raise DiffstageError(f"cannot resolve '{path}': module '{module_name}' has no attribute "
                                      f"'{'.'.join(parts[split:split + i + 1])}'") from None
             home = _home(obj)
-            if home is not None and not is_allowed(home + ".", allowlist):
+            if home is not None and not _under(home + ".", allowlist):
                 where = home if isinstance(obj, types.ModuleType) else f"{home}.{getattr(obj, '__qualname__', attr)}"
                 raise DisallowedPathError(f"'{path}' reaches '{where}', which is outside the import allowlist "
                                           f"{list(allowlist)}; refused ({ALLOWLIST_HINT})")

@@ -5,6 +5,7 @@ the YAML file, the key path and the line."""
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from enum import Enum
 from typing import Any, Literal
@@ -130,7 +131,9 @@ def validate_spec(data: Any, file: str, lines: LineMap) -> tuple[ModelSpec | Non
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            # drop pydantic's tags for union members and validators ("dict[str,str]", "[key]", "function-...")
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (
+                p.startswith("function-") or p == "[key]" or re.fullmatch(r"\w+\[.*\]", p))))
             hint = None
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key '{loc[-1]}'"

@@ -62,23 +62,27 @@ class LineMap:
         return out
 
 
-def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates: list[tuple[KeyPath, int]]) -> None:
+def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates: list[tuple[KeyPath, int]],
+          visited: set[int]) -> None:
     lines.setdefault(path, node.start_mark.line + 1)
+    if id(node) in visited:  # an alias: its keys keep the alias's line (and nested aliases cannot explode)
+        return
+    visited.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
             child = path + (key,)
-            if key in seen:  # PyYAML silently keeps the last one; that hides typos
+            if (key_node.tag, key) in seen:  # PyYAML silently keeps the last one; that hides typos
                 duplicates.append((child, key_node.start_mark.line + 1))
                 continue
-            seen.add(key)
+            seen.add((key_node.tag, key))
             lines[child] = key_node.start_mark.line + 1
-            _walk(value_node, child, lines, duplicates)
+            _walk(value_node, child, lines, duplicates, visited)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
-            _walk(item, path + (i,), lines, duplicates)
+            _walk(item, path + (i,), lines, duplicates, visited)
 
 
 def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
@@ -107,7 +111,7 @@ def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
     lines: dict[KeyPath, int] = {}
     duplicates: list[tuple[KeyPath, int]] = []
     if node is not None:
-        _walk(node, (), lines, duplicates)
+        _walk(node, (), lines, duplicates, set())
     line_map = LineMap(file, lines)
     # Reported with the other problems, not alone: the data is still usable (last one wins).
     line_map.problems = [Problem(f"duplicate key '{path[-1]}' (an earlier one at line {lines.get(path)} would be "

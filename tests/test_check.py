@@ -181,13 +181,16 @@ def test_user_allowlist_extends(flux_yaml_variant, tmp_path, monkeypatch):
 def test_module_target_checked_statically(flux_yaml_variant):
     path = flux_yaml_variant(("  vae:\n", "  vae: {_target_: os.system}\n"),
                              ("  scheduler:\n", "  scheduler: {_target_: torch.nn.Linear}\n"),
-                             ("  tokenizer:\n", "  tokenizer: {_target_: transformers.NoSuchTokenizer}\n"))
+                             ("  tokenizer:\n", "  tokenizer: {_target_: transformers.NoSuchTokenizer}\n"),
+                             ("  text_encoder:\n", "  text_encoder: {_target_: diffusers.DiffusionPipeline}\n"))
     problems = {p.key: p for p in problems_of(path)}
     assert "'os.system' is outside the import allowlist" in problems["modules.vae._target_"].message
     assert problems["modules.scheduler._target_"].message == (
-        "'torch.nn.Linear' has no from_pretrained, so it cannot load module 'scheduler'")
+        "module 'scheduler': 'torch.nn.modules.linear.Linear' cannot load a module: expected a torch model class, "
+        "a scheduler, a tokenizer or a processor with from_pretrained")
     assert "cannot resolve module class" in problems["modules.tokenizer._target_"].message
     assert problems["modules.vae._target_"].line == line_of(path, "_target_: os.system")
+    assert "cannot load a module" in problems["modules.text_encoder._target_"].message  # a whole pipeline
 
 
 def test_pipeline_must_write_output(flux_yaml_variant):

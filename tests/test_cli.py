@@ -153,6 +153,8 @@ def test_sheet_lays_out_prompts_and_seeds(tiny_flux_dev, tmp_path):
     assert r.stdout.strip().splitlines() == [str(tmp_path / "sheet.png")]  # logs go to stderr
     sheet = Image.open(tmp_path / "sheet.png")
     assert sheet.size == (2 * (96 + 4) + 4, 2 * (96 + 14 + 4) + 4)  # 2 prompts x 2 seeds of 96 px cells
+    r = run("sheet", "model=flux", f"model_path={tiny_flux_dev}", "prompts=[a fox]", "seeds=[]", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2 and "seeds must be a non-empty list of integers, got []" in r.stderr
     assert sheet.text["prompt"] == "a red fox; a blue cat" and sheet.text["seed"] == "0,1"
     r = run("sheet", "model=flux", f"model_path={tiny_flux_dev}", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2 and "this model's YAML has no `examples`; pass prompts=[...]" in r.stderr

@@ -1,4 +1,6 @@
 """`extends:` variants: merged key by key, errors point at the file the key came from."""
+from pathlib import Path
+
 import pytest
 
 from diffstage import SpecError, check_model
@@ -62,3 +64,19 @@ def test_cycle_and_unknown_base(tmp_path):
         check_model(bad)
     (p,) = e.value.problems
     assert p.line == 2 and "cannot extend: unknown model 'fluxx'; did you mean 'flux'?" in p.message
+
+
+def test_inherited_model_path_stays_relative_to_its_own_file(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    child = write(tmp_path / "my_digits.yaml", "extends: digits\nname: my_digits\n")
+    checked = check_model(child)
+    assert (Path(checked.spec.model_path) / "model_index.json").is_file()
+
+
+def test_relative_extends_never_uses_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "base.yaml", FLUX_YAML.read_text())
+    child = write(tmp_path / "sub" / "child.yaml", "extends: base.yaml\nname: child\n")
+    monkeypatch.chdir(tmp_path)  # base.yaml is here, but not next to child.yaml
+    with pytest.raises(SpecError, match="cannot extend: .*sub/base.yaml' does not exist"):
+        check_model(child)

@@ -113,3 +113,23 @@ def test_schedulers_are_not_shared_between_pipelines(tiny_flux_dev, flux_spec):
     a = loader.load_modules(flux_spec, tiny_flux_dev)
     b = loader.load_modules(flux_spec, tiny_flux_dev)
     assert a["transformer"] is b["transformer"] and a["scheduler"] is not b["scheduler"]
+
+
+def test_checkpoint_cannot_name_a_pipeline_class(tiny_flux_dev, tmp_path, flux_spec):
+    """A nested pipeline would load what it likes (and ignore the safetensors rule)."""
+    ckpt = edited_copy(tiny_flux_dev, tmp_path / "nested", "model_index.json",
+                       lambda index: index.update(scheduler=["diffusers", "DiffusionPipeline"]))
+    with pytest.raises(LoadError, match="module 'scheduler': model_index.json names 'diffusers.DiffusionPipeline': "
+                                        ".* cannot load a module"):
+        loader.load_modules(flux_spec, ckpt)
+
+
+def test_pickle_in_a_nested_folder_is_refused(tiny_flux_dev, tmp_path, flux_spec):
+    ckpt = tmp_path / "nested_pickle"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    (ckpt / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (ckpt / "vae" / "sub").mkdir()
+    (ckpt / "vae" / "sub" / "weights.bin").write_bytes(b"not really a pickle")
+    loader.clear_cache()
+    with pytest.raises(UnsafeCheckpointError, match="sub/weights.bin is a pickle checkpoint"):
+        loader.load_modules(flux_spec, ckpt)

@@ -37,3 +37,16 @@ def test_user_prefix_and_clear_errors():
         resolve("diffstage.stages.Nope")
     with pytest.raises(DiffstageError, match="no importable module"):
         resolve("diffstage_missing_pkg.x", ("diffstage_missing_pkg",))
+
+
+def test_private_and_main_parts_refused():
+    for path in ("torch.utils.model_dump.__main__.main", "torch._C._nn.gelu", "diffstage.cli._fail"):
+        with pytest.raises(DisallowedPathError):
+            resolve(path)
+    assert resolve("torch.nn.functional.gelu") is not None  # defined in torch._C._nn, reached publicly
+
+
+def test_reexports_outside_the_allowlist_refused():
+    for path, home in (("torch.os.system", "os"), ("diffstage.builder.instantiate", "hydra.")):
+        with pytest.raises(DisallowedPathError, match=f"reaches '{home}"):
+            resolve(path)
