@@ -78,9 +78,10 @@ class InputValidationStage(PipelineStage):
             value = getattr(req, name)
             if value is None:
                 continue
-            values = [value] if isinstance(value, str) else value
-            if not isinstance(values, (list, tuple)) or len(values) != len(prompts) or \
-                    not all(isinstance(v, str) for v in values):
+            if isinstance(value, str):
+                continue  # one string applies to every prompt
+            if not isinstance(value, (list, tuple)) or len(value) != len(prompts) or \
+                    not all(isinstance(v, str) for v in value):
                 errors.append(f"{name} must be a string or a list of strings as long as prompt, got {value!r}")
         for name in ("height", "width"):
             v = getattr(req, name)

@@ -80,7 +80,7 @@ class TextEncodingStage(PipelineStage):
         for enc in self.encoders:
             texts = prompts
             if enc.get("prompt_field") == "prompt_2" and req.prompt_2 is not None:
-                texts = [req.prompt_2] if isinstance(req.prompt_2, str) else list(req.prompt_2)
+                texts = [req.prompt_2] * len(prompts) if isinstance(req.prompt_2, str) else list(req.prompt_2)
             setattr(req, enc["field"], self.encode(enc, texts, req))
             if negatives is not None:
                 setattr(req, f"negative_{enc['field']}", self.encode(enc, negatives, req))

@@ -171,3 +171,11 @@ def test_readme_main_command_draws_the_digit(tmp_path):
     image = Image.open(path)
     assert image.size == (32, 32) and image.text["model"] == "digits"
     assert classify(np.asarray(image, dtype=np.float32)[None] / 255)[0] == 7
+
+
+def test_sheet_of_the_default_model(tmp_path):
+    """`make sheet`: the ten example prompts of digits, with its default negative prompt ""."""
+    r = run("sheet", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    sheet = Image.open(tmp_path / "sheet.png")
+    assert sheet.size == (10 * (96 + 4) + 4, 96 + 14 + 4 + 4) and sheet.text["model"] == "digits"

@@ -508,3 +508,16 @@ def test_decoding_custom_unpack():
 def test_base_bind_rejects_unknown_callback():
     with pytest.raises(DiffstageError, match=r"^DecodingStage takes no callback 'unpak'; it takes: denormalize, unpack$"):
         DecodingStage(vae=None).bind({"unpak": print}, {})
+
+
+def test_validation_one_string_applies_to_every_prompt():
+    req = InputValidationStage(cfg_scale_field="true_cfg_scale")(
+        valid(prompt=["a", "b", "c"], negative_prompt="", prompt_2="x", true_cfg_scale=2.0))
+    assert req.do_cfg and req.batch_size == 3
+
+
+def test_text_encoding_string_prompt_2_with_several_prompts(tiny):
+    req = text_stage(tiny)(text_req(prompt=["a red fox", "a cat"], prompt_2="a blue cat", num_images_per_prompt=1,
+                                    batch_size=2))
+    assert req.prompt_embeds.shape[0] == req.pooled_prompt_embeds.shape[0] == 2
+    assert torch.equal(req.prompt_embeds[0], req.prompt_embeds[1])  # both from prompt_2
