@@ -23,7 +23,7 @@ def test_wheel_has_only_the_diffstage_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"diffstage", next(t for t in tops if t.endswith(".dist-info"))}
-    for expected in ("diffstage/cli.py", "diffstage/attention/backends.py", "diffstage/conf/attention/sdpa.yaml", "diffstage/stages/denoising.py", "diffstage/models/flux/callbacks.py",
+    for expected in ("diffstage/cli.py", "diffstage/attention/backends.py", "diffstage/kernels/reference.py", "diffstage/conf/attention/sdpa.yaml", "diffstage/stages/denoising.py", "diffstage/models/flux/callbacks.py",
                      "diffstage/pipelines_yaml/flux.yaml", "diffstage/pipelines_yaml/flux_schnell.yaml",
                      "diffstage/conf/config.yaml", "diffstage/conf/sheet.yaml", "diffstage/conf/runtime/cpu.yaml",
                      "diffstage/pipelines_yaml/digits.yaml", "diffstage/models/digits/README.md",
