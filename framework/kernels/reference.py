@@ -32,7 +32,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                layout: Literal["interleaved", "split_half"] = "interleaved") -> torch.Tensor:
     """Rotary embedding on x [batch, seq, heads, head_dim] with cos/sin [seq, head_dim].
 
-    interleaved: dims (0,1), (2,3), ... are the pairs (FLUX); split_half: dim i pairs with
+    interleaved: dims (0,1), (2,3), ... are the pairs; split_half: dim i pairs with
     dim i + head_dim/2 (the rotate-half layout)."""
     if layout == "interleaved":
         real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
