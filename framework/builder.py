@@ -108,21 +108,23 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
         file, line = checked.lines.where(("stages", planned.index))
         raise DiffstageError(f"{file}:{line}: stages[{planned.index}]: {planned.cls.__name__} could not be "
                              f"created: {type(e).__name__}: {e}") from None
-    stage._contract = planned.contract
+    stage.declared = planned.contract
     pc = checked.spec.pipeline_config
     group = pc.callbacks.get(planned.cls.callback_group(), {})
     stage.bind({name: resolve(path, checked.allowlist) for name, path in group.items()}, pc.settings)
     return stage
 
 
-def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = None) -> Pipeline:
+def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = None,
+                      checked: CheckedModel | None = None) -> Pipeline:
     """Build a Pipeline from a composed run config (see conf/config.yaml).
 
     With `request` (the arguments the pipeline will be called with), stages that need
-    no weights check it first, so a request out of range fails before anything loads."""
+    no weights check it first, so a request out of range fails before anything loads.
+    `checked` passes a check_model() result for cfg.model the caller already has."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
-    checked = check_model(cfg.model, allowlist=cfg.get("allowlist") or ())
+    checked = checked or check_model(cfg.model, allowlist=cfg.get("allowlist") or ())
     spec = checked.spec
     defaults = spec.sampling.model_dump()
     overrides = OmegaConf.to_container(cfg.get("sampling") or {}, resolve=True)
@@ -137,9 +139,6 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     if not model_path:
         hint = f" (the YAML suggests: {', '.join(spec.hf_model_paths)})" if spec.hf_model_paths else ""
         raise DiffstageError(f"model '{spec.name}' needs model_path=DIR_OR_REPO_ID{hint}")
-    if cfg.get("model_path") is None and spec.model_path and not Path(spec.model_path).is_absolute():
-        local = checked.file.parent / spec.model_path  # relative to the YAML (inherited ones already are)
-        model_path = str(local) if local.exists() else spec.model_path
     runtime = cfg.get("runtime") or {}
     dtype = parse_dtype(runtime.get("dtype", "float32"))
     device = parse_device(runtime.get("device", "cpu"))

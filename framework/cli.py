@@ -103,11 +103,12 @@ def _sheet_task(cfg) -> None:
 
     try:
         base = _output_name(cfg.output.filename)
-        entries = _sheet_entries(cfg, check_model(cfg.model, cfg.get("allowlist") or ()).spec.examples)
+        checked = check_model(cfg.model, cfg.get("allowlist") or ())
+        entries = _sheet_entries(cfg, checked.spec.examples)
         seeds = list(cfg.seeds) if cfg.get("seeds") is not None else [cfg.seed]
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise DiffstageError(f"seeds must be a non-empty list of integers, got {seeds}")
-        pipe = build_from_config(cfg, request={"prompt": [p for _, p in entries], "seed": seeds[0]})
+        pipe = build_from_config(cfg, request={"prompt": [p for _, p in entries], "seed": seeds[0]}, checked=checked)
         images, labels = [], []
         for seed in seeds:
             for label, prompt in entries:

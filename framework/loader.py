@@ -8,6 +8,7 @@ same model twice loads nothing the second time."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -113,6 +114,7 @@ def module_class(spec: ModelSpec, name: str, index: dict, allowlist: Iterable[st
     return cls
 
 
+@functools.lru_cache(maxsize=1)
 def _weightless_bases() -> tuple[type, ...]:
     """Classes of modules that load from configs/vocabularies only (no tensors)."""
     bases = []

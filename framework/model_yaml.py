@@ -57,6 +57,8 @@ def absolute_model_path(data: dict, file: Path) -> dict:
 def load_model_yaml(file: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[Any, LineMap]:
     file = Path(file).resolve()
     data, lines = load_yaml_with_lines(file)
+    if isinstance(data, dict):
+        data = absolute_model_path(data, file)
     if not (isinstance(data, dict) and "extends" in data):
         return data, lines
     base_file = _base_file(data["extends"], file, lines)
@@ -65,8 +67,6 @@ def load_model_yaml(file: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[An
         f, line = lines.where(("extends",))
         raise SpecError([Problem(f"`extends` forms a cycle: {chain}", key="extends", file=f, line=line)])
     base, base_lines = load_model_yaml(base_file, _chain + (file,))
-    if isinstance(base, dict):
-        base = absolute_model_path(base, base_file)
     child = {k: v for k, v in data.items() if k != "extends"}
     replaced: set[KeyPath] = set()
     merged = _merge(base if isinstance(base, dict) else {}, child, (), replaced)

@@ -76,7 +76,7 @@ class Pipeline:
         edges, last_writer = [], {}
         labels = self.stage_labels()
         for label, stage in zip(labels, self.stages):
-            contract = getattr(stage, "_contract", None)
+            contract = stage.declared
             reads = contract.reads | contract.optional_reads if contract else set(stage.reads)
             writes = contract.writes | contract.optional_writes if contract else set(stage.writes)
             for f in sorted(reads):

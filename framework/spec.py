@@ -71,10 +71,6 @@ class StageSpec(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     target: str = Field(alias="_target_")
 
-    @property
-    def args(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
 
 class ModelSpec(_Strict):
     name: str
@@ -137,10 +133,8 @@ def validate_spec(data: Any, file: str, lines: LineMap) -> tuple[ModelSpec | Non
             hint = None
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key '{loc[-1]}'"
-                hint = did_you_mean(loc[-1], _keys_at(ModelSpec, loc[:-1]))
                 valid = _keys_at(ModelSpec, loc[:-1])
-                if not hint and valid:
-                    hint = "valid keys: " + ", ".join(valid)
+                hint = did_you_mean(loc[-1], valid) or ("valid keys: " + ", ".join(valid) if valid else None)
             elif err["type"] == "missing":
                 msg = f"missing required key '{loc[-1]}'"
             else:

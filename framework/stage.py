@@ -63,6 +63,8 @@ class PipelineStage:
     # __init__ parameters that take a loaded module; the YAML value (default: the
     # parameter's own name) names an entry of `modules`.
     module_params: ClassVar[tuple[str, ...]] = ()
+    # The contract the static check computed for this stage's YAML args (set by the builder).
+    declared: Contract | None = None
 
     def __init__(self) -> None:
         self.settings = Settings()
