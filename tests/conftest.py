@@ -46,3 +46,12 @@ def line_of(path: Path, needle: str) -> int:
         if needle in line:
             return i
     raise AssertionError(f"{needle!r} not in {path}")
+
+
+def problems_of(path, **kw):
+    """The problems check_model reports for a model YAML (it must report some)."""
+    from diffstage import SpecError, check_model
+
+    with pytest.raises(SpecError) as e:
+        check_model(path, **kw)
+    return e.value.problems

@@ -5,13 +5,8 @@ import pytest
 
 from diffstage import SpecError, check_model
 
-from conftest import line_of
+from conftest import line_of, problems_of
 
-
-def problems_of(path, **kw):
-    with pytest.raises(SpecError) as e:
-        check_model(path, **kw)
-    return e.value.problems
 
 
 def test_missing_stage_input_names_producer(flux_yaml_variant):

@@ -4,19 +4,14 @@ import sys
 import pytest
 import torch
 
-from diffstage import DiffstageError, LoadError, SpecError, build_pipeline, check_model
+from diffstage import DiffstageError, LoadError, build_pipeline, check_model
 from diffstage import loader
 from diffstage.resolve import resolve
 from diffstage.stages import DecodingStage
 from diffstage.torch_utils import parse_device, parse_dtype
 
-from conftest import line_of
+from conftest import line_of, problems_of
 
-
-def problems_of(path, **kw):
-    with pytest.raises(SpecError) as e:
-        check_model(path, **kw)
-    return e.value.problems
 
 
 def test_dtype_and_device_errors():

@@ -1,16 +1,11 @@
 """Model spec schema: unknown keys, types, missing keys and YAML syntax, with file and line."""
 import pytest
 
-from diffstage import SpecError, check_model
+from diffstage import check_model
 from diffstage.yaml_lines import format_key, load_yaml_with_lines
 
-from conftest import line_of
+from conftest import line_of, problems_of
 
-
-def problems_of(path):
-    with pytest.raises(SpecError) as e:
-        check_model(path)
-    return e.value.problems
 
 
 def test_shipped_flux_yaml_parses():
