@@ -28,7 +28,12 @@ demo: install
 sheet: install
 	HF_HUB_OFFLINE=1 $(BIN)/diffstage sheet
 
-test: install
+# The tests also run the Triton kernels (interpreted on the CPU), so they install that extra.
+$(VENV)/.installed-triton: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test,triton]"
+	touch $@
+
+test: install $(VENV)/.installed-triton
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Retrain the embedded digits model from scratch (about 21 minutes on 2 CPU cores).

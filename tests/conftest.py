@@ -5,6 +5,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Triton kernels run through the interpreter on the CPU; read when triton.jit decorates them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 FLUX_YAML = REPO / "pipelines_yaml" / "flux.yaml"
