@@ -12,12 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import loader
+from .attention import get_backend
+from .attention.layer import DEFAULT_BACKEND
 from .check import PlannedStage, check_contracts
 from .errors import DiffstageError, RequestError, SpecError
+from .kernels import resolve_kernels
 from .models_dir import model_yaml
 from .pipeline import Pipeline, make_request
 from .resolve import DEFAULT_ALLOWLIST, resolve
@@ -115,6 +119,17 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
     return stage
 
 
+def execution_options(cfg: DictConfig, spec: ModelSpec, device: torch.device) -> dict[str, Any]:
+    """How native modules run: attention backend (command line, else model YAML, else sdpa),
+    kernels and regional compilation; checked here so a typo fails before weights load."""
+    runtime = cfg.get("runtime") or {}
+    backend = (cfg.get("attention") or {}).get("backend") or spec.attention or DEFAULT_BACKEND
+    get_backend(backend)
+    kernels = str(runtime.get("kernels", "auto"))
+    resolve_kernels(kernels, device)
+    return {"attention": backend, "kernels": kernels, "compile": bool(runtime.get("compile", False))}
+
+
 def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = None,
                       checked: CheckedModel | None = None) -> Pipeline:
     """Build a Pipeline from a composed run config (see conf/config.yaml).
@@ -144,7 +159,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     device = parse_device(runtime.get("device", "cpu"))
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
                                   allow_pickle=bool(cfg.get("allow_pickle", False)),
-                                  allowlist=checked.allowlist)
+                                  allowlist=checked.allowlist, execution=execution_options(cfg, spec, device))
     stages = [early.get(p.index) or instantiate_stage(p, checked, modules) for p in checked.plan]
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config.pop("hydra", None)

@@ -128,12 +128,23 @@ class _Checker:
                 ok = False
         return ok
 
+    def _check_attention(self) -> None:
+        backend = self.data.get("attention")
+        if isinstance(backend, str):
+            from .attention import available_backends, get_backend
+
+            try:
+                get_backend(backend)
+            except DiffstageError as e:
+                self.add(("attention",), str(e), hint=did_you_mean(backend, available_backends()))
+
     # -- the walk ----------------------------------------------------------------
     def run(self) -> list[PlannedStage]:
         stages = self.data.get("stages")
         if not isinstance(stages, list):
             return []
         modules = set(self._mapping("modules"))
+        self._check_attention()
         given_callbacks = self._mapping("pipeline_config", "callbacks")
 
         request = Req.request_fields()

@@ -36,6 +36,7 @@ class CacheKey:
     cls: str
     dtype: str
     device: str
+    execution: str = "-"  # native modules: their attention/kernels/compile settings
 
 
 _CACHE: dict[CacheKey, Any] = {}
@@ -156,8 +157,10 @@ def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, 
 
 def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu", allow_pickle: bool = False,
-                 allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> dict[str, Any]:
-    """Load (or fetch from the cache) every module the spec lists."""
+                 allowlist: Iterable[str] = DEFAULT_ALLOWLIST,
+                 execution: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load (or fetch from the cache) every module the spec lists. Modules with a
+    `configure_runtime` method (native models) are configured with `execution`."""
     global load_count
     allowlist = tuple(allowlist)
     subfolders = {n: spec.module_spec(n).subfolder or n for n in spec.modules}
@@ -175,8 +178,10 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         cls = module_class(spec, name, index, allowlist)
         mdtype = parse_dtype(spec.module_spec(name).dtype or dtype)
         is_torch = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+        configurable = execution is not None and hasattr(cls, "configure_runtime")
         key = CacheKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
-                       str(mdtype) if is_torch else "-", str(device) if is_torch else "-")
+                       str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
+                       repr(sorted(execution.items())) if configurable else "-")
         if key in _CACHE:
             # Weights are shared; stateful helpers (schedulers keep their timesteps) are not.
             modules[name] = _CACHE[key] if is_torch else copy.deepcopy(_CACHE[key])
@@ -195,6 +200,8 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
                             f"{type(e).__name__}: {first}") from None
         if is_torch:
             module = module.to(device).eval().requires_grad_(False)
+        if configurable:
+            module.configure_runtime(**execution)
         load_count += 1
         log.info("loaded %s (%s) from %s", name, cls.__name__, folder)
         _CACHE[key] = module

@@ -82,6 +82,9 @@ class ModelSpec(_Strict):
     examples: list[str] | dict[str, str] = Field(
         default_factory=list, description="example prompts (or label: prompt), used by `diffstage sheet`")
     modules: dict[str, ModuleSpec | None]
+    attention: str | None = Field(
+        None, description="attention backend for this model's native modules; `attention=NAME` on the command "
+                          "line wins; default: sdpa")
     pipeline_config: PipelineConfigSpec = Field(default_factory=PipelineConfigSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     stages: list[StageSpec] = Field(min_length=1)

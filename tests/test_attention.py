@@ -60,8 +60,27 @@ def test_shape_errors():
         attention(q, k[..., :4], v[..., :4])
 
 
-def test_attention_config_group():
-    from diffstage.builder import compose_config
+def test_attention_choice_command_line_then_model_yaml_then_sdpa():
+    import types
 
-    assert compose_config().attention.backend == "sdpa"
-    assert compose_config(["attention=reference"]).attention.backend == "reference"
+    from diffstage.builder import compose_config, execution_options
+
+    yaml_says = types.SimpleNamespace(attention="reference")
+    yaml_silent = types.SimpleNamespace(attention=None)
+    assert compose_config().attention.backend is None
+    assert execution_options(compose_config(), yaml_silent, torch.device("cpu"))["attention"] == "sdpa"
+    assert execution_options(compose_config(), yaml_says, torch.device("cpu"))["attention"] == "reference"
+    explicit = compose_config(["attention=sdpa"])
+    assert execution_options(explicit, yaml_says, torch.device("cpu"))["attention"] == "sdpa"
+
+
+def test_unknown_attention_or_kernels_fail_before_loading():
+    import types
+
+    from diffstage.builder import compose_config, execution_options
+
+    spec = types.SimpleNamespace(attention=None)
+    with pytest.raises(DiffstageError, match=r"unknown attention backend 'flash'; available: reference, sdpa"):
+        execution_options(compose_config(["attention.backend=flash"]), spec, torch.device("cpu"))
+    with pytest.raises(DiffstageError, match=r"unknown kernels 'fastest'"):
+        execution_options(compose_config(["runtime.kernels=fastest"]), spec, torch.device("cpu"))

@@ -18,7 +18,7 @@ def test_default_model_and_checkpoint_are_shipped(pipe):
 
     assert compose_config().model == "digits"
     assert pipe.spec.name == "digits" and pipe.defaults["height"] == 32
-    assert type(pipe.modules["transformer"]).__name__ == "FluxTransformer2DModel"
+    assert type(pipe.modules["transformer"]).__name__ == "FluxTransformer"  # native, from the flux YAML
     assert len(check_model("digits").spec.examples) == 10
 
 

@@ -34,7 +34,9 @@ def test_parity_with_diffusers(reference_pipes, model, case):
     common = dict(height=48, width=32, num_inference_steps=3, max_sequence_length=16, guidance_scale=4.0,
                   output_type="np", **kw)
     expected = ref(prompt, generator=torch.Generator("cpu").manual_seed(7), **common).images
-    ours = build_pipeline(model, model_path=path)(prompt, seed=7, **common).images
+    pipe = build_pipeline(model, model_path=path)
+    assert type(pipe.modules["transformer"]).__name__ == "FluxTransformer"  # the native transformer
+    ours = pipe(prompt, seed=7, **common).images
     assert ours.shape == expected.shape
     diff = float(np.abs(ours - expected).max())
     print(f"{model}/{case}: max|Δ| = {diff:.3g}")

@@ -28,7 +28,7 @@ def test_loads_listed_modules_with_dtype(tiny_flux_dev, flux_spec):
     loader.clear_cache()
     modules = loader.load_modules(flux_spec, tiny_flux_dev, dtype="bfloat16")
     assert set(modules) == set(flux_spec.modules)
-    assert type(modules["transformer"]).__name__ == "FluxTransformer2DModel"
+    assert type(modules["transformer"]).__name__ == "FluxTransformer"  # native (flux.yaml's _target_)
     assert modules["transformer"].dtype == torch.bfloat16
     assert not modules["transformer"].training
     assert type(modules["scheduler"]).__name__ == "FlowMatchEulerDiscreteScheduler"
@@ -45,6 +45,11 @@ def test_cache_loads_nothing_the_second_time(tiny_flux_dev):
     # a different dtype is a different cache entry (only torch modules reload)
     build_pipeline("flux", model_path=tiny_flux_dev, overrides=["runtime.dtype=bfloat16"])
     assert loader.load_count - before == 7 + 4
+    # other execution settings reconfigure a separate copy of the native transformer only
+    other = build_pipeline("flux", model_path=tiny_flux_dev, overrides=["attention=reference"])
+    assert loader.load_count - before == 7 + 4 + 1
+    assert other.modules["transformer"].attention_backend == "reference"
+    assert first.modules["transformer"].attention_backend == "sdpa"
 
 
 def test_pickle_checkpoint_refused_unless_allowed(tiny_flux_dev, tmp_path, flux_spec):
