@@ -121,13 +121,17 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
 
 def execution_options(cfg: DictConfig, spec: ModelSpec, device: torch.device) -> dict[str, Any]:
     """How native modules run: attention backend (command line, else model YAML, else sdpa),
-    kernels and regional compilation; checked here so a typo fails before weights load."""
+    kernels, regional compilation and matmul dtype; checked here so a typo fails before weights load."""
     runtime = cfg.get("runtime") or {}
     backend = (cfg.get("attention") or {}).get("backend") or spec.attention or DEFAULT_BACKEND
     get_backend(backend)
     kernels = str(runtime.get("kernels", "auto"))
     resolve_kernels(kernels, device)
-    return {"attention": backend, "kernels": kernels, "compile": bool(runtime.get("compile", False))}
+    matmul_dtype = runtime.get("matmul_dtype")
+    if matmul_dtype is not None:
+        parse_dtype(matmul_dtype)
+    return {"attention": backend, "kernels": kernels, "compile": bool(runtime.get("compile", False)),
+            "matmul_dtype": matmul_dtype}
 
 
 def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = None,

@@ -141,10 +141,13 @@ def module_kind(cls: Any) -> str:
                     "a processor with from_pretrained")
 
 
-def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, allow_pickle: bool) -> Any:
+def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, allow_pickle: bool,
+                     execution: dict[str, Any] | None) -> Any:
     if module_kind(cls) == "config":
         return cls.from_pretrained(root, subfolder=subfolder)  # tokenizers, schedulers: no weights
     kwargs: dict[str, Any] = {"subfolder": subfolder, "use_safetensors": None if allow_pickle else True}
+    if execution and execution.get("matmul_dtype") and hasattr(cls, "configure_runtime"):
+        kwargs["matmul_dtype"] = execution["matmul_dtype"]  # native: read the weights straight into it
     if cls.__module__.startswith("transformers."):
         import transformers
 
@@ -191,7 +194,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
             raise LoadError(f"module '{name}': folder '{folder}' does not exist in the checkpoint")
         check_safetensors(folder, name, allow_pickle)
         try:
-            module = _from_pretrained(cls, root, sub, mdtype, allow_pickle)
+            module = _from_pretrained(cls, root, sub, mdtype, allow_pickle, execution)
         except DiffstageError:
             raise
         except Exception as e:  # corrupt weights, config/weight mismatch, wrong class: all about the files

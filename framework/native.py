@@ -10,15 +10,16 @@ import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
 
 from .attention import get_backend
 from .attention.layer import DEFAULT_BACKEND
 from .errors import LoadError
 from .kernels import get_kernels
+from .torch_utils import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,50 @@ class ModelConfig(dict):
             raise AttributeError(name) from None
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in the folder's safetensors files (one file, or shards)."""
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor in a .safetensors file, read one at a time with plain
+    file reads: no memory map, so peak memory is the model plus one tensor, not plus the file."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+                data = tensor.reshape(-1).view(torch.uint8).numpy()
+                if data.nbytes != end - begin:
+                    raise ValueError(f"tensor '{name}' has {end - begin} bytes for shape {info['shape']}")
+                f.seek(8 + size + begin)
+                if f.readinto(data) != data.nbytes:
+                    raise ValueError(f"file ends inside tensor '{name}'")
+                yield name, tensor
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise LoadError(f"cannot read {file}: {type(e).__name__}: {e}") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise LoadError(f"'{folder}' has no .safetensors file (found: {found}); native models load safetensors only")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(file))
-    return state
+    return files
+
+
+class Linear(torch.nn.Linear):
+    """nn.Linear that may keep its weights in a narrower dtype than the activations
+    (runtime.matmul_dtype): inputs are cast to the weights' dtype for the matmul and the
+    result back, so norms, residuals and attention keep the activations' precision.
+    With equal dtypes both casts are no-ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 class NativeModel(torch.nn.Module):
@@ -59,7 +94,9 @@ class NativeModel(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The activations' dtype (Linear weights may be narrower, see matmul_dtype)."""
+        linear = {id(p) for m in self.modules() if isinstance(m, Linear) for p in m.parameters()}
+        return next((p for p in self.parameters() if id(p) not in linear), next(self.parameters())).dtype
 
     @property
     def device(self) -> torch.device:
@@ -67,7 +104,10 @@ class NativeModel(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, root: str | Path, subfolder: str | None = None, torch_dtype: torch.dtype = torch.float32,
-                        use_safetensors: bool | None = True, **_: Any) -> "NativeModel":
+                        use_safetensors: bool | None = True, matmul_dtype: str | torch.dtype | None = None,
+                        **_: Any) -> "NativeModel":
+        """Build from a Diffusers-format folder. Each tensor is cast to its final dtype as it is
+        read: `torch_dtype`, or `matmul_dtype` for Linear weights when given."""
         folder = Path(root) / (subfolder or "")
         config_file = folder / "config.json"
         try:
@@ -82,8 +122,13 @@ class NativeModel(torch.nn.Module):
                             f"it takes {', '.join(sorted(accepted))}")
         with torch.device("meta"):  # no memory or time spent on weights about to be replaced
             model = cls(**kwargs)
-        model.load_strict(read_safetensors(folder), source=str(folder))
-        return model.to(torch_dtype)
+        narrow = parse_dtype(matmul_dtype) if matmul_dtype is not None else torch_dtype
+        linear = {f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, Linear)
+                  for name, _ in module.named_parameters(recurse=False)}
+        state = {name: tensor.to(narrow if name in linear else torch_dtype) if tensor.is_floating_point() else tensor
+                 for file in safetensors_files(folder) for name, tensor in iter_safetensors(file)}
+        model.load_strict(state, source=str(folder))
+        return model
 
     def load_strict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load every parameter from `state`, refusing missing, unexpected or misshapen tensors."""
@@ -99,15 +144,22 @@ class NativeModel(torch.nn.Module):
             raise LoadError(f"{source}: weights do not fit {type(self).__name__}: " + "; ".join(problems))
         self.load_state_dict(state, strict=True, assign=True)
 
-    def configure_runtime(self, *, attention: str | None = None, kernels: str = "auto",
-                          compile: bool = False) -> None:
-        """Pick the attention backend and kernels; with `compile`, compile each repeated block."""
+    def configure_runtime(self, *, attention: str | None = None, kernels: str = "auto", compile: bool = False,
+                          matmul_dtype: str | torch.dtype | None = None) -> None:
+        """Pick the attention backend and kernels; `matmul_dtype` stores the Linear weights (and
+        runs their matmuls) in that dtype; `compile` compiles each repeated block on its own."""
         backend = attention or DEFAULT_BACKEND
         get_backend(backend)  # unknown or not installed: a clear error now, not mid-run
         self.attention_backend = backend
         self.ops = get_kernels(kernels, self.device)
+        if matmul_dtype is not None:
+            dtype = parse_dtype(matmul_dtype)
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module.to(dtype)
         if compile:
             for name in self.repeated_blocks:
                 for block in getattr(self, name):
                     block.compile(dynamic=True)
-        log.info("%s: attention=%s kernels=%s compile=%s", type(self).__name__, backend, self.ops.name, compile)
+        log.info("%s: attention=%s kernels=%s compile=%s matmul_dtype=%s", type(self).__name__, backend,
+                 self.ops.name, compile, matmul_dtype)

@@ -178,3 +178,41 @@ def test_model_yaml_picks_attention_and_bad_names_are_reported(tiny_flux_dev, fl
     text = str(e.value)
     assert "typo.yaml:5: attention: " in text and "attention" in text and "unknown attention backend 'sdpaa'" in text
     assert "did you mean 'sdpa'?" in text
+
+
+def test_bf16_matmuls_keep_the_rest_in_float32(saved):
+    reference, folder = saved
+    native = FluxTransformer.from_pretrained(folder, matmul_dtype="bfloat16")
+    assert native.x_embedder.weight.dtype == torch.bfloat16 and native.proj_out.bias.dtype == torch.bfloat16
+    assert native.transformer_blocks[0].attn.norm_q.weight.dtype == torch.float32
+    assert native.dtype == torch.float32  # the activations' dtype
+    kw = inputs(reference.config.guidance_embeds)
+    with torch.no_grad():
+        expected = reference(**kw, return_dict=False)[0]
+        actual = native(**kw, return_dict=False)[0]
+    assert actual.dtype == torch.float32
+    error = float((actual - expected).abs().max()) / float(expected.abs().max())
+    assert 0 < error < 0.03  # bf16 rounding in the matmuls only
+    # configuring after loading casts the same way
+    late = FluxTransformer.from_pretrained(folder)
+    late.configure_runtime(matmul_dtype="bfloat16")
+    with torch.no_grad():
+        assert torch.equal(late(**kw, return_dict=False)[0], actual)
+
+
+def test_truncated_weights_file_is_a_load_error(saved, tmp_path):
+    _, folder = saved
+    bad = tmp_path / "truncated"
+    shutil.copytree(folder, bad)
+    file = bad / "diffusion_pytorch_model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(LoadError, match=r"cannot read .*diffusion_pytorch_model\.safetensors: ValueError: file "
+                                        r"ends inside tensor"):
+        FluxTransformer.from_pretrained(bad)
+
+
+def test_bad_matmul_dtype_fails_before_loading(tiny_flux_dev):
+    from diffstage.errors import DiffstageError
+
+    with pytest.raises(DiffstageError, match=r"unknown dtype 'int8'; use one of: float32, bfloat16, float16"):
+        build_pipeline("flux", model_path=tiny_flux_dev, overrides=["runtime.matmul_dtype=int8"])

@@ -116,29 +116,45 @@ def text_encoders(tokenizer, tokenizer_2, seed: int, width: int = 32) -> tuple[C
     return clip, t5
 
 
-def _build_pipeline(variant: str, seed: int) -> FluxPipeline:
+# tiny: for tests (a 32x32, 2-step image in a fraction of a second). bench: large enough that
+# the transformer dominates a 256x256 image (hidden 768, 2 double + 4 single blocks), for
+# benchmarks/bench_flux.py.
+SIZES = {
+    "tiny": dict(
+        transformer=dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                         axes_dims_rope=(4, 6, 6)),
+        vae=dict(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4),
+        text_width=32),
+    "bench": dict(
+        transformer=dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                         num_attention_heads=12, joint_attention_dim=64, pooled_projection_dim=64,
+                         axes_dims_rope=(16, 24, 24)),
+        vae=dict(latent_channels=16, block_out_channels=(16, 32, 32, 32), norm_num_groups=8),
+        text_width=64),
+}
+
+
+def _build_pipeline(variant: str, seed: int, size: str = "tiny") -> FluxPipeline:
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    dims = SIZES[size]
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=(variant == "dev"), axes_dims_rope=(4, 6, 6),
-    )
+    transformer = FluxTransformer2DModel(patch_size=1, guidance_embeds=(variant == "dev"), **dims["transformer"])
     _reinit_if_zero(transformer.proj_out)
     _reinit_if_zero(transformer.norm_out)
 
     torch.manual_seed(seed)
-    # Two blocks -> vae_scale_factor 2; no quant convs, as in the real FLUX VAE. Non-trivial
+    # vae_scale_factor = 2 ** (levels - 1); no quant convs, as in the real FLUX VAE. Non-trivial
     # scaling/shift factors so callers that forget them produce different numbers.
+    levels = len(dims["vae"]["block_out_channels"])
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
-        scaling_factor=0.5, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1, sample_size=32,
+        scaling_factor=0.5, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False, **dims["vae"],
     )
 
-    text_encoder, text_encoder_2 = text_encoders(tokenizer, tokenizer_2, seed)
+    text_encoder, text_encoder_2 = text_encoders(tokenizer, tokenizer_2, seed, width=dims["text_width"])
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
     return FluxPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -146,24 +162,32 @@ def _build_pipeline(variant: str, seed: int) -> FluxPipeline:
     )
 
 
-def _is_complete(out_dir: pathlib.Path, variant: str, seed: int) -> bool:
+def _marker(variant: str, seed: int, size: str) -> dict:
+    return {"variant": variant, "seed": seed} | ({"size": size} if size != "tiny" else {})
+
+
+def _is_complete(out_dir: pathlib.Path, marker: dict) -> bool:
     try:
-        marker = json.loads((out_dir / MARKER).read_text())
+        found = json.loads((out_dir / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker == {"variant": variant, "seed": seed} and (out_dir / "model_index.json").is_file()
+    return found == marker and (out_dir / "model_index.json").is_file()
 
 
-def build_tiny_flux(out_dir, *, variant: str = "dev", seed: int = 0) -> pathlib.Path:
-    """Write a tiny random FLUX.1 ``variant`` ("dev" or "schnell") checkpoint to ``out_dir``.
+def build_tiny_flux(out_dir, *, variant: str = "dev", seed: int = 0, size: str = "tiny") -> pathlib.Path:
+    """Write a random FLUX.1 ``variant`` ("dev" or "schnell") checkpoint of ``size`` ("tiny"
+    or "bench", see SIZES) to ``out_dir``.
 
     Deterministic in ``seed``. Returns immediately if ``out_dir`` already holds a complete
-    checkpoint for the same variant/seed (tracked by a ``tiny_flux.json`` marker).
+    checkpoint for the same variant/seed/size (tracked by a ``tiny_flux.json`` marker).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
     out_dir = pathlib.Path(out_dir)
-    if _is_complete(out_dir, variant, seed):
+    marker = _marker(variant, seed, size)
+    if _is_complete(out_dir, marker):
         return out_dir
 
     # Build in a sibling temp dir so a crash or a concurrent builder never leaves a
@@ -175,18 +199,18 @@ def build_tiny_flux(out_dir, *, variant: str = "dev", seed: int = 0) -> pathlib.
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the final dir normal permissions
     try:
         with torch.random.fork_rng(devices=[]):  # don't disturb the caller's global RNG
-            pipe = _build_pipeline(variant, seed)
+            pipe = _build_pipeline(variant, seed, size)
         pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers 5 aliases T5TokenizerFast to T5Tokenizer; record the name the real
         # FLUX.1 repos use (it also resolves in transformers 4 without sentencepiece).
         index = json.loads((tmp / "model_index.json").read_text())
         index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / MARKER).write_text(json.dumps({"variant": variant, "seed": seed}) + "\n")
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
         try:
             os.rename(tmp, out_dir)  # atomic when out_dir is absent (or an empty dir)
         except OSError:
-            if _is_complete(out_dir, variant, seed):  # a concurrent builder won the race
+            if _is_complete(out_dir, marker):  # a concurrent builder won the race
                 return out_dir
             # Existing, non-empty dir: invalidate it, then overwrite entry by entry, marker last.
             (out_dir / MARKER).unlink(missing_ok=True)
@@ -205,8 +229,9 @@ def main(argv=None) -> None:
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--variant", choices=VARIANTS, default="dev")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny")
     args = parser.parse_args(argv)
-    print(build_tiny_flux(args.out_dir, variant=args.variant, seed=args.seed))
+    print(build_tiny_flux(args.out_dir, variant=args.variant, seed=args.seed, size=args.size))
 
 
 if __name__ == "__main__":

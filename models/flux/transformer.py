@@ -13,7 +13,7 @@ from torch import nn
 
 from diffstage.attention import attention
 from diffstage.kernels import Kernels
-from diffstage.native import ModelConfig, NativeModel
+from diffstage.native import Linear, ModelConfig, NativeModel
 
 
 class RMSNorm(nn.Module):
@@ -28,8 +28,8 @@ class MLPEmbedder(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -76,7 +76,7 @@ class AdaNorm(nn.Module):
     def __init__(self, dim: int, chunks: int):
         super().__init__()
         self.chunks = chunks
-        self.linear = nn.Linear(dim, chunks * dim)
+        self.linear = Linear(dim, chunks * dim)
 
     def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(F.silu(temb)).chunk(self.chunks, dim=1)
@@ -85,7 +85,7 @@ class AdaNorm(nn.Module):
 class GeluProjection(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.proj = nn.Linear(dim, hidden)
+        self.proj = Linear(dim, hidden)
 
     def forward(self, x):
         return F.gelu(self.proj(x), approximate="tanh")
@@ -96,7 +96,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GeluProjection(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([GeluProjection(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim)])
 
     def forward(self, x):
         return self.net[2](self.net[0](x))
@@ -110,13 +110,13 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
         self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
+        self.to_q, self.to_k, self.to_v = (Linear(dim, inner) for _ in range(3))
         if out:
-            self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
+            self.to_out = nn.ModuleList([Linear(inner, dim), nn.Identity()])
         if joint:
             self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, inner) for _ in range(3))
-            self.to_add_out = nn.Linear(inner, dim)
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (Linear(dim, inner) for _ in range(3))
+            self.to_add_out = Linear(inner, dim)
 
     def qkv(self, x, ops: Kernels, added: bool = False):
         """[B, S, dim] -> normalised q, k and v as [B, S, heads, head_dim]."""
@@ -164,8 +164,8 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm = AdaNorm(dim, 3)
-        self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
-        self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
+        self.proj_mlp = Linear(dim, int(dim * mlp_ratio))
+        self.proj_out = Linear(dim + int(dim * mlp_ratio), dim)
         self.attn = Attention(dim, heads, head_dim, joint=False, out=False)
 
     def forward(self, x, temb, rope, ops: Kernels, backend: str):
@@ -181,7 +181,7 @@ class OutputNorm(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
+        self.linear = Linear(dim, 2 * dim)
 
     def forward(self, x, temb, ops: Kernels):
         scale, shift = self.linear(F.silu(temb)).chunk(2, dim=1)
@@ -209,14 +209,14 @@ class FluxTransformer(NativeModel):
             axes_dims_rope=tuple(axes_dims_rope))
         dim = num_attention_heads * attention_head_dim
         self.time_text_embed = TimeTextEmbedding(dim, pooled_projection_dim, guidance_embeds)
-        self.context_embedder = nn.Linear(joint_attention_dim, dim)
-        self.x_embedder = nn.Linear(in_channels, dim)
+        self.context_embedder = Linear(joint_attention_dim, dim)
+        self.x_embedder = Linear(in_channels, dim)
         self.transformer_blocks = nn.ModuleList(
             DoubleStreamBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers))
         self.single_transformer_blocks = nn.ModuleList(
             SingleStreamBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers))
         self.norm_out = OutputNorm(dim)
-        self.proj_out = nn.Linear(dim, patch_size * patch_size * (out_channels or in_channels))
+        self.proj_out = Linear(dim, patch_size * patch_size * (out_channels or in_channels))
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
