@@ -169,7 +169,9 @@ def main(argv=None) -> None:
     for name in args.variants:
         wall, tr, den = (statistics.median(runs[name][k]) for k in ("wall", "transformer", "denoise"))
         step, step_tr = den / args.steps, tr / args.steps
+        library, dtype, overrides = VARIANTS[name]
         results[name] = {
+            "library": library, "dtype": str(dtype)[6:], "overrides": overrides,
             "wall_s_median": round(wall, 4),
             "wall_s_all": [round(x, 4) for x in runs[name]["wall"]],
             "speedup_vs_diffusers": round(base / wall, 3),
@@ -187,7 +189,7 @@ def main(argv=None) -> None:
             results[name]["peak_rss_mb"] / results["diffusers"]["peak_rss_mb"], 3) if name != "diffusers" else 1.0
 
     report = {
-        "benchmark": "FLUX.1 [dev] architecture, random weights ('bench' size), float32, end to end",
+        "benchmark": "FLUX.1 [dev] architecture, random weights ('bench' size), end to end, one image",
         "settings": {"size": args.size, "steps": args.steps, "max_sequence_length": args.text_len,
                      "reps": args.reps, "seed": args.seed, "prompt": PROMPT},
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),

@@ -216,3 +216,14 @@ def test_bad_matmul_dtype_fails_before_loading(tiny_flux_dev):
 
     with pytest.raises(DiffstageError, match=r"unknown dtype 'int8'; use one of: float32, bfloat16, float16"):
         build_pipeline("flux", model_path=tiny_flux_dev, overrides=["runtime.matmul_dtype=int8"])
+
+
+def test_runtime_options_reach_the_native_transformer(tiny_flux_dev):
+    pipe = build_pipeline("flux", model_path=tiny_flux_dev,
+                          overrides=["runtime.compile=true", "runtime.kernels=compiled", "attention=reference",
+                                     "runtime.matmul_dtype=bfloat16"])
+    native = pipe.modules["transformer"]
+    assert native.ops.name == "compiled" and native.attention_backend == "reference"
+    assert native.x_embedder.weight.dtype == torch.bfloat16 and native.dtype == torch.float32
+    assert all(b._compiled_call_impl is not None
+               for b in [*native.transformer_blocks, *native.single_transformer_blocks])
