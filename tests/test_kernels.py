@@ -73,3 +73,17 @@ def test_triton_outside_the_interpreter_on_cpu_says_why(monkeypatch):
     expected = r"Triton kernels need a CUDA device \(this run is on 'cpu'\)" if HAS_TRITON else "not installed"
     with pytest.raises(DiffstageError, match=r"kernels 'triton' cannot run: .*" + expected):
         resolve_kernels("triton", "cpu")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_wrappers_refuse_shapes_they_would_read_past():
+    ops = get_kernels("triton")
+    x = rand(2, 5, 32)
+    with pytest.raises(ValueError, match=r"modulate: shift must be \[batch, dim\] = \[2, 32\], got \[1, 32\]"):
+        ops.modulate(x, rand(1, 32), rand(2, 32))
+    with pytest.raises(ValueError, match=r"gated_residual: y must have x's shape \[2, 5, 32\], got \[2, 4, 32\]"):
+        ops.gated_residual(x, rand(2, 4, 32), rand(2, 32))
+    with pytest.raises(ValueError, match=r"rms_norm: weight must be \[32\], got \[16\]"):
+        ops.rms_norm(x, rand(16))
+    with pytest.raises(ValueError, match=r"apply_rope: cos and sin must be \[seq, head_dim\] = \[5, 8\]"):
+        ops.apply_rope(rand(1, 5, 2, 8), rand(4, 8), rand(4, 8))

@@ -74,10 +74,19 @@ def _block(dim: int) -> int:
     return triton.next_power_of_2(dim)
 
 
+def _check_per_batch(op: str, x: torch.Tensor, **vectors: torch.Tensor) -> None:
+    """The kernels index [batch, dim] vectors by row; anything else would read out of bounds."""
+    for name, v in vectors.items():
+        if v.shape != (x.shape[0], x.shape[-1]):
+            raise ValueError(f"{op}: {name} must be [batch, dim] = {[x.shape[0], x.shape[-1]]}, got {list(v.shape)}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     dim = x.shape[-1]
+    if weight is not None and weight.shape != (dim,):
+        raise ValueError(f"rms_norm: weight must be [{dim}], got {list(weight.shape)}")
     w = weight.contiguous() if weight is not None else x  # unused when HAS_WEIGHT is False
     _rms_norm_kernel[(x.numel() // dim,)](x, w, out, dim, eps, HAS_WEIGHT=weight is not None, BLOCK=_block(dim))
     return out
@@ -87,6 +96,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     x = x.contiguous()
     out = torch.empty_like(x)
     batch, seq, dim = x.shape
+    _check_per_batch("modulate", x, shift=shift, scale=scale)
     _modulate_kernel[(batch * seq,)](x, shift.contiguous(), scale.contiguous(), out, seq, dim, eps,
                                      BLOCK=_block(dim))
     return out
@@ -96,6 +106,9 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     x = x.contiguous()
     out = torch.empty_like(x)
     batch, seq, dim = x.shape
+    _check_per_batch("gated_residual", x, gate=gate)
+    if y.shape != x.shape:
+        raise ValueError(f"gated_residual: y must have x's shape {list(x.shape)}, got {list(y.shape)}")
     _gated_residual_kernel[(batch * seq,)](x, y.contiguous(), gate.contiguous(), out, seq, dim, BLOCK=_block(dim))
     return out
 
@@ -106,6 +119,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
     x = x.contiguous()
     out = torch.empty_like(x)
     batch, seq, heads, dim = x.shape
+    if cos.shape != (seq, dim) or sin.shape != (seq, dim):
+        raise ValueError(f"apply_rope: cos and sin must be [seq, head_dim] = {[seq, dim]}, got "
+                         f"{list(cos.shape)} and {list(sin.shape)}")
     _rope_kernel[(batch * seq * heads,)](x, cos.contiguous(), sin.contiguous(), out, seq, heads, dim,
                                          INTERLEAVED=layout == "interleaved", BLOCK=_block(dim))
     return out
