@@ -125,7 +125,7 @@ def execution_options(cfg: DictConfig, spec: ModelSpec, device: torch.device) ->
     runtime = cfg.get("runtime") or {}
     backend = (cfg.get("attention") or {}).get("backend") or spec.attention or DEFAULT_BACKEND
     get_backend(backend)
-    kernels = str(runtime.get("kernels", "auto"))
+    kernels = str(runtime.get("kernels") or "auto")
     resolve_kernels(kernels, device)
     matmul_dtype = runtime.get("matmul_dtype")
     if matmul_dtype is not None:

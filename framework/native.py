@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,33 +42,70 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 def iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for each tensor in a .safetensors file, read one at a time with plain
-    file reads: no memory map, so peak memory is the model plus one tensor, not plus the file."""
+    file reads: no memory map, so peak memory is the model plus one tensor, not plus the file.
+    The header is checked before anything is allocated."""
     try:
+        total = file.stat().st_size
         with open(file, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= total - 8:
+                raise ValueError(f"header length {size} does not fit a {total}-byte file")
             header = json.loads(f.read(size))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            data_bytes = total - 8 - size
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                begin, end = info["data_offsets"]
-                tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-                data = tensor.reshape(-1).view(torch.uint8).numpy()
-                if data.nbytes != end - begin:
-                    raise ValueError(f"tensor '{name}' has {end - begin} bytes for shape {info['shape']}")
+                dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise ValueError(f"tensor '{name}' has dtype {info.get('dtype')!r}; supported: "
+                                     f"{', '.join(_SAFETENSORS_DTYPES)}")
+                shape, (begin, end) = info["shape"], info["data_offsets"]
+                if not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise ValueError(f"tensor '{name}' has shape {shape}")
+                nbytes = math.prod(shape) * dtype.itemsize
+                if not (0 <= begin <= end <= data_bytes and end - begin == nbytes):
+                    raise ValueError(f"tensor '{name}' has data offsets [{begin}, {end}] for {nbytes} bytes "
+                                     f"(shape {shape}) in {data_bytes} bytes of data")
+                tensor = torch.empty(shape, dtype=dtype)
                 f.seek(8 + size + begin)
-                if f.readinto(data) != data.nbytes:
+                if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != nbytes:
                     raise ValueError(f"file ends inside tensor '{name}'")
                 yield name, tensor
-    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise LoadError(f"cannot read {file}: {type(e).__name__}: {e}") from None
 
 
 def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files: those the shard index names, else the one unsuffixed file, else all.
+    Variant files (name.fp16.safetensors) beside the main one are not read."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LoadError(f"cannot read {indexes[0]}: {type(e).__name__}: {e}") from None
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise LoadError(f"'{folder}' has no .safetensors file (found: {found}); native models load safetensors only")
-    return files
+    main = [f for f in files if f.name.count(".") == 1]
+    return main if len(main) == 1 else files
+
+
+def read_state(folder: Path, dtype_of) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's weight files, cast by `dtype_of(name)`; a name in two files is an error."""
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for file in safetensors_files(folder):
+        for name, tensor in iter_safetensors(file):
+            if name in state:
+                raise LoadError(f"tensor '{name}' is in both {origin[name]} and {file}")
+            state[name] = tensor.to(dtype_of(name)) if tensor.is_floating_point() else tensor
+            origin[name] = file
+    return state
 
 
 class Linear(torch.nn.Linear):
@@ -125,8 +163,7 @@ class NativeModel(torch.nn.Module):
         narrow = parse_dtype(matmul_dtype) if matmul_dtype is not None else torch_dtype
         linear = {f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, Linear)
                   for name, _ in module.named_parameters(recurse=False)}
-        state = {name: tensor.to(narrow if name in linear else torch_dtype) if tensor.is_floating_point() else tensor
-                 for file in safetensors_files(folder) for name, tensor in iter_safetensors(file)}
+        state = read_state(folder, lambda name: narrow if name in linear else torch_dtype)
         model.load_strict(state, source=str(folder))
         return model
 

@@ -87,3 +87,10 @@ def test_triton_wrappers_refuse_shapes_they_would_read_past():
         ops.rms_norm(x, rand(16))
     with pytest.raises(ValueError, match=r"apply_rope: cos and sin must be \[seq, head_dim\] = \[5, 8\]"):
         ops.apply_rope(rand(1, 5, 2, 8), rand(4, 8), rand(4, 8))
+
+
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+def test_rope_refuses_an_odd_head_dim(impl):
+    ops = get_kernels(impl) if impl != "reference" else reference
+    with pytest.raises(ValueError, match=r"apply_rope: head_dim must be even, got 7"):
+        ops.apply_rope(rand(1, 3, 2, 7), rand(3, 7), rand(3, 7))

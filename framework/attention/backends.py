@@ -26,6 +26,11 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def known_backends() -> list[str]:
+    """Installed backends plus the optional ones diffstage knows how to use."""
+    return sorted({*_BACKENDS, *_OPTIONAL})
+
+
 def get_backend(name: str) -> Backend:
     if name in _BACKENDS:
         return _BACKENDS[name]

@@ -34,6 +34,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
     interleaved: dims (0,1), (2,3), ... are the pairs; split_half: dim i pairs with
     dim i + head_dim/2 (the rotate-half layout)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"apply_rope: head_dim must be even, got {x.shape[-1]}")
     if layout == "interleaved":
         real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
         rotated = torch.stack([-imag, real], dim=-1).flatten(-2)

@@ -119,6 +119,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
     x = x.contiguous()
     out = torch.empty_like(x)
     batch, seq, heads, dim = x.shape
+    if dim % 2:
+        raise ValueError(f"apply_rope: head_dim must be even, got {dim}")
     if cos.shape != (seq, dim) or sin.shape != (seq, dim):
         raise ValueError(f"apply_rope: cos and sin must be [seq, head_dim] = {[seq, dim]}, got "
                          f"{list(cos.shape)} and {list(sin.shape)}")

@@ -133,6 +133,11 @@ class Attention(nn.Module):
         return attention(q, k, v, backend=backend).flatten(2)
 
 
+def clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Keep float16 activations finite, where Diffusers does."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
 class DoubleStreamBlock(nn.Module):
     """Text and image keep their own weights and attend jointly."""
 
@@ -155,7 +160,7 @@ class DoubleStreamBlock(nn.Module):
         img = ops.gated_residual(img, self.ff(ops.modulate(img, img_mod[3], img_mod[4])), img_mod[5])
         txt = ops.gated_residual(txt, self.attn.to_add_out(txt_attn), txt_mod[2])
         txt = ops.gated_residual(txt, self.ff_context(ops.modulate(txt, txt_mod[3], txt_mod[4])), txt_mod[5])
-        return img, txt
+        return img, clip_fp16(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -173,7 +178,7 @@ class SingleStreamBlock(nn.Module):
         normed = ops.modulate(x, shift, scale)
         attn = self.attn.attend(*self.attn.qkv(normed, ops), rope, ops, backend)
         mlp = F.gelu(self.proj_mlp(normed), approximate="tanh")
-        return ops.gated_residual(x, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
+        return clip_fp16(ops.gated_residual(x, self.proj_out(torch.cat([attn, mlp], dim=2)), gate))
 
 
 class OutputNorm(nn.Module):
@@ -189,7 +194,8 @@ class OutputNorm(nn.Module):
 
 
 class FluxTransformer(NativeModel):
-    """Drop-in for Diffusers' FluxTransformer2DModel (same config.json, same weights, same call)."""
+    """Drop-in for Diffusers' FluxTransformer2DModel: same config.json and weights, and the call
+    arguments FLUX pipelines pass (no ControlNet residuals or joint_attention_kwargs)."""
 
     repeated_blocks = ("transformer_blocks", "single_transformer_blocks")
 
