@@ -43,7 +43,7 @@ def resolve_kernels(name: str, device: str | torch.device = "cpu") -> str:
     """The implementation `name` stands for on `device`, checked to be usable there.
 
     auto: triton on CUDA when installed, else compiled on CUDA; reference on CPU, where
-    compiling each op costs ~15 s on first use that a short job never earns back (use
+    compiling the four ops costs ~15 s on first use that a short job never earns back (use
     runtime.compile=true there: whole blocks compile and Inductor fuses these ops)."""
     if name not in KERNEL_CHOICES:
         raise DiffstageError(f"unknown kernels '{name}'; choose one of: {', '.join(KERNEL_CHOICES)}")
