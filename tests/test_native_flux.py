@@ -285,3 +285,22 @@ def test_malformed_safetensors_headers_are_load_errors(tmp_path, header, data, m
     file.write_bytes((2 ** 62).to_bytes(8, "little") + b"{}")
     with pytest.raises(LoadError, match=r"header length 4611686018427387904 does not fit a 10-byte file"):
         list(iter_safetensors(file))
+
+
+def test_constructor_and_call_errors(saved):
+    reference, folder = saved
+    with pytest.raises(ValueError, match=r"axes_dims_rope \[4, 6, 4\] must sum to attention_head_dim \(16\)"):
+        FluxTransformer(**{**CONFIG, "axes_dims_rope": (4, 6, 4)})
+    if reference.config.guidance_embeds:
+        native = FluxTransformer.from_pretrained(folder)
+        with pytest.raises(ValueError, match=r"this FLUX transformer embeds the guidance scale: pass `guidance`"):
+            native(**{**inputs(True), "guidance": None})
+
+
+def test_header_that_is_not_an_object(tmp_path):
+    from diffstage.native import iter_safetensors
+
+    file = tmp_path / "list.safetensors"
+    write_raw_safetensors(file, [])  # type: ignore[arg-type]
+    with pytest.raises(LoadError, match=r"cannot read .*list\.safetensors: ValueError: header is not a JSON object"):
+        list(iter_safetensors(file))
