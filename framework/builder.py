@@ -25,6 +25,7 @@ from .kernels import resolve_kernels
 from .models_dir import model_yaml
 from .pipeline import Pipeline, make_request
 from .resolve import DEFAULT_ALLOWLIST, resolve
+from .run_config import check_run_config
 from .spec import ModelSpec, validate_spec
 from .stage import PipelineStage
 from .torch_utils import parse_device, parse_dtype
@@ -130,7 +131,7 @@ def execution_options(cfg: DictConfig, spec: ModelSpec, device: torch.device) ->
     matmul_dtype = runtime.get("matmul_dtype")
     if matmul_dtype is not None:
         parse_dtype(matmul_dtype)
-    return {"attention": backend, "kernels": kernels, "compile": bool(runtime.get("compile", False)),
+    return {"attention": backend, "kernels": kernels, "compile": runtime.get("compile", False),
             "matmul_dtype": matmul_dtype}
 
 
@@ -143,6 +144,11 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     `checked` passes a check_model() result for cfg.model the caller already has."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # an interpolation that does not resolve
+        raise DiffstageError(f"invalid run config: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    check_run_config(plain)
     checked = checked or check_model(cfg.model, allowlist=cfg.get("allowlist") or ())
     spec = checked.spec
     defaults = spec.sampling.model_dump()
@@ -162,13 +168,13 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     dtype = parse_dtype(runtime.get("dtype", "float32"))
     device = parse_device(runtime.get("device", "cpu"))
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
-                                  allow_pickle=bool(cfg.get("allow_pickle", False)),
+                                  allow_pickle=cfg.get("allow_pickle", False),
                                   allowlist=checked.allowlist, execution=execution_options(cfg, spec, device))
     stages = [early.get(p.index) or instantiate_stage(p, checked, modules) for p in checked.plan]
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config.pop("hydra", None)
     return Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),
-                    config={"run": run_config, "model": checked.data}, checkpoint=str(model_path))
+                    config={"run": run_config, "model": checked.data}, checkpoint=str(model_path), device=device)
 
 
 def build_pipeline(model: str | Path | None = None, *, model_path: str | Path | None = None,

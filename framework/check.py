@@ -7,6 +7,7 @@ reads that nothing produces, missing callbacks, and callbacks nothing calls."""
 from __future__ import annotations
 
 import inspect
+import json
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from .errors import DiffstageError, DisallowedPathError, Problem
+from .errors import DiffstageError, DisallowedPathError, Problem, shown
 from .loader import module_kind
 from .req import Req
 from .resolve import ALLOWLIST_HINT, disallowed_message, is_allowed, resolve
@@ -40,10 +41,25 @@ def stage_signature(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, 
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)  # keep Field(ge=...)
     except Exception:  # unresolvable forward refs: skip type checks, keep name checks
         hints = {}
     return params, hints, var_kw
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"a YAML {type(value).__name__} value ({shown(value)}) cannot be a stage argument; "
+                    "use a string, number, boolean, list or mapping")
+
+
+def _value_at(value: Any, loc: tuple) -> Any:
+    """The part of a YAML value that a pydantic error location points at (the whole value if unsure)."""
+    for part in loc:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return value
+    return value
 
 
 class _Checker:
@@ -107,26 +123,38 @@ class _Checker:
                 continue
             if name in cls.module_params:
                 if not isinstance(value, str):
-                    self.add(path, f"argument '{name}' must name a module (a string), got {value!r}", stage=cls.__name__)
+                    self.add(path, f"argument '{name}' must name a module (a string), got {shown(value)}",
+                             stage=cls.__name__)
                     ok = False
                 continue
             if name in hints:
-                try:
-                    adapter = TypeAdapter(hints[name])
-                except Exception:  # a type pydantic cannot check (a custom class): names were checked
-                    continue
-                try:
-                    adapter.validate_python(value)
-                except ValidationError as e:
-                    for err in e.errors():
-                        sub = path + tuple(err["loc"])
-                        self.add(sub, f"{err['msg']} (got {err.get('input')!r})", stage=cls.__name__)
-                    ok = False
+                ok = self._check_arg_value(path, hints[name], value, cls.__name__) and ok
         for name, p in params.items():
             if p.default is inspect.Parameter.empty and name not in args and name not in cls.module_params:
                 self.add(("stages", i), f"missing required argument '{name}'", stage=cls.__name__)
                 ok = False
         return ok
+
+    def _check_arg_value(self, path: tuple, hint: Any, value: Any, stage: str) -> bool:
+        """Strict, as JSON is: "16" is not an int and "no" is not a bool, so the stage gets exactly
+        the value the YAML wrote (a list where it takes a tuple is fine, as is 1 for a float)."""
+        try:
+            adapter = TypeAdapter(hint)
+        except Exception:  # a type pydantic cannot check (a custom class): names were checked
+            return True
+        try:
+            text = json.dumps(value, default=_not_json)
+        except (TypeError, ValueError) as e:
+            self.add(path, str(e), stage=stage)
+            return False
+        try:
+            adapter.validate_json(text, strict=True)
+        except ValidationError as e:
+            for err in e.errors():
+                sub = path + tuple(err["loc"])
+                self.add(sub, f"{err['msg']} (got {shown(_value_at(value, err['loc']))})", stage=stage)
+            return False
+        return True
 
     def _check_attention(self) -> None:
         backend = self.data.get("attention")

@@ -59,8 +59,21 @@ def _save(image, name: str, pipe, prompt: str, seed) -> None:
 
     meta = {"prompt": prompt, "seed": str(seed), "model": pipe.spec.name,
             "config": yaml.safe_dump(pipe.config, sort_keys=False, allow_unicode=True)}
-    path = save_png(image, Path(HydraConfig.get().runtime.output_dir) / name, meta)
+    wanted = Path(HydraConfig.get().runtime.output_dir) / name
+    path = save_png(image, wanted, meta)
+    if path != wanted:  # another run (or a folder) has that name: nothing is overwritten
+        print(f"note: {wanted} exists; wrote {path.name} beside it", file=sys.stderr)
     print(path.resolve(), flush=True)
+
+
+def _cli_output_type(cfg) -> None:
+    """The CLI writes PNGs, so it needs images; other output types are for Python callers."""
+    from .errors import DiffstageError
+
+    output_type = (cfg.get("sampling") or {}).get("output_type")
+    if output_type not in (None, "pil"):
+        raise DiffstageError(f"sampling.output_type={output_type} cannot be saved by the command line, which "
+                             "writes PNG images (output_type=pil); use output_type np/pt/latent from Python")
 
 
 def _generate_task(cfg) -> None:
@@ -69,6 +82,7 @@ def _generate_task(cfg) -> None:
 
     try:
         base = _output_name(cfg.output.filename)
+        _cli_output_type(cfg)
         request = {"prompt": cfg.prompt, "seed": cfg.seed}
         pipe = build_from_config(cfg, request=request)
         out = pipe(**request)
@@ -103,6 +117,7 @@ def _sheet_task(cfg) -> None:
 
     try:
         base = _output_name(cfg.output.filename)
+        _cli_output_type(cfg)
         checked = check_model(cfg.model, cfg.get("allowlist") or ())
         entries = _sheet_entries(cfg, checked.spec.examples)
         seeds = list(cfg.seeds) if cfg.get("seeds") is not None else [cfg.seed]
@@ -126,17 +141,36 @@ def _sheet_task(cfg) -> None:
 
 def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    from .errors import DiffstageError
+    from .errors import DiffstageError, OutputError
 
     app = hydra.main(version_base=None, config_path="pkg://diffstage.conf", config_name=config_name)(task)
     sys.argv = [f"diffstage {command}"] + argv
+    # Hydra prints a traceback for errors outside the task (a run directory it cannot create);
+    # HYDRA_FULL_ERROR makes it raise them instead, so they get one clear line here.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         app()
     except DiffstageError as e:
         _fail(e)
-    except SystemExit as e:  # Hydra reports its own errors (bad overrides) with exit 1
+    except (HydraException, OmegaConfBaseException) as e:  # bad overrides, config composition
+        cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
+        _fail(DiffstageError("\n".join(str(x).strip().splitlines()[0] if x is cause else str(x).strip()
+                                       for x in (e, cause) if x is not None)))
+    except OSError as e:  # the run directory: under a file, read-only, /sys, ...
+        where = f"'{e.filename}'" if e.filename else "the run directory"
+        _fail(OutputError(f"cannot create or write {where}: {e.strerror or e} (choose a writable folder with "
+                          "hydra.run.dir=... or, with -m, hydra.sweep.dir=...)"))
+    except SystemExit as e:  # Hydra reports usage errors with exit 1
         sys.exit(2 if e.code == 1 else e.code)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 def _generate(argv: list[str]) -> None:

@@ -2,7 +2,26 @@
 so the CLI can print it cleanly and exit 2 instead of showing a traceback."""
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
+from typing import Any
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = 80
+_SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+_SHOWN.maxlevel = 3
+MAX_SHOWN = 200  # characters of one value in a message
+
+
+def shown(value: Any) -> str:
+    """A user value as it appears in a message: repr, truncated. A YAML alias bomb or a
+    50 MB string must not turn into a 50 MB message (or hang while building one)."""
+    try:
+        text = _SHOWN.repr(value)
+    except Exception:  # a value whose __repr__ fails is still reported, by type
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
 
 
 class DiffstageError(Exception):
@@ -62,3 +81,18 @@ class LoadError(DiffstageError):
 
 class RequestError(DiffstageError):
     """A generation request is out of range or malformed."""
+
+
+class OutputError(DiffstageError):
+    """An output file or run directory cannot be written."""
+
+
+class ConcurrentUseError(DiffstageError):
+    """A pipeline was called again from inside one of its own runs."""
+
+
+def strict_bool(value: Any, key: str) -> bool:
+    """A config boolean: only true/false. `bool("no")` is True, so strings are refused, not guessed."""
+    if isinstance(value, bool):
+        return value
+    raise DiffstageError(f"{key} must be true or false, got {shown(value)} ({type(value).__name__})")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -19,7 +18,9 @@ from typing import Any
 
 import torch
 
-from .errors import DiffstageError, DisallowedPathError, LoadError, UnsafeCheckpointError
+from .checkpoint_files import check_module_folder, read_json_object
+from .errors import DiffstageError, DisallowedPathError, LoadError, UnsafeCheckpointError, strict_bool
+from .models_dir import looks_like_repo_id
 from .resolve import DEFAULT_ALLOWLIST, resolve
 from .spec import ModelSpec
 from .torch_utils import parse_dtype
@@ -45,12 +46,6 @@ load_count = 0  # modules actually loaded from disk (the cache tests read it)
 
 def clear_cache() -> None:
     _CACHE.clear()
-
-
-def looks_like_repo_id(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and os.sep not in parts[1] \
-        and not path.endswith((".json", ".yaml"))
 
 
 def resolve_checkpoint(model_path: str | os.PathLike, subfolders: Iterable[str]) -> Path:
@@ -141,11 +136,42 @@ def module_kind(cls: Any) -> str:
                     "a processor with from_pretrained")
 
 
+def _reports_loading_info(cls: type) -> bool:
+    """Diffusers' and Transformers' models can say which weights they did not find (others load strictly
+    themselves, like diffstage's native models, or are the author's responsibility)."""
+    bases = []
+    for path in ("diffusers.ModelMixin", "transformers.PreTrainedModel"):
+        try:
+            bases.append(resolve(path))
+        except DiffstageError:
+            pass
+    return issubclass(cls, tuple(bases))
+
+
+def _check_loading_info(name: str, folder: Path, info: dict) -> None:
+    """Missing weights would be left randomly initialised and unexpected ones ignored: both mean the
+    checkpoint does not match its config, which Diffusers and Transformers only log."""
+    problems = []
+    for key, what in (("missing_keys", "missing (they would be random)"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of the wrong shape")):
+        keys = sorted(str(k) for k in (info.get(key) or ()))
+        if keys:
+            shown_keys = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+            problems.append(f"{what}: {shown_keys}")
+    problems += [str(m) for m in info.get("error_msgs") or ()]
+    if problems:
+        raise LoadError(f"module '{name}': the weights in '{folder}' do not match its config.json; "
+                        + "; ".join(problems))
+
+
 def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, allow_pickle: bool,
                      execution: dict[str, Any] | None) -> Any:
     if module_kind(cls) == "config":
         return cls.from_pretrained(root, subfolder=subfolder)  # tokenizers, schedulers: no weights
     kwargs: dict[str, Any] = {"subfolder": subfolder, "use_safetensors": None if allow_pickle else True}
+    strict = _reports_loading_info(cls)
+    if strict:
+        kwargs["output_loading_info"] = True
     if execution and execution.get("matmul_dtype") and hasattr(cls, "configure_runtime"):
         kwargs["matmul_dtype"] = execution["matmul_dtype"]  # native: read the weights straight into it
     if cls.__module__.startswith("transformers."):
@@ -155,7 +181,11 @@ def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, 
         kwargs["dtype" if major >= 5 else "torch_dtype"] = dtype
     else:
         kwargs["torch_dtype"] = dtype
-    return cls.from_pretrained(root, **kwargs)
+    if not strict:
+        return cls.from_pretrained(root, **kwargs)
+    module, info = cls.from_pretrained(root, **kwargs)
+    _check_loading_info(subfolder, root / subfolder, info)
+    return module
 
 
 def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
@@ -165,13 +195,11 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
     """Load (or fetch from the cache) every module the spec lists. Modules with a
     `configure_runtime` method (native models) are configured with `execution`."""
     global load_count
+    allow_pickle = strict_bool(allow_pickle, "allow_pickle")
     allowlist = tuple(allowlist)
     subfolders = {n: spec.module_spec(n).subfolder or n for n in spec.modules}
     root = resolve_checkpoint(model_path, subfolders.values())
-    try:
-        index = json.loads((root / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LoadError(f"cannot read {root / 'model_index.json'}: {e}") from None
+    index = read_json_object(root / "model_index.json")
     if index.get("_class_name") != spec.pipeline_name:
         raise LoadError(f"checkpoint '{root}' is a {index.get('_class_name')}, but model '{spec.name}' "
                         f"serves {spec.pipeline_name}; pick the model YAML that matches this checkpoint")
@@ -192,6 +220,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         folder = root / sub
         if not folder.is_dir():
             raise LoadError(f"module '{name}': folder '{folder}' does not exist in the checkpoint")
+        check_module_folder(folder)
         check_safetensors(folder, name, allow_pickle)
         try:
             module = _from_pretrained(cls, root, sub, mdtype, allow_pickle, execution)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffstageError, Problem, SpecError
-from .models_dir import is_path, model_yaml
+from .errors import DiffstageError, Problem, SpecError, shown
+from .models_dir import is_path, looks_like_repo_id, model_yaml
 from .yaml_lines import KeyPath, LineMap, load_yaml_with_lines
 
 
@@ -47,11 +47,15 @@ def _base_file(ref: Any, child_file: Path, lines: LineMap) -> Path:
 
 
 def absolute_model_path(data: dict, file: Path) -> dict:
-    """A relative local `model_path` means relative to the YAML that says it, also when inherited."""
+    """A relative `model_path` means relative to the YAML that says it (also when inherited), never to
+    the working directory; 'org/name' with nothing of that name beside the YAML is a repo id."""
     path = data.get("model_path")
-    if isinstance(path, str) and not Path(path).is_absolute() and (file.parent / path).exists():
-        return {**data, "model_path": str((file.parent / path).resolve())}
-    return data
+    if not isinstance(path, str) or not path or Path(path).expanduser().is_absolute():
+        return data
+    local = file.parent / path
+    if looks_like_repo_id(path) and not local.exists():
+        return data
+    return {**data, "model_path": str(local.resolve())}
 
 
 def load_model_yaml(file: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[Any, LineMap]:
@@ -67,7 +71,11 @@ def load_model_yaml(file: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[An
         f, line = lines.where(("extends",))
         raise SpecError([Problem(f"`extends` forms a cycle: {chain}", key="extends", file=f, line=line)])
     base, base_lines = load_model_yaml(base_file, _chain + (file,))
+    if not isinstance(base, dict):
+        f, line = lines.where(("extends",))
+        raise SpecError([Problem(f"cannot extend '{base_file}': it holds {type(base).__name__} "
+                                 f"{shown(base)}, not a model YAML mapping", key="extends", file=f, line=line)])
     child = {k: v for k, v in data.items() if k != "extends"}
     replaced: set[KeyPath] = set()
-    merged = _merge(base if isinstance(base, dict) else {}, child, (), replaced)
+    merged = _merge(base, child, (), replaced)
     return merged, base_lines.overlay(lines, replaced)

@@ -24,6 +24,13 @@ def is_path(name_or_path: str) -> bool:
     return name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path or "/" in name_or_path
 
 
+def looks_like_repo_id(path: str) -> bool:
+    """'org/name', as Hugging Face repo ids are (a local path of that shape is checked first)."""
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and os.sep not in parts[1] \
+        and not path.endswith((".json", ".yaml"))
+
+
 def model_yaml(name_or_path: str) -> Path:
     """The YAML file for a shipped model name or a path to a user's own YAML."""
     name_or_path = str(name_or_path)
@@ -31,8 +38,10 @@ def model_yaml(name_or_path: str) -> Path:
         path = Path(name_or_path).expanduser()
         if path.is_dir():
             raise DiffstageError(f"model YAML '{name_or_path}' is a directory; give the .yaml file inside it")
-        if not path.is_file():
+        if not path.exists():
             raise DiffstageError(f"model YAML '{name_or_path}' does not exist")
+        if not path.is_file():
+            raise DiffstageError(f"model YAML '{name_or_path}' is not a regular file (a FIFO or device?)")
         return path.resolve()
     models = available_models()
     if name_or_path not in models:

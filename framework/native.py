@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .attention import get_backend
 from .attention.layer import DEFAULT_BACKEND
-from .errors import LoadError
+from .checkpoint_files import read_json_object, require_regular_file, shard_files
+from .errors import LoadError, strict_bool
 from .kernels import get_kernels
 from .torch_utils import parse_dtype
 
@@ -82,12 +83,10 @@ def safetensors_files(folder: Path) -> list[Path]:
     Variant files (name.fp16.safetensors) beside the main one are not read."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()))]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise LoadError(f"cannot read {indexes[0]}: {type(e).__name__}: {e}") from None
+        return shard_files(indexes[0])
     files = sorted(folder.glob("*.safetensors"))
+    for file in files:
+        require_regular_file(file)
     if not files:
         found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise LoadError(f"'{folder}' has no .safetensors file (found: {found}); native models load safetensors only")
@@ -148,10 +147,7 @@ class NativeModel(torch.nn.Module):
         read: `torch_dtype`, or `matmul_dtype` for Linear weights when given."""
         folder = Path(root) / (subfolder or "")
         config_file = folder / "config.json"
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise LoadError(f"cannot read {config_file}: {e}") from None
+        config = read_json_object(config_file)
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
         unknown = sorted(set(kwargs) - accepted)
@@ -194,7 +190,7 @@ class NativeModel(torch.nn.Module):
             for module in self.modules():
                 if isinstance(module, Linear):
                     module.to(dtype)
-        if compile:
+        if strict_bool(compile, "runtime.compile"):
             for name in self.repeated_blocks:
                 for block in getattr(self, name):
                     block.compile(dynamic=True)

@@ -1,13 +1,15 @@
 """Pipeline: runs a Req through the checked stages and records per-stage time and memory."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import RequestError
+from .errors import ConcurrentUseError, RequestError
+from .memory import check_fits
 from .req import Req
 from .spec import ModelSpec, did_you_mean
 from .stage import PipelineStage
@@ -37,7 +39,8 @@ class PipelineOutput:
 class Pipeline:
     def __init__(self, spec: ModelSpec, stages: list[PipelineStage], modules: dict[str, Any],
                  defaults: dict[str, Any] | None = None, source: str | None = None,
-                 config: dict[str, Any] | None = None, checkpoint: str | None = None):
+                 config: dict[str, Any] | None = None, checkpoint: str | None = None,
+                 device: torch.device | str = "cpu"):
         self.spec = spec
         self.stages = list(stages)
         self.modules = modules
@@ -45,6 +48,10 @@ class Pipeline:
         self.source = source  # the model YAML file
         self.config = config or {}  # the resolved run config, for provenance
         self.checkpoint = checkpoint  # where the modules were loaded from
+        self.device = torch.device(device)  # where the stages allocate (for the memory check)
+        # Stages share stateful modules (a scheduler keeps its timesteps): one run at a time.
+        self._lock = threading.Lock()
+        self._running_in: int | None = None  # thread id of the run in progress
 
     def stage_labels(self) -> list[str]:
         return [f"{i}:{type(s).__name__}" for i, s in enumerate(self.stages)]
@@ -56,8 +63,33 @@ class Pipeline:
         """Generate, like a Diffusers pipeline: `pipe(prompt, seed=0, num_inference_steps=4).images[0]`."""
         return self.run(self.make_request(prompt=prompt, **kwargs))
 
-    @torch.inference_mode()
+    def check_request(self, req: Req) -> None:
+        """Every stage's objections to `req`, then the memory it would need; raises RequestError."""
+        problems = [msg for stage in self.stages for msg in stage.request_problems(req)]
+        if problems:
+            raise RequestError("invalid request:\n" + "\n".join(f"  - {m}" for m in problems))
+        estimates: dict[str, int] = {}
+        for stage in self.stages:
+            for what, n in stage.memory_estimate(req).items():
+                estimates[what] = estimates.get(what, 0) + n
+        check_fits(estimates, self.device)
+
     def run(self, req: Req) -> PipelineOutput:
+        """Run `req` through the stages. Calls from several threads take turns; a call from inside a
+        run (a callback or step hook calling the pipeline) is refused, as it would corrupt that run."""
+        if self._running_in == threading.get_ident():
+            raise ConcurrentUseError("this pipeline was called from inside one of its own runs (a callback or step "
+                                     "hook calling it); a run must finish before the next one starts")
+        with self._lock:
+            self._running_in = threading.get_ident()
+            try:
+                self.check_request(req)
+                return self._run_stages(req)
+            finally:
+                self._running_in = None
+
+    @torch.inference_mode()
+    def _run_stages(self, req: Req) -> PipelineOutput:
         timings, memory = {}, {}
         cuda = torch.cuda.is_available()
         for label, stage in zip(self.stage_labels(), self.stages):

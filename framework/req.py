@@ -68,6 +68,14 @@ class Req:
     def state_fields(cls) -> set[str]:
         return cls.field_names("state")
 
-    def prompts(self) -> list[str]:
+    def prompts(self) -> list:
+        """The prompts as a list (items are not checked here: InputValidationStage does that)."""
         p = self.prompt
-        return [p] if isinstance(p, str) else list(p or [])
+        if p is None:
+            return []
+        return list(p) if isinstance(p, (list, tuple)) else [p]
+
+    def requested_batch_size(self) -> int:
+        """Prompts times images per prompt: the batch the stages will run."""
+        n = self.num_images_per_prompt
+        return len(self.prompts()) * (n if isinstance(n, int) and not isinstance(n, bool) else 1)

@@ -45,12 +45,28 @@ def check_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> No
         raise DisallowedPathError(f"{disallowed_message(path, allowlist)} ({ALLOWLIST_HINT})")
 
 
+_UNKNOWN = "<unknown module>"  # never under an allowlist prefix
+
+
 def _home(obj: Any) -> str | None:
-    """The module an object was defined in (or is), for re-exports like 'torch.os.system'."""
+    """The module an object was defined in (or is), for re-exports like 'torch.os.system'.
+
+    Built-in bound methods (`sys.stdout.write` kept as a module attribute) have no `__module__`:
+    their owner's module counts. A callable whose home cannot be told is refused."""
     if isinstance(obj, types.ModuleType):
         return obj.__name__
     home = getattr(obj, "__module__", None)
-    return home if isinstance(home, str) else None
+    if isinstance(home, str):
+        return home
+    owner = getattr(obj, "__self__", None)
+    if owner is None:
+        owner = getattr(obj, "__objclass__", None)
+    if owner is not None:
+        if isinstance(owner, types.ModuleType):
+            return owner.__name__
+        owner_home = getattr(owner if isinstance(owner, type) else type(owner), "__module__", None)
+        return owner_home if isinstance(owner_home, str) else _UNKNOWN
+    return _UNKNOWN if callable(obj) else None
 
 
 def resolve(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import Problem
+from .errors import Problem, shown
 from .yaml_lines import LineMap, format_key
 
 
@@ -141,7 +141,7 @@ def validate_spec(data: Any, file: str, lines: LineMap) -> tuple[ModelSpec | Non
             elif err["type"] == "missing":
                 msg = f"missing required key '{loc[-1]}'"
             else:
-                msg = f"{err['msg']} (got {err.get('input')!r})"
+                msg = f"{err['msg']} (got {shown(err.get('input'))})"
             where_file, line = lines.where(loc)
             problems.append(Problem(msg, key=format_key(loc), file=where_file or file, line=line, hint=hint))
         return None, problems

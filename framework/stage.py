@@ -128,8 +128,14 @@ class PipelineStage:
         return self.writes
 
     def request_problems(self, req: Req) -> list[str]:
-        """Problems with a request this stage can see before any weight loads (default: none)."""
+        """Problems with a request this stage can see before it runs (default: none). Stages without
+        modules are asked before any weight loads; every stage is asked before each run."""
         return []
+
+    def memory_estimate(self, req: Req) -> dict[str, int]:
+        """Bytes this stage will allocate for `req`, by what for ({"latents": n, ...}); the pipeline
+        refuses a request whose stages' estimates add up to more than is free (default: nothing)."""
+        return {}
 
     def __call__(self, req: Req) -> Req:
         name = type(self).__name__

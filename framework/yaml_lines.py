@@ -1,9 +1,18 @@
 """Load a YAML file together with a map from key path to line number.
 
 OmegaConf and PyYAML's safe_load keep no positions, but every error we report
-must name the line, so we walk PyYAML's node tree ourselves."""
+must name the line, so we walk PyYAML's node tree ourselves.
+
+A model YAML may come from anywhere, so the reader is defensive: it reads only
+regular files up to MAX_YAML_BYTES, refuses control characters, and measures
+nesting depth (on the token stream, before PyYAML's recursive composer runs)
+and the size of the document with its aliases expanded (a "billion laughs"
+file is 1 KB of text and gigabytes of data)."""
 from __future__ import annotations
 
+import os
+import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +21,13 @@ import yaml
 from .errors import Problem, SpecError
 
 KeyPath = tuple  # of str | int
+
+MAX_YAML_BYTES = 1 << 20  # model YAMLs are a few KB
+MAX_DEPTH = 64  # nesting levels; real model YAMLs use fewer than 10
+MAX_NODES = 50_000  # values in the document with aliases expanded
+
+# What YAML itself forbids (the same set PyYAML's reader refuses, with a traceback).
+_NOT_PRINTABLE = re.compile("[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
 
 
 def format_key(path: KeyPath) -> str:
@@ -85,19 +101,110 @@ def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], duplicates:
             _walk(item, path + (i,), lines, duplicates, visited)
 
 
+def _fail(file: str, message: str, line: int | None = None) -> SpecError:
+    return SpecError([Problem(message, file=file, line=line)])
+
+
+def read_yaml_text(file: str) -> str:
+    """The text of a YAML file: a regular file (not a FIFO or device), at most MAX_YAML_BYTES, UTF-8,
+    without control characters."""
+    try:
+        info = os.stat(file)
+        if not stat.S_ISREG(info.st_mode):
+            raise _fail(file, "not a regular file (a directory, FIFO or device cannot be a model YAML)")
+        if info.st_size > MAX_YAML_BYTES:
+            raise _fail(file, f"file is {info.st_size:,} bytes; a model YAML may be at most {MAX_YAML_BYTES:,}")
+        with open(file, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except FileNotFoundError:
+        raise _fail(file, "file not found") from None
+    except OSError as e:
+        raise _fail(file, f"cannot read file: {e.strerror or e}") from None
+    if len(data) > MAX_YAML_BYTES:  # it grew after stat
+        raise _fail(file, f"file is over {MAX_YAML_BYTES:,} bytes, the most a model YAML may be")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise _fail(file, f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})", line) from None
+    bad = _NOT_PRINTABLE.search(text)
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        column = bad.start() - (text.rfind("\n", 0, bad.start()) + 1) + 1
+        raise _fail(file, f"control character U+{ord(bad.group()):04X} at column {column}; YAML allows only tab "
+                          "and newline (write others as escapes, e.g. \"\\a\", in a double-quoted string)", line)
+    return text
+
+
+_OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+         yaml.FlowSequenceStartToken)
+_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def check_nesting(text: str, file: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH. PyYAML's scanner is iterative, its composer recursive:
+    counting on the tokens stops `[[[[...` long before a RecursionError."""
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _fail(file, f"nested more than {MAX_DEPTH} levels deep (at column "
+                                  f"{token.start_mark.column + 1}); a model YAML needs far fewer",
+                            token.start_mark.line + 1)
+        elif isinstance(token, _CLOSE):
+            depth -= 1
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def check_expanded_size(root: yaml.Node, file: str) -> None:
+    """Refuse a document whose aliases expand to more than MAX_NODES values, or nest deeper than
+    MAX_DEPTH, or refer to themselves. Iterative, with each shared node measured once."""
+    size: dict[int, tuple[int, int]] = {}  # node id -> (values, depth) once measured
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            kids = [size[id(k)] for k in _children(node)]
+            count = 1 + sum(k[0] for k in kids)
+            depth = 1 + max((k[1] for k in kids), default=0)
+            line = node.start_mark.line + 1
+            if count > MAX_NODES:
+                raise _fail(file, f"the value here expands to more than {MAX_NODES:,} values through its "
+                                  "aliases (*name); a model YAML needs far fewer", line)
+            if depth > MAX_DEPTH:
+                raise _fail(file, f"the value here nests more than {MAX_DEPTH} levels deep through its "
+                                  "aliases (*name)", line)
+            size[key] = (count, depth)
+            on_path.discard(key)
+        elif key in on_path:
+            raise _fail(file, "an alias (*name) refers to a value that contains it", node.start_mark.line + 1)
+        elif key not in size:
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+
+
 def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
     """Parse a YAML file safely. A syntax error raises SpecError with file and line; duplicate
     keys are left in `LineMap.problems` so they are reported along with everything else."""
     file = str(file)
-    try:
-        text = Path(file).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([Problem("file not found", file=file)]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError([Problem(f"cannot read file: {e}", file=file)]) from None
+    text = read_yaml_text(file)
     loader = yaml.SafeLoader(text)
     try:
+        check_nesting(text, file)
         node = loader.get_single_node()
+        if node is not None:
+            check_expanded_size(node, file)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffstage.memory import config_value
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, PipelineStage
 from diffstage.torch_utils import module_device, module_dtype
@@ -45,6 +46,20 @@ class DecodingStage(PipelineStage):
         latents = latents / cfg.scaling_factor
         shift = getattr(cfg, "shift_factor", None)
         return latents + shift if shift is not None else latents
+
+    def memory_estimate(self, req: Req) -> dict[str, int]:
+        if req.output_type == "latent":
+            return {}
+        b = req.batch_size if req.batch_size is not None else req.requested_batch_size()
+        h, w = req.height, req.width
+        itemsize = module_dtype(self.vae).itemsize
+        channels = list(config_value(self.vae, "block_out_channels") or [128])
+        # The decoder's widest activation: level i runs at 1/4**i of the pixels, with block_out_channels[i]
+        # channels and the upsampled output of level i+1 as its input; a resnet block holds its input,
+        # its output, a normalised copy and the residual (measured: 4x is within 10% of the peak RSS).
+        widest = max(max(channels[i:i + 2]) * h * w // 4 ** i for i in range(len(channels)))
+        return {"VAE decode": 4 * b * widest * itemsize,
+                "decoded images": b * 3 * h * w * (itemsize + 4 + 1)}  # tensor, float32 array, 8-bit image
 
     @torch.no_grad()
     def forward(self, req: Req) -> Req:

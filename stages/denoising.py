@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from diffstage.errors import RequestError
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
 
@@ -99,5 +100,9 @@ class DenoisingStage(PipelineStage):
                 if out is not None:
                     noise_pred = out
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if not bool(torch.isfinite(latents).all()):  # one reduction a step; NaN never recovers
+                raise RequestError(f"{type(self).__name__}: the latents became NaN or infinite at step {i + 1} of "
+                                   f"{len(req.timesteps)} (timestep {float(t):g}); the model diverged: try a lower "
+                                   "guidance scale, float32 (runtime.dtype), or another seed")
         req.latents = latents
         return req

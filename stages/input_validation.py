@@ -1,15 +1,20 @@
 """InputValidationStage: range-check the request and decide on guidance, before any work."""
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
-from diffstage.errors import RequestError
+from diffstage.errors import RequestError, shown
 from diffstage.req import Req
 from diffstage.stage import PipelineStage
 
 CFG_SCALE_FIELDS = ("guidance_scale", "true_cfg_scale")
+# What torch.Generator.manual_seed accepts (a negative seed wraps around, as in torch).
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def _is_int(v) -> bool:
@@ -37,7 +42,8 @@ class InputValidationStage(PipelineStage):
     optional_reads = ("seed", "negative_prompt", "guidance_scale", "true_cfg_scale", "max_sequence_length")
     writes = ("batch_size", "generator", "do_cfg", "cfg_scale")
 
-    def __init__(self, multiple_of: int = 1, max_steps: int = 1000, max_sequence_length_limit: int | None = None,
+    def __init__(self, multiple_of: Annotated[int, Field(ge=1)] = 1, max_steps: Annotated[int, Field(ge=1)] = 1000,
+                 max_sequence_length_limit: Annotated[int, Field(ge=1)] | None = None,
                  cfg_scale_field: Literal["guidance_scale", "true_cfg_scale"] = "guidance_scale",
                  cfg_needs_negative_prompt: bool = True):
         super().__init__()
@@ -55,7 +61,7 @@ class InputValidationStage(PipelineStage):
         if errors:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {e}" for e in errors))
 
-        req.batch_size = len(req.prompts()) * req.num_images_per_prompt
+        req.batch_size = req.requested_batch_size()
         # seed=N means what Diffusers' torch.Generator("cpu").manual_seed(N) means.
         req.generator = torch.Generator("cpu")
         if req.seed is not None:
@@ -73,35 +79,47 @@ class InputValidationStage(PipelineStage):
         errors = []
         prompts = req.prompts()
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            errors.append(f"prompt must be a string or a non-empty list of strings, got {req.prompt!r}")
+            errors.append(f"prompt must be a string or a non-empty list of strings, got {shown(req.prompt)}")
         for name in ("prompt_2", "negative_prompt"):
             value = getattr(req, name)
-            if value is None:
-                continue
-            if isinstance(value, str):
+            if value is None or isinstance(value, str):
                 continue  # one string applies to every prompt
             if not isinstance(value, (list, tuple)) or len(value) != len(prompts) or \
                     not all(isinstance(v, str) for v in value):
-                errors.append(f"{name} must be a string or a list of strings as long as prompt, got {value!r}")
+                errors.append(f"{name} must be a string or a list of strings as long as prompt, got {shown(value)}")
         for name in ("height", "width"):
             v = getattr(req, name)
             if not _is_int(v) or v <= 0 or v % self.multiple_of:
-                errors.append(f"{name} must be a positive multiple of {self.multiple_of}, got {v!r}")
+                errors.append(f"{name} must be a positive multiple of {self.multiple_of}, got {shown(v)}")
         steps = req.num_inference_steps
         if not _is_int(steps) or not 1 <= steps <= self.max_steps:
-            errors.append(f"num_inference_steps must be an integer in [1, {self.max_steps}], got {steps!r}")
+            errors.append(f"num_inference_steps must be an integer in [1, {self.max_steps}], got {shown(steps)}")
         for name in CFG_SCALE_FIELDS:
             v = getattr(req, name)
-            if v is not None and (not _is_number(v) or v < 0):
-                errors.append(f"{name} must be a number >= 0, got {v!r}")
+            if v is not None and (not _is_number(v) or not math.isfinite(v) or v < 0):
+                errors.append(f"{name} must be a finite number >= 0, got {shown(v)}")
         msl, limit = req.max_sequence_length, self.max_sequence_length_limit
         if msl is not None and (not _is_int(msl) or msl <= 0 or (limit and msl > limit)):
             bound = f"in [1, {limit}]" if limit else ">= 1"
-            errors.append(f"max_sequence_length must be an integer {bound}, got {msl!r}")
+            errors.append(f"max_sequence_length must be an integer {bound}, got {shown(msl)}")
         if not _is_int(req.num_images_per_prompt) or req.num_images_per_prompt < 1:
-            errors.append(f"num_images_per_prompt must be an integer >= 1, got {req.num_images_per_prompt!r}")
-        if req.output_type not in ("pil", "np", "pt", "latent"):
-            errors.append(f"output_type must be one of pil, np, pt, latent, got {req.output_type!r}")
-        if req.seed is not None and not _is_int(req.seed):
-            errors.append(f"seed must be an integer, got {req.seed!r}")
+            errors.append(f"num_images_per_prompt must be an integer >= 1, got {shown(req.num_images_per_prompt)}")
+        if req.output_type not in OUTPUT_TYPES:
+            errors.append(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {shown(req.output_type)}")
+        if req.seed is not None and (not _is_int(req.seed) or not SEED_MIN <= req.seed <= SEED_MAX):
+            errors.append(f"seed must be an integer in [-2**63, 2**64 - 1], got {shown(req.seed)}")
+        errors += input_latents_problems(req.input_latents)
         return errors
+
+
+def input_latents_problems(latents) -> list[str]:
+    """Type, dtype and values of caller-supplied latents (their shape is the latent stage's to check)."""
+    if latents is None:
+        return []
+    if not isinstance(latents, torch.Tensor):
+        return [f"input_latents must be a torch.Tensor, got {type(latents).__name__} {shown(latents)}"]
+    if not latents.is_floating_point():
+        return [f"input_latents must be a floating-point tensor, got dtype {latents.dtype}"]
+    if latents.device.type != "meta" and not bool(torch.isfinite(latents).all()):
+        return ["input_latents contains NaN or infinite values"]
+    return []

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from diffstage.errors import RequestError
+from diffstage.memory import config_value, numel
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, PipelineStage
 from diffstage.torch_utils import module_device, module_dtype
+
+# Largest activation of a transformer block, in units of tokens x width (q, k, v, attention
+# output, a 4x MLP hidden and its activation): a rough upper bound for one forward pass.
+ACTIVATION_WIDTHS = 12
 
 
 class LatentPreparationStage(PipelineStage):
@@ -39,12 +45,52 @@ class LatentPreparationStage(PipelineStage):
     def default_position_ids(req, settings):
         return None
 
-    def forward(self, req: Req) -> Req:
+    def raw_shape(self, req: Req) -> tuple[int, ...]:
+        """The unpacked latent shape for the whole batch, [B, C, H, W] (also before batch_size is set,
+        for the checks that run before the stages)."""
         c, h, w = self.callback("latent_shape")(req, self.settings, self.transformer, self.vae)
-        shape = (req.batch_size, c, h, w)
+        batch = req.batch_size if req.batch_size is not None else req.requested_batch_size()
+        return (batch, int(c), int(h), int(w))
+
+    def packed_shape(self, raw: tuple[int, ...], req: Req) -> tuple[int, ...]:
+        """The shape `pack` gives noise of shape `raw`, found on the meta device (nothing allocated)."""
+        return tuple(self.callback("pack")(torch.empty(raw, device="meta"), req, self.settings).shape)
+
+    def request_problems(self, req: Req) -> list[str]:
+        if not isinstance(req.input_latents, torch.Tensor):
+            return []  # InputValidationStage reports other types
+        try:
+            expected = self.packed_shape(self.raw_shape(req), req)
+        except Exception:  # sizes the other checks refuse; the shape check waits for them
+            return []
+        if tuple(req.input_latents.shape) != expected:
+            return [f"input_latents has shape {list(req.input_latents.shape)}, but this request (batch, height, "
+                    f"width) needs {list(expected)}"]
+        return []
+
+    def memory_estimate(self, req: Req) -> dict[str, int]:
+        raw = self.raw_shape(req)
+        itemsize = module_dtype(self.transformer).itemsize
+        if numel(raw) >= 2 ** 60:  # past what a tensor can have: no need to look closer
+            return {"latents": numel(raw) * itemsize}
+        packed = self.packed_shape(raw, req)
+        # noise, its packed copy, the model's prediction and the scheduler's next sample
+        out = {"latents": 4 * numel(packed) * itemsize}
+        heads, head_dim = config_value(self.transformer, "num_attention_heads"), \
+            config_value(self.transformer, "attention_head_dim")
+        width = heads * head_dim if heads and head_dim else config_value(self.transformer, "hidden_size", "inner_dim")
+        if isinstance(width, int) and len(packed) == 3:  # [B, tokens, channels]: a token model
+            out["transformer activations"] = ACTIVATION_WIDTHS * packed[0] * packed[1] * width * itemsize
+        return out
+
+    def forward(self, req: Req) -> Req:
+        shape = self.raw_shape(req)
         device, dtype = module_device(self.transformer), module_dtype(self.transformer)
         req.raw_latent_shape = shape
         if req.input_latents is not None:
+            expected = self.packed_shape(shape, req)
+            if tuple(req.input_latents.shape) != expected:
+                raise RequestError(self.request_problems(req)[0])
             req.latents = req.input_latents.to(device=device, dtype=dtype)
         else:
             noise = torch.randn(shape, generator=req.generator, device=req.generator.device, dtype=dtype)

@@ -137,7 +137,7 @@ def test_request_out_of_range_fails_before_loading(tiny_flux_dev, tmp_path):
             f"hydra.run.dir={tmp_path}", *SMALL[:1])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "height must be a positive multiple of 16, got 30" in r.stderr
-    assert "seed must be an integer, got 'abc'" in r.stderr
+    assert "seed must be an integer in [-2**63, 2**64 - 1], got 'abc'" in r.stderr
     assert "loaded transformer" not in r.stderr  # nothing was loaded
 
 

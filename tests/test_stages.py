@@ -150,11 +150,11 @@ def test_validation_collects_every_problem_in_one_error():
         "  - height must be a positive multiple of 16, got 30",
         "  - width must be a positive multiple of 16, got 0",
         "  - num_inference_steps must be an integer in [1, 50], got 51",
-        "  - guidance_scale must be a number >= 0, got -1",
+        "  - guidance_scale must be a finite number >= 0, got -1",
         "  - max_sequence_length must be an integer in [1, 64], got 100",
         "  - num_images_per_prompt must be an integer >= 1, got 0",
         "  - output_type must be one of pil, np, pt, latent, got 'gif'",
-        "  - seed must be an integer, got 1.5",
+        "  - seed must be an integer in [-2**63, 2**64 - 1], got 1.5",
     ]
     assert req.batch_size is None and req.generator is None  # nothing written
 
@@ -163,8 +163,8 @@ def test_validation_collects_every_problem_in_one_error():
     (dict(prompt=[]), "prompt must be a string or a non-empty list of strings, got []"),
     (dict(height=True), "height must be a positive multiple of 1, got True"),
     (dict(num_inference_steps=2.0), "num_inference_steps must be an integer in [1, 1000], got 2.0"),
-    (dict(seed=True), "seed must be an integer, got True"),
-    (dict(true_cfg_scale="2"), "true_cfg_scale must be a number >= 0, got '2'"),
+    (dict(seed=True), "seed must be an integer in [-2**63, 2**64 - 1], got True"),
+    (dict(true_cfg_scale="2"), "true_cfg_scale must be a finite number >= 0, got '2'"),
 ])
 def test_validation_single_problem(kw, message):
     with pytest.raises(RequestError) as e:

@@ -1,0 +1,398 @@
+"""Hostile and careless input, one representative case per failure class of the hardening fuzz
+(issue 8): each ends in a DiffstageError (exit 2 from the CLI, no traceback), in seconds, with
+nothing written outside the run directory and no image lost."""
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, line_of, problems_of
+from test_cli import EXE, run
+from diffstage import (DiffstageError, LoadError, RequestError, SpecError, UnsafeCheckpointError, build_pipeline,
+                       check_model)
+from diffstage import loader, memory
+from diffstage.errors import ConcurrentUseError, shown
+
+DIGITS = REPO / "pipelines_yaml" / "digits.yaml"
+FAST = ["sampling.num_inference_steps=2"]
+
+
+def clean_exit_2(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in r.stderr, r.stderr
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.png") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def digits_pipe():
+    return build_pipeline("digits", overrides=FAST)
+
+
+@pytest.fixture
+def pickled_vae_ckpt(tiny_flux_dev, tmp_path):
+    ckpt = tmp_path / "pickled"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(ckpt / "vae")
+    (ckpt / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    vae.save_pretrained(ckpt / "vae", safe_serialization=False)
+    return ckpt
+
+
+# 1. booleans: only true/false ----------------------------------------------------------
+@pytest.mark.parametrize("value", ["no", "\"'false'\"", "0", "yes"])
+def test_allow_pickle_takes_only_booleans(pickled_vae_ckpt, tmp_path, value):
+    r = run("generate", "model=flux", f"model_path={pickled_vae_ckpt}", f"allow_pickle={value}",
+            f"hydra.run.dir={tmp_path / 'run'}", *FAST)
+    clean_exit_2(r, "allow_pickle must be true or false, got")
+    assert not pngs(tmp_path)
+
+
+def test_boolean_strings_refused_from_python_too(pickled_vae_ckpt):
+    with pytest.raises(DiffstageError, match=r"runtime.compile must be true or false, got 'no' \(str\)"):
+        build_pipeline("flux", model_path=pickled_vae_ckpt, overrides=["runtime.compile=no"])
+    spec = check_model("flux").spec
+    loader.clear_cache()
+    with pytest.raises(DiffstageError, match="allow_pickle must be true or false, got 'false'"):
+        loader.load_modules(spec, pickled_vae_ckpt, allow_pickle="false")
+    with pytest.raises(UnsafeCheckpointError):  # and false stays false
+        loader.load_modules(spec, pickled_vae_ckpt, allow_pickle=False)
+
+
+# 2. user values in messages are truncated ----------------------------------------------
+ALIAS_BOMB = "".join(f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9 if p else ["lol"] * 9) + "]\n"
+                     for p, c in zip([None, "a", "b", "c"], "abcd"))
+
+
+@pytest.mark.parametrize("old, new", [
+    ("description: FLUX.1 [dev]", "description: *d\nsummary: FLUX.1 [dev]"),  # a string field
+    ("  height: 1024\n", "  height: *d\n"),  # a sampling number
+    ("    multiple_of: 16\n", "    multiple_of: *d\n"),  # a stage argument
+])
+def test_alias_bomb_is_refused_quickly_with_a_short_message(flux_yaml_variant, old, new):
+    """6,561 values behind one alias: under the reader's limit, so the messages must stay short."""
+    path = flux_yaml_variant((old, new))
+    path.write_text(ALIAS_BOMB + path.read_text())
+    start = time.monotonic()
+    r = run("validate", str(path))
+    assert time.monotonic() - start < 30
+    clean_exit_2(r, f"{path}:")
+    assert len(r.stderr) < 4000 and r.stderr.count("\n") < 12
+
+
+def test_bigger_alias_bombs_are_refused_by_the_reader(tmp_path):
+    levels = ALIAS_BOMB + "e: &e [" + ", ".join(["*d"] * 9) + "]\nf: &f [" + ", ".join(["*e"] * 9) + "]\n"
+    path = tmp_path / "bomb.yaml"
+    path.write_text("name: x\n" + levels)
+    problems = problems_of(path)
+    assert len(problems) == 1 and "expands to more than 50,000 values through its aliases" in problems[0].message
+    assert problems[0].line == line_of(path, "e: &e")  # 9**5 values: the first over the limit
+
+
+def test_shown_truncates():
+    assert len(shown("x" * 10_000)) < 100
+    nested = [[[[list(range(100))] * 9] * 9] * 9] * 9
+    assert len(shown(nested)) < 400
+
+
+# 3. concurrent runs into one run directory lose no image ------------------------------
+def test_four_concurrent_runs_into_one_directory_leave_four_images(tmp_path):
+    cmd = [str(EXE), "generate", f"hydra.run.dir={tmp_path / 'run'}", *FAST]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(cmd + [f"seed={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for i in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    printed = [Path(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert len(set(printed)) == 4 and set(printed) == set(pngs(tmp_path))
+    from PIL import Image
+
+    assert {Image.open(p).text["seed"] for p in printed} == {"0", "1", "2", "3"}
+
+
+def test_a_folder_named_like_the_image_is_not_lost(tmp_path):
+    (tmp_path / "run" / "image.png").mkdir(parents=True)
+    r = run("generate", f"hydra.run.dir={tmp_path / 'run'}", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip().splitlines()[-1]) == tmp_path / "run" / "image-1.png"
+    assert "exists; wrote image-1.png beside it" in r.stderr
+
+
+def test_save_png_never_replaces_a_file(tmp_path):
+    from PIL import Image
+
+    from diffstage.png import save_png
+
+    image = Image.new("RGB", (4, 4))
+    (tmp_path / "a.png").write_bytes(b"precious")
+    written = save_png(image, tmp_path / "a.png", {"k": "v"})
+    assert written == tmp_path / "a-1.png" and (tmp_path / "a.png").read_bytes() == b"precious"
+    assert save_png(image, tmp_path / "a.png", {}) == tmp_path / "a-2.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-1.png", "a-2.png", "a.png"]  # no temporary left
+
+
+# 4. one pipeline, several threads ------------------------------------------------------
+def test_one_pipeline_from_two_threads_gives_the_serial_images(digits_pipe):
+    serial = {seed: digits_pipe("a handwritten digit two", seed=seed, output_type="np").images for seed in (1, 2)}
+    results, errors = {}, []
+
+    def call(seed):
+        try:
+            results[seed] = digits_pipe("a handwritten digit two", seed=seed, output_type="np").images
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(seed,)) for seed in (1, 2, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for seed in (1, 2):
+        assert (results[seed] == serial[seed]).all()
+
+
+def test_calling_the_pipeline_from_inside_its_run_is_refused(digits_pipe):
+    denoise = next(s for s in digits_pipe.stages if type(s).__name__ == "DenoisingStage")
+    denoise.add_step_hook(lambda stage, req, i, t, pred: digits_pipe("a handwritten digit two", seed=0))
+    try:
+        with pytest.raises(ConcurrentUseError, match="called from inside one of its own runs"):
+            digits_pipe("a handwritten digit two", seed=0)
+    finally:
+        denoise.step_hooks.clear()
+    assert digits_pipe("a handwritten digit two", seed=0).images  # and the pipeline still works
+
+
+# 5. YAML that the parser would choke on ------------------------------------------------
+@pytest.mark.parametrize("text, needle, line", [
+    ("name: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 64 levels deep", 1),
+    ("name: x\ndescription: \"ring \x07 bell\"\n", "control character U+0007 at column 20", 2),
+    ("# comment \x00\nname: x\n", "control character U+0000 at column 11", 1),
+])
+def test_yaml_that_would_crash_the_parser(tmp_path, text, needle, line):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    start = time.monotonic()
+    r = run("validate", str(path))
+    assert time.monotonic() - start < 30
+    clean_exit_2(r, f"{path}:{line}: {needle}")
+
+
+def test_oversized_and_special_yaml_files(tmp_path):
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB that takes no disk
+    r = run("validate", str(big))
+    clean_exit_2(r, "file is 1,073,741,824 bytes; a model YAML may be at most 1,048,576")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    r = run("generate", f"model={fifo}")
+    clean_exit_2(r, "not a regular file")
+
+
+# 6. stage arguments: strict types and ranges ----------------------------------------------
+def test_stage_arguments_are_checked_strictly(flux_yaml_variant):
+    path = flux_yaml_variant(
+        ("    multiple_of: 16\n", "    multiple_of: \"16\"\n    max_steps: \"1000\"\n"
+                                 "    cfg_needs_negative_prompt: \"no\"\n"))
+    problems = {p.key: p for p in problems_of(path)}
+    assert set(problems) == {"stages[0].multiple_of", "stages[0].max_steps", "stages[0].cfg_needs_negative_prompt"}
+    assert problems["stages[0].multiple_of"].message == "Input should be a valid integer (got '16')"
+    assert problems["stages[0].cfg_needs_negative_prompt"].message == "Input should be a valid boolean (got 'no')"
+    assert problems["stages[0].multiple_of"].line == line_of(path, "multiple_of")
+
+
+def test_stage_argument_ranges(flux_yaml_variant):
+    path = flux_yaml_variant(("    multiple_of: 16\n", "    multiple_of: 0\n    max_steps: -3\n"))
+    problems = {p.key: p.message for p in problems_of(path)}
+    assert problems == {"stages[0].multiple_of": "Input should be greater than or equal to 1 (got 0)",
+                        "stages[0].max_steps": "Input should be greater than or equal to 1 (got -3)"}
+
+
+# 7-9. requests -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"seed": 2 ** 64}, "seed must be an integer in [-2**63, 2**64 - 1], got 18446744073709551616"),
+    ({"seed": -2 ** 63 - 1}, "seed must be an integer in [-2**63, 2**64 - 1]"),
+    ({"prompt": 12345}, "prompt must be a string or a non-empty list of strings, got 12345"),
+    ({"true_cfg_scale": float("nan")}, "true_cfg_scale must be a finite number >= 0, got nan"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0, got inf"),
+    ({"input_latents": "abc"}, "input_latents must be a torch.Tensor, got str 'abc'"),
+    ({"input_latents": torch.zeros(1, 4, 16, dtype=torch.int64)}, "input_latents must be a floating-point tensor"),
+    ({"input_latents": torch.full((1, 16, 16), float("nan"))}, "input_latents contains NaN or infinite values"),
+    ({"input_latents": torch.zeros(1, 3, 16)}, "input_latents has shape [1, 3, 16], but this request (batch, "
+                                               "height, width) needs [1, 16, 16]"),
+    ({"height": 2 ** 40, "width": 2 ** 40}, "this request needs about"),
+    ({"num_images_per_prompt": 10 ** 6}, "this request needs about"),
+])
+def test_bad_requests_from_python(digits_pipe, kwargs, needle):
+    args = {"prompt": "a handwritten digit one", "seed": 0, **kwargs}
+    start = time.monotonic()
+    with pytest.raises(RequestError) as e:
+        digits_pipe(**args)
+    assert time.monotonic() - start < 10
+    assert needle in str(e.value)
+
+
+def test_good_input_latents_are_used(digits_pipe):
+    latents = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(5))
+    a = digits_pipe("a handwritten digit two", seed=0, input_latents=latents, output_type="np").images
+    b = digits_pipe("a handwritten digit two", seed=1, input_latents=latents, output_type="np").images
+    assert (a == b).all()  # the seed no longer matters: the latents were given
+
+
+def test_memory_estimate_refuses_what_cannot_fit(digits_pipe, monkeypatch):
+    """On a machine with 16 GiB free (like the 24 GiB machines this runs on), an 8192x8192 digit
+    is refused with the estimate spelled out; a 32x32 one fits."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 16 << 30)
+    with pytest.raises(RequestError) as e:
+        digits_pipe("a handwritten digit two", seed=0, height=8192, width=8192)
+    message = str(e.value)
+    assert message.startswith("this request needs about ") and "VAE decode" in message
+    assert "but about 16.0 GiB is free on cpu; lower height/width or num_images_per_prompt" in message
+    assert digits_pipe("a handwritten digit two", seed=0).images
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("seed=99999999999999999999999", "seed must be an integer in [-2**63, 2**64 - 1]"),
+    ("sampling.true_cfg_scale=nan", "true_cfg_scale must be a finite number >= 0, got nan"),
+    ("sampling.guidance_scale=inf", "guidance_scale must be a finite number >= 0, got inf"),
+    ("prompt=12345", "prompt must be a string or a non-empty list of strings, got 12345"),
+    ("sampling.num_images_per_prompt=1000000", "this request needs about"),
+    ("+sampling.output_type=latent", "sampling.output_type=latent cannot be saved by the command line"),
+    ("+sampling.foo=1", "unknown key 'sampling.foo'"),
+    ("+runtime.compiles=true", "unknown key 'runtime.compiles' (did you mean 'compile'?)"),
+])
+def test_bad_requests_from_the_cli(tmp_path, override, needle):
+    start = time.monotonic()
+    r = run("generate", override, f"hydra.run.dir={tmp_path / 'run'}", *FAST)
+    assert time.monotonic() - start < 60
+    clean_exit_2(r, needle)
+    assert not pngs(tmp_path)
+
+
+def test_huge_image_from_the_cli(tmp_path):
+    r = run("generate", "sampling.height=65536", "sampling.width=65536", f"hydra.run.dir={tmp_path}")
+    clean_exit_2(r, "this request needs about", "lower height/width")
+
+
+def test_nan_during_denoising_names_the_step_and_stage(digits_pipe):
+    denoise = next(s for s in digits_pipe.stages if type(s).__name__ == "DenoisingStage")
+    denoise.add_step_hook(lambda stage, req, i, t, pred: pred * float("nan") if i == 1 else None)
+    try:
+        with pytest.raises(RequestError, match=r"DenoisingStage: the latents became NaN or infinite at step 2 of 2"):
+            digits_pipe("a handwritten digit two", seed=0)
+    finally:
+        denoise.step_hooks.clear()
+
+
+# 10. run directory errors ------------------------------------------------------------------
+def test_run_dir_that_cannot_be_created(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    r = run("generate", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}", *FAST)
+    clean_exit_2(r, f"cannot create or write '{tmp_path / 'a_file' / 'run'}': Not a directory")
+    r = run("generate", "hydra.run.dir=/proc/diffstage_run", *FAST)
+    clean_exit_2(r, "cannot create or write '/proc/diffstage_run'")
+
+
+# 11-13. checkpoints -------------------------------------------------------------------------
+@pytest.mark.parametrize("content", ["[]", "null", "\"FluxPipeline\""])
+def test_model_index_that_is_not_an_object(tiny_flux_dev, tmp_path, content):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    (ckpt / "model_index.json").write_text(content)
+    loader.clear_cache()
+    with pytest.raises(LoadError, match="model_index.json must hold a JSON object, got"):
+        loader.load_modules(check_model("flux").spec, ckpt)
+
+
+@pytest.mark.parametrize("module", ["transformer", "vae"])  # native loader and Diffusers' loader
+@pytest.mark.parametrize("name", ["/etc/passwd", "../vae/diffusion_pytorch_model.safetensors", "..\\x.safetensors"])
+def test_shard_index_cannot_leave_the_checkpoint(tiny_flux_dev, tmp_path, module, name):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    index = ckpt / module / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text('{"metadata": {}, "weight_map": {"a": "%s"}}' % name.replace("\\", "\\\\"))
+    loader.clear_cache()
+    with pytest.raises(LoadError, match="which is outside the checkpoint folder; refused"):
+        loader.load_modules(check_model("flux").spec, ckpt)
+
+
+@pytest.mark.parametrize("module", ["transformer", "vae"])
+def test_fifo_in_a_checkpoint_does_not_block(tiny_flux_dev, tmp_path, module):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    weights = ckpt / module / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    loader.clear_cache()
+    start = time.monotonic()
+    with pytest.raises(LoadError, match="is not a regular file"):
+        loader.load_modules(check_model("flux").spec, ckpt)
+    assert time.monotonic() - start < 30
+
+
+def test_weights_missing_for_the_config_are_an_error(tiny_flux_dev, tmp_path):
+    """A Transformers config with one more layer than its weights used to load, randomly initialised."""
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    config_file = ckpt / "text_encoder" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["num_hidden_layers"] += 1
+    config_file.write_text(json.dumps(config))
+    loader.clear_cache()
+    with pytest.raises(LoadError) as e:
+        loader.load_modules(check_model("flux").spec, ckpt)
+    message = str(e.value)
+    assert message.startswith("module 'text_encoder': the weights in") and "do not match its config.json" in message
+    assert f"missing (they would be random): encoder.layers.{config['num_hidden_layers'] - 1}." in message
+
+
+# 14. extends, model_path, overrides, re-exports ---------------------------------------------
+@pytest.mark.parametrize("target, content", [("base.yaml", "- a\n- list\n"), ("base.yaml", "just text\n")])
+def test_extends_a_file_that_is_not_a_mapping(tmp_path, target, content):
+    (tmp_path / target).write_text(content)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {target}\nname: child\n")
+    problems = problems_of(child)
+    assert len(problems) == 1 and problems[0].key == "extends" and problems[0].line == 1
+    assert problems[0].message.startswith(f"cannot extend '{tmp_path / target}': it holds ")
+    assert "not a model YAML mapping" in problems[0].message
+
+
+def test_relative_model_path_is_relative_to_the_yaml_even_when_missing(tmp_path, monkeypatch):
+    (tmp_path / "cwd" / "ckpt").mkdir(parents=True)  # a same-named folder where the user stands
+    monkeypatch.chdir(tmp_path / "cwd")
+    child = tmp_path / "yamls" / "mine.yaml"
+    child.parent.mkdir()
+    child.write_text("extends: digits\nname: mine\nmodel_path: ckpt\n")
+    assert check_model(child).spec.model_path == str(tmp_path / "yamls" / "ckpt")
+    with pytest.raises(LoadError, match=f"model path '{tmp_path / 'yamls' / 'ckpt'}' does not exist"):
+        build_pipeline(str(child))
+    child.write_text("extends: digits\nname: mine\nmodel_path: org/repo\n")  # a repo id stays one
+    assert check_model(child).spec.model_path == "org/repo"
+
+
+def test_builtin_bound_method_reexport_is_refused(tmp_path, monkeypatch):
+    import io
+
+    import diffstage.models.flux.callbacks as callbacks
+    from diffstage.errors import DisallowedPathError
+    from diffstage.resolve import resolve
+
+    monkeypatch.setattr(callbacks, "write", io.BytesIO().write, raising=False)  # no __module__ of its own
+    with pytest.raises(DisallowedPathError, match="reaches '_io.BytesIO.write', which is outside"):
+        resolve("diffstage.models.flux.callbacks.write")
+    assert resolve("torch.random.default_generator.manual_seed")  # owned by torch: allowed
