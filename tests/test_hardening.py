@@ -4,6 +4,7 @@ nothing written outside the run directory and no image lost."""
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -108,7 +109,8 @@ def test_shown_truncates():
 
 # 3. concurrent runs into one run directory lose no image ------------------------------
 def test_four_concurrent_runs_into_one_directory_leave_four_images(tmp_path):
-    cmd = [str(EXE), "generate", f"hydra.run.dir={tmp_path / 'run'}", *FAST]
+    exe = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "diffstage.cli"]
+    cmd = exe + ["generate", f"hydra.run.dir={tmp_path / 'run'}", *FAST]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen(cmd + [f"seed={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for i in range(4)]
