@@ -1,7 +1,7 @@
 """diffstage: declarative diffusion pipelines from one YAML file per model."""
 from .builder import build_from_config, build_pipeline, check_model
-from .errors import (DiffstageError, DisallowedPathError, LoadError, Problem, RequestError, SpecError,
-                     UnsafeCheckpointError)
+from .errors import (ConcurrentUseError, DiffstageError, DisallowedPathError, LoadError, OutputError, Problem,
+                     RequestError, SpecError, StageError, UnsafeCheckpointError)
 from .pipeline import Pipeline, PipelineOutput
 from .req import Req
 from .stage import CallbackSpec, Contract, PipelineStage
@@ -11,5 +11,6 @@ __version__ = "0.1.0"
 __all__ = [
     "build_pipeline", "build_from_config", "check_model", "Pipeline", "PipelineOutput", "Req",
     "PipelineStage", "CallbackSpec", "Contract", "DiffstageError", "SpecError", "Problem",
-    "DisallowedPathError", "LoadError", "RequestError", "UnsafeCheckpointError",
+    "DisallowedPathError", "LoadError", "RequestError", "UnsafeCheckpointError", "StageError", "OutputError",
+    "ConcurrentUseError",
 ]

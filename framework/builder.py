@@ -20,12 +20,12 @@ from . import loader
 from .attention import get_backend
 from .attention.layer import DEFAULT_BACKEND
 from .check import PlannedStage, check_contracts
-from .errors import DiffstageError, RequestError, SpecError
+from .errors import DiffstageError, RequestError, SpecError, clipped, shown
 from .kernels import resolve_kernels
 from .models_dir import model_yaml
 from .pipeline import Pipeline, make_request
 from .resolve import DEFAULT_ALLOWLIST, resolve
-from .run_config import check_run_config
+from .run_config import plain_run_config
 from .spec import ModelSpec, validate_spec
 from .stage import PipelineStage
 from .torch_utils import parse_device, parse_dtype
@@ -57,6 +57,9 @@ def check_model(name_or_path: str | Path, allowlist: Iterable[str] = ()) -> Chec
     """Validate a model YAML (schema + stage contracts) without loading any weights.
 
     Raises SpecError listing every problem found, each with file, key path and line."""
+    allowlist = [allowlist] if isinstance(allowlist, str) else list(allowlist)  # "os" is one prefix, not o, s
+    if not all(isinstance(p, str) and p for p in allowlist):
+        raise DiffstageError(f"allowlist must be a list of module prefixes (strings), got {shown(allowlist)}")
     file = model_yaml(str(name_or_path))
     allow = tuple(DEFAULT_ALLOWLIST) + tuple(allowlist)
     data, lines = load_model_yaml(file)
@@ -79,13 +82,16 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    if not all(isinstance(o, str) for o in overrides):
+        raise DiffstageError(f"overrides must be a list of strings such as ['seed=3'], got {shown(overrides)}")
     try:
         if GlobalHydra.instance().is_initialized():
             return compose("config", overrides=list(overrides))
         with initialize_config_module(CONFIG_MODULE, version_base=None):
             return compose("config", overrides=list(overrides))
-    except HydraException as e:
-        raise DiffstageError(f"bad config override: {e}") from None
+    except (HydraException, ValueError, TypeError) as e:  # Hydra raises all three for overrides it cannot use
+        raise DiffstageError(f"bad config override: {clipped(str(e).strip(), 600)}") from None
 
 
 def _substitute(value: Any, path: tuple, obj: Any) -> Any:
@@ -116,11 +122,11 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
     stage.declared = planned.contract
     pc = checked.spec.pipeline_config
     group = pc.callbacks.get(planned.cls.callback_group(), {})
-    stage.bind({name: resolve(path, checked.allowlist) for name, path in group.items()}, pc.settings)
+    stage.bind({name: resolve(path, checked.allowlist) for name, path in group.items()}, pc.settings, sources=group)
     return stage
 
 
-def execution_options(cfg: DictConfig, spec: ModelSpec, device: torch.device) -> dict[str, Any]:
+def execution_options(cfg: dict, spec: ModelSpec, device: torch.device) -> dict[str, Any]:
     """How native modules run: attention backend (command line, else model YAML, else sdpa),
     kernels, regional compilation and matmul dtype; checked here so a typo fails before weights load."""
     runtime = cfg.get("runtime") or {}
@@ -142,17 +148,11 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     With `request` (the arguments the pipeline will be called with), stages that need
     no weights check it first, so a request out of range fails before anything loads.
     `checked` passes a check_model() result for cfg.model the caller already has."""
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(cfg)
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # an interpolation that does not resolve
-        raise DiffstageError(f"invalid run config: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    check_run_config(plain)
-    checked = checked or check_model(cfg.model, allowlist=cfg.get("allowlist") or ())
+    plain = plain_run_config(cfg)
+    checked = checked or check_model(plain["model"], allowlist=plain.get("allowlist") or ())
     spec = checked.spec
     defaults = spec.sampling.model_dump()
-    overrides = OmegaConf.to_container(cfg.get("sampling") or {}, resolve=True)
+    overrides = plain.get("sampling") or {}
     defaults.update({k: v for k, v in overrides.items() if v is not None})
     early = {p.index: instantiate_stage(p, checked, {}) for p in checked.plan if not p.contract.modules}
     if request is not None:
@@ -160,19 +160,18 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
         problems = [msg for stage in early.values() for msg in stage.request_problems(req)]
         if problems:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {m}" for m in problems))
-    model_path = cfg.get("model_path") or spec.model_path
+    model_path = plain.get("model_path") or spec.model_path
     if not model_path:
         hint = f" (the YAML suggests: {', '.join(spec.hf_model_paths)})" if spec.hf_model_paths else ""
         raise DiffstageError(f"model '{spec.name}' needs model_path=DIR_OR_REPO_ID{hint}")
-    runtime = cfg.get("runtime") or {}
+    runtime = plain.get("runtime") or {}
     dtype = parse_dtype(runtime.get("dtype", "float32"))
     device = parse_device(runtime.get("device", "cpu"))
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
-                                  allow_pickle=cfg.get("allow_pickle", False),
-                                  allowlist=checked.allowlist, execution=execution_options(cfg, spec, device))
+                                  allow_pickle=plain.get("allow_pickle", False),
+                                  allowlist=checked.allowlist, execution=execution_options(plain, spec, device))
     stages = [early.get(p.index) or instantiate_stage(p, checked, modules) for p in checked.plan]
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    run_config.pop("hydra", None)
+    run_config = {k: v for k, v in plain.items() if k != "hydra"}
     return Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),
                     config={"run": run_config, "model": checked.data}, checkpoint=str(model_path), device=device)
 

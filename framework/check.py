@@ -85,7 +85,8 @@ class _Checker:
     def _resolve(self, path: tuple, target: str, what: str, hint_from: Iterable[str] = ()) -> Any:
         """The object `target` names, or None after recording why not (allowlist first)."""
         if not is_allowed(target, self.allowlist):
-            self.add(path, disallowed_message(target, self.allowlist), hint=ALLOWLIST_HINT)
+            message = disallowed_message(target, self.allowlist)
+            self.add(path, message, hint=ALLOWLIST_HINT if "allowlist" in message else None)
             return None
         try:
             return resolve(target, self.allowlist)
@@ -110,9 +111,10 @@ class _Checker:
             return None
         return cls
 
-    def _check_args(self, i: int, cls: type[PipelineStage], args: dict) -> bool:
+    def _check_args(self, i: int, cls: type[PipelineStage], args: dict) -> tuple[bool, set[str]]:
+        """(all arguments valid, names of those whose values are invalid)."""
         params, hints, var_kw = stage_signature(cls)
-        ok = True
+        ok, bad = True, set()
         for name, value in args.items():
             path = ("stages", i, name)
             if name not in params:
@@ -125,15 +127,15 @@ class _Checker:
                 if not isinstance(value, str):
                     self.add(path, f"argument '{name}' must name a module (a string), got {shown(value)}",
                              stage=cls.__name__)
-                    ok = False
+                    bad.add(name)
                 continue
-            if name in hints:
-                ok = self._check_arg_value(path, hints[name], value, cls.__name__) and ok
+            if name in hints and not self._check_arg_value(path, hints[name], value, cls.__name__):
+                bad.add(name)
         for name, p in params.items():
             if p.default is inspect.Parameter.empty and name not in args and name not in cls.module_params:
                 self.add(("stages", i), f"missing required argument '{name}'", stage=cls.__name__)
                 ok = False
-        return ok
+        return ok and not bad, bad
 
     def _check_arg_value(self, path: tuple, hint: Any, value: Any, stage: str) -> bool:
         """Strict, as JSON is: "16" is not an int and "no" is not a bool, so the stage gets exactly
@@ -164,7 +166,7 @@ class _Checker:
             # a known name is enough here: whether it is installed matters only if the run uses it
             known = known_backends()
             if backend not in known:
-                self.add(("attention",), f"unknown attention backend '{backend}'; known: {', '.join(known)}",
+                self.add(("attention",), f"unknown attention backend {shown(backend)}; known: {', '.join(known)}",
                          hint=did_you_mean(backend, known))
 
     # -- the walk ----------------------------------------------------------------
@@ -198,14 +200,16 @@ class _Checker:
                 first_unknown = min(first_unknown, i)
                 continue
             args = {k: v for k, v in raw.items() if k != "_target_"}
-            valid = self._check_args(i, cls, args)
-            try:
-                contract = cls.contract(args)
+            valid, bad = self._check_args(i, cls, args)
+            try:  # the contract from the valid arguments only: invalid values would make noise
+                contract = cls.contract({k: v for k, v in args.items() if k not in bad})
             except Exception as e:  # a stage rejecting its own args
-                if valid:
-                    self.add(("stages", i), f"invalid arguments: {e}", stage=cls.__name__)
+                if not bad:
+                    self.add(("stages", i), f"invalid arguments: {type(e).__name__}: {e}", stage=cls.__name__)
                 first_unknown = min(first_unknown, i)
                 continue
+            if bad:  # what the stage reads or writes may depend on the invalid ones
+                first_unknown = min(first_unknown, i)
             contracts.append((i, cls, args, contract, valid))
             for f in contract.writes:
                 writers_in_pipeline.setdefault(f, []).append(i)

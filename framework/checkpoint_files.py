@@ -7,10 +7,11 @@ of a weight file makes open() block forever. Both are refused before any loader 
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path, PurePosixPath
 
-from .errors import LoadError, shown
+from .errors import LoadError, clipped, shown
 
 MAX_JSON_BYTES = 64 << 20  # config and index files are KB to a few MB
 
@@ -32,8 +33,8 @@ def read_json_file(path: Path) -> object:
                         f"{MAX_JSON_BYTES:,}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LoadError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: [[[[...]]]]
+        raise LoadError(f"cannot read {path}: {type(e).__name__}: {clipped(str(e), 300)}") from None
 
 
 def read_json_object(path: Path) -> dict:
@@ -73,3 +74,28 @@ def check_module_folder(folder: Path) -> None:
             require_regular_file(path)
     for index_file in sorted(folder.glob("*.index.json")):
         shard_files(index_file)
+    if (folder / "config.json").is_file():
+        check_config_sizes(folder / "config.json")
+
+
+MAX_LAYERS = 1000  # far above any released model; a config asking for more would only hang the build
+_LAYER_KEY = re.compile(r"(^|_)(layers|blocks|depth)$|^n_layer$")
+
+
+def check_config_sizes(config_file: Path) -> None:
+    """A config.json whose layer counts could not be real: refused before the model is built, since
+    building (then failing strict loading) would take hours. Larger sizes fail strict loading quickly."""
+    config = read_json_file(config_file)
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, (dict, list)):
+                    stack.append(value)
+                elif isinstance(key, str) and _LAYER_KEY.search(key) and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool) and value > MAX_LAYERS:
+                    raise LoadError(f"{config_file}: {key} is {shown(value)}; at most {MAX_LAYERS} layers are "
+                                    "supported (is this config.json damaged?)")
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))

@@ -40,13 +40,19 @@ def _fail(err: Exception) -> None:
 
 
 # --- generate / sheet (Hydra apps) ------------------------------------------------------
+MAX_NAME_BYTES = 200  # leaves room for the "_1" / "-2" suffixes of extra images and taken names
+
+
 def _output_name(filename: str) -> Path:
-    from .errors import DiffstageError
+    from .errors import DiffstageError, shown
 
     name = Path(str(filename))
     if name.name != str(filename) or name.suffix.lower() != ".png":
         raise DiffstageError(f"output.filename must be a file name ending in .png (it is written into the run "
-                             f"directory; set hydra.run.dir to choose that), got '{filename}'")
+                             f"directory; set hydra.run.dir to choose that), got {shown(filename)}")
+    if len(name.name.encode()) > MAX_NAME_BYTES:  # checked before generating, not when saving
+        raise DiffstageError(f"output.filename is {len(name.name.encode())} bytes long; at most {MAX_NAME_BYTES} "
+                             "are allowed (file systems limit a name to 255)")
     return name
 
 
@@ -80,7 +86,10 @@ def _generate_task(cfg) -> None:
     from .builder import build_from_config
     from .errors import DiffstageError
 
+    from .run_config import plain_run_config
+
     try:
+        plain_run_config(cfg)
         base = _output_name(cfg.output.filename)
         _cli_output_type(cfg)
         request = {"prompt": cfg.prompt, "seed": cfg.seed}
@@ -93,15 +102,12 @@ def _generate_task(cfg) -> None:
         _save(image, base.name if i == 0 else f"{base.stem}_{i}{base.suffix}", pipe, str(cfg.prompt), out.req.seed)
 
 
-def _sheet_entries(cfg, examples) -> list[tuple[str, str]]:
+def _sheet_entries(plain: dict, examples) -> list[tuple[str, str]]:
     """(label, prompt) pairs: `prompts=[...]` from the command line, else the model's examples."""
-    from omegaconf import OmegaConf
-
     from .errors import DiffstageError
 
-    given = cfg.get("prompts")
-    chosen = (OmegaConf.to_container(given) if not isinstance(given, str) else [given]) if given is not None \
-        else examples
+    given = plain.get("prompts")
+    chosen = ([given] if isinstance(given, str) else given) if given is not None else examples
     if not chosen:
         raise DiffstageError("prompts=[] is empty" if given is not None else
                              "this model's YAML has no `examples`; pass prompts=[...] (or add examples to the YAML)")
@@ -115,14 +121,15 @@ def _sheet_task(cfg) -> None:
     from .errors import DiffstageError
     from .sheet import contact_sheet
 
+    from .run_config import plain_run_config
+
     try:
+        plain = plain_run_config(cfg)
         base = _output_name(cfg.output.filename)
         _cli_output_type(cfg)
         checked = check_model(cfg.model, cfg.get("allowlist") or ())
-        entries = _sheet_entries(cfg, checked.spec.examples)
-        seeds = list(cfg.seeds) if cfg.get("seeds") is not None else [cfg.seed]
-        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-            raise DiffstageError(f"seeds must be a non-empty list of integers, got {seeds}")
+        entries = _sheet_entries(plain, checked.spec.examples)
+        seeds = plain.get("seeds") or [cfg.seed]
         pipe = build_from_config(cfg, request={"prompt": [p for _, p in entries], "seed": seeds[0]}, checked=checked)
         images, labels = [], []
         for seed in seeds:
@@ -144,9 +151,20 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .errors import DiffstageError, OutputError
+    from .errors import DiffstageError, OutputError, shown
 
-    app = hydra.main(version_base=None, config_path="pkg://diffstage.conf", config_name=config_name)(task)
+    if any(a == "--experimental-rerun" or a.startswith("--experimental-rerun=") for a in argv):
+        # it unpickles the file it is given: pickle can run code, and nothing in diffstage needs it
+        _fail(DiffstageError("--experimental-rerun is not supported: it loads a pickle file, which can run code; "
+                             "rerun with the overrides in the run folder's .hydra/overrides.yaml instead"))
+    started = []
+
+    def job(cfg):
+        started.append(True)
+        return task(cfg)
+
+    job.__module__, job.__name__ = task.__module__, task.__name__  # Hydra names the job from these
+    app = hydra.main(version_base=None, config_path="pkg://diffstage.conf", config_name=config_name)(job)
     sys.argv = [f"diffstage {command}"] + argv
     # Hydra prints a traceback for errors outside the task (a run directory it cannot create);
     # HYDRA_FULL_ERROR makes it raise them instead, so they get one clear line here.
@@ -160,10 +178,17 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
         cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
         _fail(DiffstageError("\n".join(str(x).strip().splitlines()[0] if x is cause else str(x).strip()
                                        for x in (e, cause) if x is not None)))
-    except OSError as e:  # the run directory: under a file, read-only, /sys, ...
-        where = f"'{e.filename}'" if e.filename else "the run directory"
-        _fail(OutputError(f"cannot create or write {where}: {e.strerror or e} (choose a writable folder with "
-                          "hydra.run.dir=... or, with -m, hydra.sweep.dir=...)"))
+    except Exception as e:
+        os_error = _os_error_in(e)
+        if os_error is not None and (not started or e is os_error):  # the run directory: under a file, /sys, ...
+            where = f"'{os_error.filename}'" if os_error.filename else "the run directory"
+            _fail(OutputError(f"cannot create or write {where}: {os_error.strerror or os_error} (choose a writable "
+                              "folder with hydra.run.dir=... or, with -m, hydra.sweep.dir=...)"))
+        if started or not isinstance(e, (ValueError, TypeError)):
+            raise
+        # Hydra raises ValueError/TypeError for overrides it cannot use before the job starts
+        # (`runtime=null`, an integer too long for Python to read, --shell-completion without a subcommand)
+        _fail(DiffstageError(f"bad command line: {shown(str(e).splitlines()[0] if str(e) else type(e).__name__)}"))
     except SystemExit as e:  # Hydra reports usage errors with exit 1
         sys.exit(2 if e.code == 1 else e.code)
     finally:
@@ -171,6 +196,16 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind an error (logging wraps the run directory's in a ValueError)."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def _generate(argv: list[str]) -> None:

@@ -12,6 +12,8 @@ _SHOWN.maxother = 80
 _SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
 _SHOWN.maxlevel = 3
 MAX_SHOWN = 200  # characters of one value in a message
+MAX_MESSAGE = 600  # characters of one problem's message (and of its hint)
+MAX_PROBLEMS = 50  # problems listed in one error; the rest are counted
 
 
 def shown(value: Any) -> str:
@@ -21,7 +23,15 @@ def shown(value: Any) -> str:
         text = _SHOWN.repr(value)
     except Exception:  # a value whose __repr__ fails is still reported, by type
         return f"<{type(value).__name__}>"
-    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
+    return clipped(text)
+
+
+def clipped(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text` cut to `limit` characters, the cut marked in the middle so both ends stay readable."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return text[:half] + "..." + text[len(text) - (limit - 3 - half):]
 
 
 class DiffstageError(Exception):
@@ -44,16 +54,17 @@ class Problem:
         if self.line is not None:
             where += f":{self.line}"
         if self.key:
-            where += f": {self.key}"
+            where += f": {clipped(self.key)}"
         return where
 
     def __str__(self) -> str:
+        # user values reach messages through keys, targets and names too: every part is capped
         text = f"{self.location()}: "
         if self.stage:
-            text += f"[{self.stage}] "
-        text += self.message
+            text += f"[{clipped(self.stage, 80)}] "
+        text += clipped(self.message, MAX_MESSAGE)
         if self.hint:
-            text += f" ({self.hint})"
+            text += f" ({clipped(self.hint, MAX_MESSAGE)})"
         return text
 
 
@@ -64,7 +75,10 @@ class SpecError(DiffstageError):
         self.problems = list(problems)
         n = len(self.problems)
         head = f"{n} problem{'s' if n != 1 else ''} in model spec:"
-        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+        lines = [head] + [f"  - {p}" for p in self.problems[:MAX_PROBLEMS]]
+        if n > MAX_PROBLEMS:
+            lines.append(f"  ... and {n - MAX_PROBLEMS} more (fix these first)")
+        super().__init__("\n".join(lines))
 
 
 class DisallowedPathError(DiffstageError):
@@ -85,6 +99,11 @@ class RequestError(DiffstageError):
 
 class OutputError(DiffstageError):
     """An output file or run directory cannot be written."""
+
+
+class StageError(DiffstageError):
+    """A stage or one of its callbacks failed while running; the original exception is its __cause__.
+    Usually a model YAML whose arguments or callbacks check out but do not fit the model at run time."""
 
 
 class ConcurrentUseError(DiffstageError):

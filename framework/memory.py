@@ -15,12 +15,14 @@ import torch
 from .errors import RequestError
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
+def format_bytes(n: int | float) -> str:
+    n = int(n)  # estimates can exceed a float's range: stay in integers
+    if n >= 1024 ** 6:
+        return "more than 1 EiB"
+    for i, unit in enumerate(("B", "KiB", "MiB", "GiB", "TiB", "PiB")):
+        if n < 1024 ** (i + 1) or unit == "PiB":
+            return f"{n} B" if i == 0 else f"{n / 1024 ** i:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _read_int(path: str) -> int | None:

@@ -33,12 +33,7 @@ def _base_file(ref: Any, child_file: Path, lines: LineMap) -> Path:
         file, line = lines.where(("extends",))
         raise SpecError([Problem("`extends` must name a model or a YAML path", key="extends", file=file, line=line)])
     if is_path(ref):  # a path: relative to the file that says `extends`, never to the working directory
-        local = (child_file.parent / ref).expanduser()
-        if not local.is_file():
-            file, line = lines.where(("extends",))
-            raise SpecError([Problem(f"cannot extend: '{local}' does not exist", key="extends", file=file,
-                                     line=line)])
-        return local.resolve()
+        ref = str(child_file.parent / ref)
     try:
         return model_yaml(ref)
     except DiffstageError as e:

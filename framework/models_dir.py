@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import DiffstageError
+from .errors import DiffstageError, shown
 from .spec import did_you_mean
 
 
@@ -34,19 +34,24 @@ def looks_like_repo_id(path: str) -> bool:
 def model_yaml(name_or_path: str) -> Path:
     """The YAML file for a shipped model name or a path to a user's own YAML."""
     name_or_path = str(name_or_path)
+    where = shown(name_or_path)
     if is_path(name_or_path):
         path = Path(name_or_path).expanduser()
-        if path.is_dir():
-            raise DiffstageError(f"model YAML '{name_or_path}' is a directory; give the .yaml file inside it")
-        if not path.exists():
-            raise DiffstageError(f"model YAML '{name_or_path}' does not exist")
-        if not path.is_file():
-            raise DiffstageError(f"model YAML '{name_or_path}' is not a regular file (a FIFO or device?)")
+        try:
+            kind = "dir" if path.is_dir() else "file" if path.is_file() else "other" if path.exists() else None
+        except OSError as e:  # a name too long, a loop of links, ...
+            raise DiffstageError(f"model YAML {where} cannot be read: {e.strerror or e}") from None
+        if kind == "dir":
+            raise DiffstageError(f"model YAML {where} is a directory; give the .yaml file inside it")
+        if kind is None:
+            raise DiffstageError(f"model YAML {where} does not exist")
+        if kind == "other":
+            raise DiffstageError(f"model YAML {where} is not a regular file (a FIFO or device?)")
         return path.resolve()
     models = available_models()
     if name_or_path not in models:
         hint = did_you_mean(name_or_path, models)
-        raise DiffstageError(f"unknown model '{name_or_path}'" + (f"; {hint}" if hint else "") +
+        raise DiffstageError(f"unknown model {where}" + (f"; {hint}" if hint else "") +
                              f" (available: {', '.join(models) or 'none'}; or give a path to a .yaml file)")
     return models[name_or_path]
 

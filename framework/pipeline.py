@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConcurrentUseError, RequestError
+from .errors import ConcurrentUseError, DiffstageError, RequestError, StageError, clipped
 from .memory import check_fits
 from .req import Req
 from .spec import ModelSpec, did_you_mean
@@ -77,6 +77,9 @@ class Pipeline:
     def run(self, req: Req) -> PipelineOutput:
         """Run `req` through the stages. Calls from several threads take turns; a call from inside a
         run (a callback or step hook calling the pipeline) is refused, as it would corrupt that run."""
+        if not isinstance(req, Req):
+            raise RequestError(f"Pipeline.run takes a Req (see Pipeline.make_request), got {type(req).__name__}; "
+                               "or call the pipeline: pipe(prompt, seed=0, ...)")
         if self._running_in == threading.get_ident():
             raise ConcurrentUseError("this pipeline was called from inside one of its own runs (a callback or step "
                                      "hook calling it); a run must finish before the next one starts")
@@ -96,7 +99,13 @@ class Pipeline:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            req = stage(req)
+            try:
+                req = stage(req)
+            except DiffstageError:
+                raise
+            except Exception as e:  # name the stage; the original error (and traceback) is the cause
+                raise StageError(f"stages[{label.replace(':', '] ', 1)} failed: {type(e).__name__}: "
+                                 f"{clipped(str(e).strip(), 300)} (DIFFSTAGE_DEBUG=1 shows the traceback)") from e
             if cuda:
                 torch.cuda.synchronize()
                 memory[label] = torch.cuda.max_memory_allocated()

@@ -10,13 +10,15 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import DisallowedPathError, DiffstageError
+from .errors import DisallowedPathError, DiffstageError, shown
 
 DEFAULT_ALLOWLIST: tuple[str, ...] = ("diffstage.", "diffusers.", "transformers.", "torch.")
+MAX_PATH = 300  # characters of a dotted path; longer ones are not real Python names
 
 
 def is_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> bool:
-    if not isinstance(path, str) or not path or path.startswith(".") or ".." in path:
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH \
+            or not all(part.isidentifier() for part in path.split(".")):
         return False
     if any(part.startswith("_") for part in path.split(".")):
         return False  # private names and __main__ modules (importing one runs a program)
@@ -36,13 +38,16 @@ ALLOWLIST_HINT = ("if you trust it, add its package prefix to the allowlist: all
 
 
 def disallowed_message(path: str, allowlist: Iterable[str]) -> str:
-    return f"'{path}' is outside the import allowlist {list(allowlist)}; refused without importing it"
+    if isinstance(path, str) and (len(path) > MAX_PATH or not all(p.isidentifier() for p in path.split("."))):
+        return f"{shown(path)} is not a dotted Python path (package.module.name, at most {MAX_PATH} characters)"
+    return f"{shown(path)} is outside the import allowlist {list(allowlist)}; refused without importing it"
 
 
 def check_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> None:
     allowlist = tuple(allowlist)
     if not is_allowed(path, allowlist):
-        raise DisallowedPathError(f"{disallowed_message(path, allowlist)} ({ALLOWLIST_HINT})")
+        message = disallowed_message(path, allowlist)
+        raise DisallowedPathError(f"{message} ({ALLOWLIST_HINT})" if "allowlist" in message else message)
 
 
 _UNKNOWN = "<unknown module>"  # never under an allowlist prefix
@@ -88,21 +93,21 @@ def resolve(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> Any:
             # Only swallow "this prefix is not a module"; a missing dependency
             # inside a real module is a genuine error worth showing.
             if e.name and not module_name.startswith(e.name) and e.name != module_name:
-                raise DiffstageError(f"importing '{module_name}' for '{path}' failed: {e}") from None
+                raise DiffstageError(f"importing '{module_name}' for {shown(path)} failed: {e}") from None
             last_error = e
             continue
         except Exception as e:  # a broken module (syntax error, failing import-time code)
-            raise DiffstageError(f"importing '{module_name}' for '{path}' failed: {type(e).__name__}: {e}") from None
+            raise DiffstageError(f"importing '{module_name}' for {shown(path)} failed: {type(e).__name__}: {e}") from None
         for i, attr in enumerate(parts[split:]):
             try:
                 obj = getattr(obj, attr)
             except AttributeError:
-                raise DiffstageError(f"cannot resolve '{path}': module '{module_name}' has no attribute "
+                raise DiffstageError(f"cannot resolve {shown(path)}: module '{module_name}' has no attribute "
                                      f"'{'.'.join(parts[split:split + i + 1])}'") from None
             home = _home(obj)
             if home is not None and not _under(home + ".", allowlist):
                 where = home if isinstance(obj, types.ModuleType) else f"{home}.{getattr(obj, '__qualname__', attr)}"
-                raise DisallowedPathError(f"'{path}' reaches '{where}', which is outside the import allowlist "
+                raise DisallowedPathError(f"{shown(path)} reaches '{where}', which is outside the import allowlist "
                                           f"{list(allowlist)}; refused ({ALLOWLIST_HINT})")
         return obj
-    raise DiffstageError(f"cannot resolve '{path}': no importable module in it ({last_error})")
+    raise DiffstageError(f"cannot resolve {shown(path)}: no importable module in it ({last_error})")

@@ -14,6 +14,8 @@ from .spec import did_you_mean
 TOP_LEVEL = ("model", "model_path", "prompt", "seed", "sampling", "runtime", "attention", "allowlist",
              "allow_pickle", "output", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
 RUNTIME = ("device", "dtype", "kernels", "compile", "matmul_dtype")
+ATTENTION = ("backend",)
+OUTPUT = ("filename",)
 # Request fields a run config may set; prompt and seed are top-level, input_latents is Python-only.
 SAMPLING = tuple(sorted(Req.request_fields() - {"prompt", "seed", "input_latents"}))
 
@@ -29,7 +31,7 @@ def _unknown(section: dict, known, prefix: str) -> list[str]:
 
 def run_config_problems(cfg: dict[str, Any]) -> list[str]:
     problems = _unknown(cfg, TOP_LEVEL, "")
-    for name, known in (("sampling", SAMPLING), ("runtime", RUNTIME)):
+    for name, known in (("sampling", SAMPLING), ("runtime", RUNTIME), ("attention", ATTENTION), ("output", OUTPUT)):
         section = cfg.get(name)
         if section is None:
             continue
@@ -44,11 +46,53 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
     allowlist = cfg.get("allowlist") or []
     if not isinstance(allowlist, list) or not all(isinstance(p, str) and p for p in allowlist):
         problems.append(f"allowlist must be a list of module prefixes (strings), got {shown(allowlist)}")
+    if cfg.get("model") is None:
+        problems.append("model is not set: give a shipped model name (see `diffstage models`) or a model YAML path")
     for key in ("model", "model_path"):
         value = cfg.get(key)
         if value is not None and not isinstance(value, str):
             problems.append(f"{key} must be a string, got {shown(value)}")
+    for section, key in (("runtime", "device"), ("runtime", "dtype"), ("runtime", "kernels"),
+                         ("runtime", "matmul_dtype"), ("attention", "backend")):
+        value = (cfg.get(section) if isinstance(cfg.get(section), dict) else {}).get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{section}.{key} must be a string, got {shown(value)}")
+    if "output" in cfg and not isinstance((cfg.get("output") or {}).get("filename") if isinstance(
+            cfg.get("output"), dict) else None, str):
+        problems.append("output.filename must be a file name such as image.png")
+    return problems + _sheet_problems(cfg)
+
+
+def _sheet_problems(cfg: dict[str, Any]) -> list[str]:
+    """`diffstage sheet`: prompts is a prompt, a list of prompts or a mapping label: prompt; seeds a list."""
+    problems = []
+    prompts = cfg.get("prompts")
+    items = list(prompts.items()) if isinstance(prompts, dict) else prompts if isinstance(prompts, list) else None
+    if prompts is not None and not isinstance(prompts, str) and (
+            items is None or not all(isinstance(p, str) or (isinstance(p, tuple) and all(isinstance(x, str) for x in p))
+                                     for p in items)):
+        problems.append(f"prompts must be a list of prompts (strings) or a mapping label: prompt, got {shown(prompts)}")
+    seeds = cfg.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        problems.append(f"seeds must be a non-empty list of integers such as seeds=[0,1], got {shown(seeds)}")
     return problems
+
+
+def plain_run_config(cfg: Any) -> dict[str, Any]:
+    """The run config (a DictConfig or dict) as a checked plain dict, interpolations resolved."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        if not isinstance(cfg, dict):
+            raise DiffstageError(f"the run config must be a mapping, got {shown(cfg)}")
+        cfg = OmegaConf.create(cfg)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # an interpolation that does not resolve
+        raise DiffstageError(f"invalid run config: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    check_run_config(plain)
+    return plain
 
 
 def check_run_config(cfg: dict[str, Any]) -> None:

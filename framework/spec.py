@@ -58,8 +58,8 @@ class SamplingSpec(_Strict):
     num_inference_steps: int | None = Field(None, gt=0)
     height: int | None = Field(None, gt=0)
     width: int | None = Field(None, gt=0)
-    guidance_scale: float | None = Field(None, ge=0)
-    true_cfg_scale: float | None = Field(None, ge=0)
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    true_cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     max_sequence_length: int | None = Field(None, gt=0)
     negative_prompt: str | None = None
     num_images_per_prompt: int | None = Field(None, gt=0)

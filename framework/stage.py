@@ -6,13 +6,14 @@ declarations across the whole pipeline before any weight loads; at run time
 `__call__` wraps `forward` with the same checks (verify -> forward -> verify)."""
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import DiffstageError, RequestError
+from .errors import DiffstageError, RequestError, StageError, clipped
 from .req import Req
 
 
@@ -96,7 +97,10 @@ class PipelineStage:
         )
 
     # --- wiring (done by the builder) -------------------------------------------
-    def bind(self, callbacks: Mapping[str, Callable], settings: Mapping[str, Any]) -> None:
+    def bind(self, callbacks: Mapping[str, Callable], settings: Mapping[str, Any],
+             sources: Mapping[str, str] | None = None) -> None:
+        """Set the stage's callbacks (missing ones fall back to its `default_<name>`) and settings;
+        `sources` (callback name -> dotted path in the YAML) is what errors call them."""
         self.settings = Settings(settings)
         known = {spec.name for spec in self.callback_specs}
         unknown = sorted(set(callbacks) - known)
@@ -108,7 +112,9 @@ class PipelineStage:
             fn = callbacks.get(spec.name) or getattr(self, f"default_{spec.name}", None)
             if fn is None and spec.required:
                 raise DiffstageError(f"{type(self).__name__}: required callback '{spec.name}' is not set")
-            bound[spec.name] = fn
+            source = (sources or {}).get(spec.name) or getattr(fn, "__qualname__", None)
+            bound[spec.name] = fn if fn is None else _reported(fn, f"{self.callback_group()}.{spec.name}",
+                                                              str(source), type(self).__name__)
         self._callbacks = bound
 
     def callback(self, name: str) -> Callable:
@@ -155,6 +161,22 @@ class PipelineStage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _reported(fn: Callable, name: str, source: str, stage: str) -> Callable:
+    """`fn`, raising a StageError that names the callback when it fails (the error is its cause)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DiffstageError:
+            raise
+        except Exception as e:
+            raise StageError(f"{stage}: callback '{name}' ({clipped(source)}) failed: {type(e).__name__}: "
+                             f"{clipped(str(e).strip(), 300)}") from e
+
+    return call
 
 
 def accepts_positional(fn: Callable, n: int) -> bool:

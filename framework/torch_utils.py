@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DiffstageError
+from .errors import DiffstageError, shown
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -27,7 +27,9 @@ def parse_device(name: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise DiffstageError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # meta/mps/xpu: untested here, refused
+        raise DiffstageError(f"unknown device {shown(str(name))}; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DiffstageError(f"device '{name}' requested but CUDA is not available; use runtime=cpu")
     return device

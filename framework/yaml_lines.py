@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .errors import Problem, SpecError
+from .errors import Problem, SpecError, shown
 
 KeyPath = tuple  # of str | int
 
@@ -194,12 +194,23 @@ def check_expanded_size(root: yaml.Node, file: str) -> None:
             stack.extend((child, False) for child in _children(node))
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose value errors (an int too long to convert, a date like 2026-13-45) carry a line."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as e:
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {shown(str(e))}",
+                                                    node.start_mark) from None
+
+
 def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
     """Parse a YAML file safely. A syntax error raises SpecError with file and line; duplicate
     keys are left in `LineMap.problems` so they are reported along with everything else."""
     file = str(file)
     text = read_yaml_text(file)
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         check_nesting(text, file)
         node = loader.get_single_node()

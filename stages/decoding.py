@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffstage.errors import StageError
 from diffstage.memory import config_value
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, PipelineStage
@@ -70,6 +71,9 @@ class DecodingStage(PipelineStage):
         latents = self.callback("denormalize")(latents, self.settings, self.vae)
         latents = latents.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
         image = self.vae.decode(latents, return_dict=False)[0]
+        if not bool(torch.isfinite(image).all()):  # clamp would turn NaN into a black image, silently
+            raise StageError("DecodingStage: the VAE decoded NaN or infinite values; check the VAE's config.json "
+                             "(scaling_factor, shift_factor) and the model YAML's decoding callbacks")
         image = (image * 0.5 + 0.5).clamp(0, 1)
         req.decoded = image
         if req.output_type == "pt":

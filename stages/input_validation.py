@@ -15,6 +15,10 @@ CFG_SCALE_FIELDS = ("guidance_scale", "true_cfg_scale")
 # What torch.Generator.manual_seed accepts (a negative seed wraps around, as in torch).
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Bounds that keep sizes well inside int64 arithmetic; the memory check refuses far less than these.
+MAX_SIDE, MAX_IMAGES = 65536, 4096
+MAX_SCALE = 1000.0  # guidance scales in use are < 30; beyond this float32 activations overflow
+MAX_PROMPT_CHARS = 100_000  # encoders truncate to a few hundred tokens; a huge prompt only costs time
 
 
 def _is_int(v) -> bool:
@@ -80,6 +84,7 @@ class InputValidationStage(PipelineStage):
         prompts = req.prompts()
         if not prompts or not all(isinstance(p, str) for p in prompts):
             errors.append(f"prompt must be a string or a non-empty list of strings, got {shown(req.prompt)}")
+        errors += _text_problems(req)
         for name in ("prompt_2", "negative_prompt"):
             value = getattr(req, name)
             if value is None or isinstance(value, str):
@@ -89,27 +94,49 @@ class InputValidationStage(PipelineStage):
                 errors.append(f"{name} must be a string or a list of strings as long as prompt, got {shown(value)}")
         for name in ("height", "width"):
             v = getattr(req, name)
-            if not _is_int(v) or v <= 0 or v % self.multiple_of:
-                errors.append(f"{name} must be a positive multiple of {self.multiple_of}, got {shown(v)}")
+            if not _is_int(v) or v <= 0 or v % self.multiple_of or v > MAX_SIDE:
+                errors.append(f"{name} must be a positive multiple of {self.multiple_of} (at most {MAX_SIDE}), "
+                              f"got {shown(v)}")
         steps = req.num_inference_steps
         if not _is_int(steps) or not 1 <= steps <= self.max_steps:
             errors.append(f"num_inference_steps must be an integer in [1, {self.max_steps}], got {shown(steps)}")
         for name in CFG_SCALE_FIELDS:
             v = getattr(req, name)
-            if v is not None and (not _is_number(v) or not math.isfinite(v) or v < 0):
-                errors.append(f"{name} must be a finite number >= 0, got {shown(v)}")
+            if v is not None and (not _is_number(v) or not 0 <= v <= MAX_SCALE):  # NaN fails the comparison
+                errors.append(f"{name} must be a number in [0, {MAX_SCALE:g}], got {shown(v)}")
         msl, limit = req.max_sequence_length, self.max_sequence_length_limit
         if msl is not None and (not _is_int(msl) or msl <= 0 or (limit and msl > limit)):
             bound = f"in [1, {limit}]" if limit else ">= 1"
             errors.append(f"max_sequence_length must be an integer {bound}, got {shown(msl)}")
-        if not _is_int(req.num_images_per_prompt) or req.num_images_per_prompt < 1:
-            errors.append(f"num_images_per_prompt must be an integer >= 1, got {shown(req.num_images_per_prompt)}")
+        if not _is_int(req.num_images_per_prompt) or not 1 <= req.num_images_per_prompt <= MAX_IMAGES:
+            errors.append(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES}], "
+                          f"got {shown(req.num_images_per_prompt)}")
         if req.output_type not in OUTPUT_TYPES:
             errors.append(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {shown(req.output_type)}")
         if req.seed is not None and (not _is_int(req.seed) or not SEED_MIN <= req.seed <= SEED_MAX):
             errors.append(f"seed must be an integer in [-2**63, 2**64 - 1], got {shown(req.seed)}")
         errors += input_latents_problems(req.input_latents)
         return errors
+
+
+def _text_problems(req: Req) -> list[str]:
+    """Prompts must be valid Unicode (a lone surrogate from a mis-decoded argument breaks tokenizers)
+    and of a length tokenizers handle quickly."""
+    errors = []
+    for name in ("prompt", "prompt_2", "negative_prompt"):
+        value = getattr(req, name)
+        texts = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
+        for text in (t for t in texts if isinstance(t, str)):
+            if len(text) > MAX_PROMPT_CHARS:
+                errors.append(f"{name} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
+                break
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                errors.append(f"{name} is not valid Unicode text ({e.reason} at character {e.start}): "
+                              f"{shown(text)}")
+                break
+    return errors
 
 
 def input_latents_problems(latents) -> list[str]:
@@ -120,6 +147,8 @@ def input_latents_problems(latents) -> list[str]:
         return [f"input_latents must be a torch.Tensor, got {type(latents).__name__} {shown(latents)}"]
     if not latents.is_floating_point():
         return [f"input_latents must be a floating-point tensor, got dtype {latents.dtype}"]
-    if latents.device.type != "meta" and not bool(torch.isfinite(latents).all()):
+    if latents.device.type not in ("cpu", "cuda"):
+        return [f"input_latents must be on cpu or cuda, got device {latents.device}"]
+    if not bool(torch.isfinite(latents).all()):
         return ["input_latents contains NaN or infinite values"]
     return []

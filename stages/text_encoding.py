@@ -1,10 +1,10 @@
 """TextEncodingStage: run one or more text encoders and store each output in a Req field."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from diffstage.req import Req
 from diffstage.stage import Contract, PipelineStage
@@ -19,9 +19,23 @@ class EncoderConfig(BaseModel):
     tokenizer: str  # module name
     field: str  # Req field the embeddings go to; negatives go to "negative_<field>"
     output: str = "last_hidden_state"  # attribute of the encoder output: pooler_output, last_hidden_state, ...
-    max_length: int | None = None  # fixed token length; default: tokenizer.model_max_length
+    max_length: Annotated[int, Field(ge=1)] | None = None  # fixed token length; default: tokenizer.model_max_length
     max_length_field: Literal["max_sequence_length"] | None = None  # take the length from the request instead
     prompt_field: Literal["prompt", "prompt_2"] = "prompt"  # prompt_2 falls back to prompt when unset
+
+
+def length_limit(enc: dict) -> int | None:
+    """Most tokens an encoder takes: its tokenizer's limit and its position table, where known
+    (None before modules are bound, as when the builder checks a request early)."""
+    limits = [getattr(enc.get("tokenizer"), "model_max_length", None),
+              getattr(getattr(enc.get("text_encoder"), "config", None), "max_position_embeddings", None)]
+    # tokenizers without a limit report a huge sentinel (1e30)
+    known = [int(n) for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10 ** 7]
+    return min(known) if known else None
+
+
+def enc_name(enc: dict) -> str:
+    return enc["text_encoder"] if isinstance(enc.get("text_encoder"), str) else enc.get("field", "?")
 
 
 class TextEncodingStage(PipelineStage):
@@ -34,6 +48,19 @@ class TextEncodingStage(PipelineStage):
         super().__init__()
         defaults = {"output": "last_hidden_state", "prompt_field": "prompt"}
         self.encoders = [{**defaults, **(e if isinstance(e, dict) else e.model_dump())} for e in encoders]
+        for i, enc in enumerate(self.encoders):
+            limit, fixed = length_limit(enc), enc.get("max_length")
+            if fixed is not None and limit is not None and fixed > limit:
+                raise ValueError(f"encoders[{i}].max_length is {fixed}, but this encoder handles at most {limit} tokens")
+
+    def request_problems(self, req: Req) -> list[str]:
+        problems = []
+        for enc in self.encoders:
+            name, limit = enc.get("max_length_field"), length_limit(enc)
+            value = getattr(req, name) if name else None
+            if isinstance(value, int) and limit is not None and value > limit:
+                problems.append(f"{name} is {value}, but text encoder '{enc_name(enc)}' handles at most {limit} tokens")
+        return problems
 
     @classmethod
     def contract(cls, args) -> Contract:

@@ -26,7 +26,7 @@ def test_unknown_request_argument(pipe):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(height=30), "height must be a positive multiple of 16, got 30"),
+    (dict(height=30), "height must be a positive multiple of 16 (at most 65536), got 30"),
     (dict(num_inference_steps=0), "num_inference_steps must be an integer in [1, 1000], got 0"),
     (dict(max_sequence_length=600), "max_sequence_length must be an integer in [1, 512], got 600"),
     (dict(output_type="gif"), "output_type must be one of pil, np, pt, latent, got 'gif'"),

@@ -136,7 +136,7 @@ def test_request_out_of_range_fails_before_loading(tiny_flux_dev, tmp_path):
     r = run("generate", "model=flux", f"model_path={tiny_flux_dev}", "sampling.height=30", "seed=abc",
             f"hydra.run.dir={tmp_path}", *SMALL[:1])
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "height must be a positive multiple of 16, got 30" in r.stderr
+    assert "height must be a positive multiple of 16 (at most 65536), got 30" in r.stderr
     assert "seed must be an integer in [-2**63, 2**64 - 1], got 'abc'" in r.stderr
     assert "loaded transformer" not in r.stderr  # nothing was loaded
 
@@ -154,7 +154,7 @@ def test_sheet_lays_out_prompts_and_seeds(tiny_flux_dev, tmp_path):
     sheet = Image.open(tmp_path / "sheet.png")
     assert sheet.size == (2 * (96 + 4) + 4, 2 * (96 + 14 + 4) + 4)  # 2 prompts x 2 seeds of 96 px cells
     r = run("sheet", "model=flux", f"model_path={tiny_flux_dev}", "prompts=[a fox]", "seeds=[]", f"hydra.run.dir={tmp_path}")
-    assert r.returncode == 2 and "seeds must be a non-empty list of integers, got []" in r.stderr
+    assert r.returncode == 2 and "seeds must be a non-empty list of integers such as seeds=[0,1], got []" in r.stderr
     assert sheet.text["prompt"] == "a red fox; a blue cat" and sheet.text["seed"] == "0,1"
     r = run("sheet", "model=flux", f"model_path={tiny_flux_dev}", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2 and "this model's YAML has no `examples`; pass prompts=[...]" in r.stderr

@@ -227,15 +227,20 @@ def test_stage_argument_ranges(flux_yaml_variant):
     ({"seed": 2 ** 64}, "seed must be an integer in [-2**63, 2**64 - 1], got 18446744073709551616"),
     ({"seed": -2 ** 63 - 1}, "seed must be an integer in [-2**63, 2**64 - 1]"),
     ({"prompt": 12345}, "prompt must be a string or a non-empty list of strings, got 12345"),
-    ({"true_cfg_scale": float("nan")}, "true_cfg_scale must be a finite number >= 0, got nan"),
-    ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0, got inf"),
+    ({"true_cfg_scale": float("nan")}, "true_cfg_scale must be a number in [0, 1000], got nan"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a number in [0, 1000], got inf"),
     ({"input_latents": "abc"}, "input_latents must be a torch.Tensor, got str 'abc'"),
     ({"input_latents": torch.zeros(1, 4, 16, dtype=torch.int64)}, "input_latents must be a floating-point tensor"),
     ({"input_latents": torch.full((1, 16, 16), float("nan"))}, "input_latents contains NaN or infinite values"),
     ({"input_latents": torch.zeros(1, 3, 16)}, "input_latents has shape [1, 3, 16], but this request (batch, "
                                                "height, width) needs [1, 16, 16]"),
-    ({"height": 2 ** 40, "width": 2 ** 40}, "this request needs about"),
-    ({"num_images_per_prompt": 10 ** 6}, "this request needs about"),
+    ({"height": 2 ** 40, "width": 2 ** 40}, "height must be a positive multiple of 16 (at most 65536), got 1099511627776"),
+    ({"height": 65536, "width": 65536}, "this request needs about"),
+    ({"num_images_per_prompt": 10 ** 6}, "num_images_per_prompt must be an integer in [1, 4096], got 1000000"),
+    ({"guidance_scale": 1e300}, "guidance_scale must be a number in [0, 1000], got 1e+300"),
+    ({"prompt": "a digit \udcff"}, "prompt is not valid Unicode text (surrogates not allowed at character 8)"),
+    ({"negative_prompt": "x" * 100_001}, "negative_prompt is 100001 characters long; at most 100000 are accepted"),
+    ({"input_latents": torch.zeros(1, 16, 16, device="meta")}, "input_latents must be on cpu or cuda, got device meta"),
 ])
 def test_bad_requests_from_python(digits_pipe, kwargs, needle):
     args = {"prompt": "a handwritten digit one", "seed": 0, **kwargs}
@@ -267,10 +272,10 @@ def test_memory_estimate_refuses_what_cannot_fit(digits_pipe, monkeypatch):
 
 @pytest.mark.parametrize("override, needle", [
     ("seed=99999999999999999999999", "seed must be an integer in [-2**63, 2**64 - 1]"),
-    ("sampling.true_cfg_scale=nan", "true_cfg_scale must be a finite number >= 0, got nan"),
-    ("sampling.guidance_scale=inf", "guidance_scale must be a finite number >= 0, got inf"),
+    ("sampling.true_cfg_scale=nan", "true_cfg_scale must be a number in [0, 1000], got nan"),
+    ("sampling.guidance_scale=inf", "guidance_scale must be a number in [0, 1000], got inf"),
     ("prompt=12345", "prompt must be a string or a non-empty list of strings, got 12345"),
-    ("sampling.num_images_per_prompt=1000000", "this request needs about"),
+    ("sampling.num_images_per_prompt=1000000", "num_images_per_prompt must be an integer in [1, 4096]"),
     ("+sampling.output_type=latent", "sampling.output_type=latent cannot be saved by the command line"),
     ("+sampling.foo=1", "unknown key 'sampling.foo'"),
     ("+runtime.compiles=true", "unknown key 'runtime.compiles' (did you mean 'compile'?)"),
@@ -398,3 +403,116 @@ def test_builtin_bound_method_reexport_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DisallowedPathError, match="reaches '_io.BytesIO.write', which is outside"):
         resolve("diffstage.models.flux.callbacks.write")
     assert resolve("torch.random.default_generator.manual_seed")  # owned by torch: allowed
+
+
+# Second fuzz round: the same classes reached through other keys ---------------------------------
+@pytest.mark.parametrize("command, args, needle", [
+    ("generate", ["output=null"], "output.filename must be a file name such as image.png"),
+    ("generate", ["+output.foo=1"], "unknown key 'output.foo'; known: filename"),
+    ("generate", ["runtime=null"], "bad command line: 'Config group override must be a string or a list"),
+    ("generate", ["seed=" + "9" * 5000], "bad command line: 'Exceeds the limit (4300 digits)"),
+    ("generate", ["runtime.device=meta"], "unknown device 'meta'; use cpu, cuda, cuda:N or auto"),
+    ("generate", ["output.filename=" + "a" * 250 + ".png"], "output.filename is 254 bytes long; at most 200"),
+    ("generate", ["--experimental-rerun", "x.pickle"], "--experimental-rerun is not supported: it loads a pickle"),
+    ("generate", ["--shell-completion"], "bad command line:"),
+    ("sheet", ["seeds=5"], "seeds must be a non-empty list of integers such as seeds=[0,1], got 5"),
+    ("sheet", ["prompts=5"], "prompts must be a list of prompts (strings) or a mapping label: prompt, got 5"),
+])
+def test_config_values_of_the_wrong_shape_from_the_cli(tmp_path, command, args, needle):
+    r = run(command, *args, f"hydra.run.dir={tmp_path / 'run'}", *FAST)
+    clean_exit_2(r, needle)
+    assert not pngs(tmp_path)
+
+
+def test_existing_run_dir_that_cannot_be_written():
+    r = run("generate", "hydra.run.dir=/proc/self", *FAST)
+    clean_exit_2(r, "cannot create or write '/proc/self/diffstage.log'")
+
+
+def test_bad_arguments_from_python(digits_pipe):
+    from diffstage import build_pipeline
+    from diffstage.errors import DiffstageError
+
+    with pytest.raises(DiffstageError, match=r"allowlist must be a list of module prefixes \(strings\), got \[None\]"):
+        check_model("digits", allowlist=[None])
+    assert check_model("digits", allowlist="json").allowlist[-1] == "json"  # one prefix, not 'j', 's', ...
+    with pytest.raises(DiffstageError, match=r"overrides must be a list of strings such as \['seed=3'\], got \[5\]"):
+        build_pipeline(overrides=[5])
+    with pytest.raises(RequestError, match="Pipeline.run takes a Req .*got str"):
+        digits_pipe.run("a digit")
+
+
+def test_huge_yaml_values_and_many_problems_stay_short(flux_yaml_variant):
+    path = flux_yaml_variant(("    multiple_of: 16\n", f"    multiple_of: {'9' * 5000}\n"))
+    problems = problems_of(path)
+    assert [(p.line, p.message[:40]) for p in problems] == [(line_of(path, "multiple_of"),
+                                                            "YAML syntax error: cannot read this valu")]
+    stages = "".join(f"  - _target_: diffstage.stages.Nope{i}\n" for i in range(2000))
+    path = flux_yaml_variant(("stages:\n", "stages:\n" + stages), name="many.yaml")
+    with pytest.raises(SpecError) as e:
+        check_model(path)
+    assert len(e.value.problems) == 2000 and len(str(e.value)) < 50_000
+    assert str(e.value).splitlines()[-1].startswith("  ... and ") and "more (fix these first)" in str(e.value)
+    path = flux_yaml_variant(("_target_: diffstage.stages.DecodingStage", "_target_: diffstage." + "s" * 5000),
+                             name="long.yaml")
+    (problem,) = problems_of(path)
+    assert "is not a dotted Python path (package.module.name, at most 300 characters)" in problem.message
+    assert len(str(problem)) < 1000 and problem.hint is None
+
+
+def test_invalid_stage_arguments_give_one_problem_each(flux_yaml_variant):
+    path = flux_yaml_variant(("conditioning: [prompt_embeds, pooled_prompt_embeds]", "conditioning: [1, 2]"))
+    assert [(p.key, p.message) for p in problems_of(path)] == [
+        ("stages[4].conditioning[0]", "Input should be a valid string (got 1)"),
+        ("stages[4].conditioning[1]", "Input should be a valid string (got 2)")]
+
+
+def test_encoder_max_length_beyond_the_encoder(flux_yaml_variant, tiny_flux_dev):
+    path = flux_yaml_variant(("        max_length_field: max_sequence_length\n", "        max_length: 100000000\n"))
+    start = time.monotonic()
+    with pytest.raises(DiffstageError, match=r"stages\[1\]: TextEncodingStage could not be created: ValueError: "
+                                             r"encoders\[1\].max_length is 100000000, but this encoder handles at most"):
+        build_pipeline(str(path), model_path=tiny_flux_dev)
+    assert time.monotonic() - start < 30
+
+
+def test_failures_at_run_time_name_the_stage_or_callback(flux_yaml_variant, tiny_flux_dev):
+    from diffstage.errors import StageError
+
+    path = flux_yaml_variant(("output: pooler_output", "output: no_such_output"))
+    pipe = build_pipeline(str(path), model_path=tiny_flux_dev, overrides=["sampling.height=32", "sampling.width=32"])
+    with pytest.raises(StageError, match=r"^stages\[1\] TextEncodingStage failed: AttributeError: .*no_such_output"):
+        pipe("a fox", seed=0, num_inference_steps=1)
+    path = flux_yaml_variant(("mu: diffstage.models.flux.callbacks.mu", "mu: torch.Tensor.tolist"), name="cb.yaml")
+    pipe = build_pipeline(str(path), model_path=tiny_flux_dev, overrides=["sampling.height=32", "sampling.width=32"])
+    with pytest.raises(StageError, match=r"^TimestepPreparationStage: callback 'timestep_preparation.mu' "
+                                         r"\(torch.Tensor.tolist\) failed: TypeError"):
+        pipe("a fox", seed=0, num_inference_steps=1)
+
+
+def test_damaged_checkpoint_configs(tiny_flux_dev, tmp_path):
+    import json
+
+    from diffstage.errors import StageError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    config_file = ckpt / "transformer" / "config.json"
+    good = config_file.read_text()
+    config_file.write_text(json.dumps({**json.loads(good), "num_layers": 10 ** 6}))
+    loader.clear_cache()
+    start = time.monotonic()
+    with pytest.raises(LoadError, match=r"num_layers is 1000000; at most 1000 layers are supported"):
+        loader.load_modules(check_model("flux").spec, ckpt)
+    config_file.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LoadError, match="cannot read .*config.json: RecursionError"):
+        loader.load_modules(check_model("flux").spec, ckpt)
+    assert time.monotonic() - start < 30
+    config_file.write_text(good)
+    vae_config = ckpt / "vae" / "config.json"
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "scaling_factor": 0.0}))
+    loader.clear_cache()
+    pipe = build_pipeline("flux", model_path=ckpt, overrides=["sampling.height=32", "sampling.width=32"])
+    with pytest.raises(StageError, match="DecodingStage: the VAE decoded NaN or infinite values"):
+        pipe("a fox", seed=0, num_inference_steps=1)
+    loader.clear_cache()

@@ -76,7 +76,8 @@ def test_base_forward_must_return_req():
 def test_base_bind_fills_defaults_and_settings():
     f = lambda x: x + 1  # noqa: E731
     stage = bound(Hooked(), {"f": f}, {"alpha": 2})
-    assert stage.callback("f") is f and stage.callback("g") is Hooked.default_g
+    # bound callbacks are wrapped so a failure names them; the wrapper keeps the original
+    assert stage.callback("f").__wrapped__ is f and stage.callback("g").__wrapped__ is Hooked.default_g
     assert stage.settings.alpha == 2
     with pytest.raises(AttributeError, match="pipeline_config.settings has no 'beta'"):
         stage.settings.beta
@@ -147,12 +148,12 @@ def test_validation_collects_every_problem_in_one_error():
         "invalid request:",
         "  - prompt must be a string or a non-empty list of strings, got ['a', 3]",
         "  - negative_prompt must be a string or a list of strings as long as prompt, got ['x']",
-        "  - height must be a positive multiple of 16, got 30",
-        "  - width must be a positive multiple of 16, got 0",
+        "  - height must be a positive multiple of 16 (at most 65536), got 30",
+        "  - width must be a positive multiple of 16 (at most 65536), got 0",
         "  - num_inference_steps must be an integer in [1, 50], got 51",
-        "  - guidance_scale must be a finite number >= 0, got -1",
+        "  - guidance_scale must be a number in [0, 1000], got -1",
         "  - max_sequence_length must be an integer in [1, 64], got 100",
-        "  - num_images_per_prompt must be an integer >= 1, got 0",
+        "  - num_images_per_prompt must be an integer in [1, 4096], got 0",
         "  - output_type must be one of pil, np, pt, latent, got 'gif'",
         "  - seed must be an integer in [-2**63, 2**64 - 1], got 1.5",
     ]
@@ -161,10 +162,10 @@ def test_validation_collects_every_problem_in_one_error():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(prompt=[]), "prompt must be a string or a non-empty list of strings, got []"),
-    (dict(height=True), "height must be a positive multiple of 1, got True"),
+    (dict(height=True), "height must be a positive multiple of 1 (at most 65536), got True"),
     (dict(num_inference_steps=2.0), "num_inference_steps must be an integer in [1, 1000], got 2.0"),
     (dict(seed=True), "seed must be an integer in [-2**63, 2**64 - 1], got True"),
-    (dict(true_cfg_scale="2"), "true_cfg_scale must be a finite number >= 0, got '2'"),
+    (dict(true_cfg_scale="2"), "true_cfg_scale must be a number in [0, 1000], got '2'"),
 ])
 def test_validation_single_problem(kw, message):
     with pytest.raises(RequestError) as e:
@@ -178,7 +179,7 @@ def test_validation_missing_fields_are_reported_with_the_rest():
     assert str(e.value).splitlines() == [
         "invalid request:",
         "  - prompt must be a string or a non-empty list of strings, got None",
-        "  - height must be a positive multiple of 1, got None",
+        "  - height must be a positive multiple of 1 (at most 65536), got None",
         "  - num_inference_steps must be an integer in [1, 1000], got 0",
     ]
 
