@@ -1,15 +1,16 @@
 """diffstage: declarative diffusion pipelines from one YAML file per model."""
 from .builder import build_from_config, build_pipeline, check_model
+from .callbacks import reads
 from .errors import (ConcurrentUseError, DiffstageError, DisallowedPathError, LoadError, OutputError, Problem,
                      RequestError, SpecError, StageError, UnsafeCheckpointError)
 from .pipeline import Pipeline, PipelineOutput
-from .req import Req
+from .req import FieldSpec, Req
 from .stage import CallbackSpec, Contract, PipelineStage
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "build_pipeline", "build_from_config", "check_model", "Pipeline", "PipelineOutput", "Req",
+    "build_pipeline", "build_from_config", "check_model", "Pipeline", "PipelineOutput", "Req", "FieldSpec", "reads",
     "PipelineStage", "CallbackSpec", "Contract", "DiffstageError", "SpecError", "Problem",
     "DisallowedPathError", "LoadError", "RequestError", "UnsafeCheckpointError", "StageError", "OutputError",
     "ConcurrentUseError",

@@ -24,8 +24,9 @@ from .errors import DiffstageError, RequestError, SpecError, clipped, shown
 from .kernels import resolve_kernels
 from .models_dir import model_yaml
 from .pipeline import Pipeline, make_request
+from .req import FieldSpec, Req
 from .resolve import DEFAULT_ALLOWLIST, resolve
-from .run_config import plain_run_config
+from .run_config import check_sampling_keys, plain_run_config
 from .spec import ModelSpec, validate_spec
 from .stage import PipelineStage
 from .torch_utils import parse_device, parse_dtype
@@ -45,6 +46,7 @@ class CheckedModel:
     plan: list[PlannedStage]
     allowlist: tuple[str, ...]
     lines: LineMap
+    req_cls: type[Req] = Req  # the standard Req fields plus those the YAML and its stages declare
 
 
 def _known_stages() -> list[type[PipelineStage]]:
@@ -66,14 +68,16 @@ def check_model(name_or_path: str | Path, allowlist: Iterable[str] = ()) -> Chec
     spec, problems = validate_spec(data, str(file), lines)
     problems = lines.problems + problems
     plan: list[PlannedStage] = []
+    declared: dict[str, str] = {}
     if isinstance(data, dict):
-        plan, contract_problems = check_contracts(data, str(file), lines, allow, _known_stages())
+        plan, contract_problems, declared = check_contracts(data, str(file), lines, allow, _known_stages())
         problems += contract_problems
     if problems:
         problems.sort(key=lambda p: (p.file != str(file), p.file or "", p.line or 0, p.key))
         raise SpecError(problems)
     assert spec is not None
-    return CheckedModel(file, data, spec, plan, allow, lines)
+    fields = spec.field_specs() + [FieldSpec(name, "state", doc) for name, doc in declared.items()]
+    return CheckedModel(file, data, spec, plan, allow, lines, Req.with_fields(fields))
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -151,13 +155,15 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     plain = plain_run_config(cfg)
     checked = checked or check_model(plain["model"], allowlist=plain.get("allowlist") or ())
     spec = checked.spec
-    defaults = spec.sampling.model_dump()
+    check_sampling_keys(plain, checked.req_cls, str(checked.file))
+    defaults = {**spec.sampling.model_dump(), **{f.name: f.default for f in spec.field_specs()}}
     overrides = plain.get("sampling") or {}
     defaults.update({k: v for k, v in overrides.items() if v is not None})
     early = {p.index: instantiate_stage(p, checked, {}) for p in checked.plan if not p.contract.modules}
     if request is not None:
-        req = make_request(defaults, **request)
-        problems = [msg for stage in early.values() for msg in stage.request_problems(req)]
+        req = make_request(defaults, req_cls=checked.req_cls, **request)
+        problems = req.declared_field_problems()
+        problems += [msg for stage in early.values() for msg in stage.request_problems(req)]
         if problems:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {m}" for m in problems))
     model_path = plain.get("model_path") or spec.model_path
@@ -173,7 +179,8 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     stages = [early.get(p.index) or instantiate_stage(p, checked, modules) for p in checked.plan]
     run_config = {k: v for k, v in plain.items() if k != "hydra"}
     return Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),
-                    config={"run": run_config, "model": checked.data}, checkpoint=str(model_path), device=device)
+                    config={"run": run_config, "model": checked.data}, checkpoint=str(model_path), device=device,
+                    req_cls=checked.req_cls)
 
 
 def build_pipeline(model: str | Path | None = None, *, model_path: str | Path | None = None,

@@ -10,11 +10,12 @@ import inspect
 import json
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from .callbacks import declared_reads
 from .errors import DiffstageError, DisallowedPathError, Problem, shown
 from .loader import module_kind
 from .req import Req
@@ -178,9 +179,10 @@ class _Checker:
         self._check_attention()
         given_callbacks = self._mapping("pipeline_config", "callbacks")
 
-        request = Req.request_fields()
-        all_fields = Req.field_names()
+        yaml_request = {n for n in self._mapping("request_fields") if isinstance(n, str) and n.isidentifier()}
+        request = Req.request_fields() | yaml_request
         available = set(request)
+        maybe: set[str] = set()  # optional writes of earlier stages
         plan: list[PlannedStage] = []
         used_modules: set[str] = set()
         taken: dict[str, dict[str, Any]] = {}  # callback group -> {name: spec}
@@ -215,6 +217,8 @@ class _Checker:
                 writers_in_pipeline.setdefault(f, []).append(i)
         self.reads_of = {i: c.reads for i, _, _, c, _ in contracts}
         certain = first_unknown == len(stages)  # every stage's needs are known
+        self.declared_state = self._declared_state(contracts, request)
+        all_fields = Req.field_names() | yaml_request | set(self.declared_state)
 
         for i, cls, args, contract, valid in contracts:
             for arg_path, module in contract.modules.items():
@@ -223,24 +227,41 @@ class _Checker:
                     declared = f"declared modules: {', '.join(sorted(modules))}" if modules else "no modules are declared"
                     self.add(("stages", i) + tuple(arg_path), f"unknown module '{module}'", stage=cls.__name__,
                              hint=did_you_mean(module, modules) or declared)
-            for f in sorted(contract.reads | contract.optional_reads):
+            callback_reads = self._callback_reads(cls, contract, given_callbacks)
+            own = contract.reads | contract.optional_reads  # reported once, for the stage
+            reads = [(f, ("stages", i), "reads") for f in sorted(contract.reads)] + \
+                [(f, path, f"callback '{name}' reads") for f, path, name, optional in callback_reads
+                 if not optional and f not in contract.reads]
+            optional_reads = [(f, ("stages", i), "reads") for f in sorted(contract.optional_reads)] + \
+                [(f, path, f"callback '{name}' reads") for f, path, name, optional in callback_reads
+                 if optional and f not in own]
+            for f, path, what in reads + optional_reads:
                 if f not in all_fields:
-                    self.add(("stages", i), f"reads '{f}', which is not a Req field", stage=cls.__name__,
+                    self.add(path, f"{what} '{f}', which is not a Req field", stage=cls.__name__,
                              hint=did_you_mean(f, all_fields))
-            for f in sorted(contract.reads):
-                # an unknown stage could write anything: only judge stages before it
-                if i < first_unknown and f in all_fields and f not in available:
-                    self.add(("stages", i), f"reads '{f}' but no earlier stage writes it and the request does "
-                                            "not supply it", stage=cls.__name__, hint=self._producers_hint(f, i, writers_in_pipeline))
+            for f, path, what in reads:
+                # an unknown stage could write anything: only judge stages before it. A callback may
+                # also read what its own stage writes (the stage calls it after writing those), and what
+                # an earlier stage may write (whether it does can depend on that stage's callbacks).
+                also = maybe | contract.writes if path != ("stages", i) else frozenset()
+                if i < first_unknown and f in all_fields and f not in available and f not in also:
+                    self.add(path, f"{what} '{f}' but no earlier stage writes it and the request does not supply it",
+                             stage=cls.__name__, hint=self._producers_hint(f, i, writers_in_pipeline))
             for f in sorted(contract.writes | contract.optional_writes):
                 if f not in all_fields:
                     self.add(("stages", i), f"writes '{f}', which is not a Req field", stage=cls.__name__,
-                             hint=did_you_mean(f, all_fields))
+                             hint=did_you_mean(f, all_fields) or "a stage that adds a field lists it in "
+                                                                  "its contract's `declares`")
             available |= contract.writes
+            maybe |= contract.optional_writes
             group = taken.setdefault(cls.callback_group(), {})
             for spec in contract.callbacks:
                 group.setdefault(spec.name, (spec, cls.__name__))
             if valid:
+                # callbacks' reads join the stage's, but for what the stage writes before calling them
+                contract = replace(contract, reads=contract.reads | ({f for f, _, _ in reads} - contract.writes),
+                                   optional_reads=contract.optional_reads
+                                   | ({f for f, _, _ in optional_reads} - contract.writes))
                 plan.append(PlannedStage(i, cls, args, contract))
 
         self._check_callbacks(given_callbacks, taken, certain)
@@ -253,6 +274,39 @@ class _Checker:
                 self.add(("modules", name), f"module '{name}' is listed but no stage uses it",
                          hint="remove it, or reference it from a stage argument")
         return plan
+
+    def _declared_state(self, contracts: list, request: set[str]) -> dict[str, str]:
+        """The state fields stages add to the Req (name -> doc); a name that is already a field is refused."""
+        declared: dict[str, str] = {}
+        for i, cls, _, contract, _ in contracts:
+            for name, doc in contract.declares.items():
+                if name in Req.field_names() or name in request or not name.isidentifier():
+                    what = "is already a Req field" if name.isidentifier() else "is not a Python identifier"
+                    self.add(("stages", i), f"declares the new field '{name}', which {what}", stage=cls.__name__)
+                else:
+                    declared.setdefault(name, doc)
+        return declared
+
+    def _callback_reads(self, cls: type[PipelineStage], contract: Contract,
+                        given: dict) -> list[tuple[str, tuple, str, bool]]:
+        """(field, YAML path, callback name, optional) for what the stage's callbacks declare they read
+        (@reads); a default callback (the stage's own method) is covered by the stage's contract."""
+        group = cls.callback_group()
+        entries = given.get(group) if isinstance(given.get(group), dict) else {}
+        out = []
+        for spec in contract.callbacks:
+            target = entries.get(spec.name)
+            if not isinstance(target, str) or not is_allowed(target, self.allowlist):
+                continue  # reported by the callback checks
+            try:
+                fn = resolve(target, self.allowlist)
+            except DiffstageError:
+                continue  # reported by the callback checks
+            needed, optional = declared_reads(fn)
+            path = ("pipeline_config", "callbacks", group, spec.name)
+            out += [(f, path, f"{group}.{spec.name}", False) for f in sorted(needed)]
+            out += [(f, path, f"{group}.{spec.name}", True) for f in sorted(optional - needed)]
+        return out
 
     def _check_module_targets(self) -> None:
         for name, spec in self._mapping("modules").items():
@@ -271,7 +325,8 @@ class _Checker:
         later = [j for j in writers.get(f, []) if j > i and f not in self.reads_of.get(j, ())]
         if later:
             return f"stages[{later[0]}] writes it: move that stage before stages[{i}]"
-        producers = sorted({c.__name__ for c in self.known_stages if f in c.writes and f not in c.reads})
+        producers = sorted({c.__name__ for c in self.known_stages
+                            if f in (*c.writes, *c.optional_writes) and f not in c.reads})
         if producers:
             return f"add a stage that writes it before stages[{i}], e.g. {', '.join(producers)}"
         return "no known stage writes it; add one that does"
@@ -315,7 +370,9 @@ class _Checker:
 
 
 def check_contracts(data: dict, file: str, lines: LineMap, allowlist: Iterable[str],
-                    known_stages: Iterable[type[PipelineStage]]) -> tuple[list[PlannedStage], list[Problem]]:
+                    known_stages: Iterable[type[PipelineStage]]
+                    ) -> tuple[list[PlannedStage], list[Problem], dict[str, str]]:
+    """(the stages that passed, every problem, the state fields the stages declare: name -> doc)."""
     checker = _Checker(data, file, lines, allowlist, known_stages)
     plan = checker.run()
-    return plan, checker.problems
+    return plan, checker.problems, getattr(checker, "declared_state", {})

@@ -15,9 +15,9 @@ from .spec import ModelSpec, did_you_mean
 from .stage import PipelineStage
 
 
-def make_request(defaults: dict[str, Any], **kwargs: Any) -> Req:
+def make_request(defaults: dict[str, Any], req_cls: type[Req] = Req, **kwargs: Any) -> Req:
     """A Req from sampling defaults and the caller's arguments (None means "use the default")."""
-    allowed = Req.request_fields()
+    allowed = req_cls.request_fields()
     unknown = [k for k in kwargs if k not in allowed]
     if unknown:
         hints = [f"'{k}'" + (f" ({did_you_mean(k, allowed)})" if did_you_mean(k, allowed) else "") for k in unknown]
@@ -25,7 +25,7 @@ def make_request(defaults: dict[str, Any], **kwargs: Any) -> Req:
                            f"accepted: {', '.join(sorted(allowed))}")
     values = {k: v for k, v in defaults.items() if v is not None and k in allowed}
     values.update({k: v for k, v in kwargs.items() if v is not None})
-    return Req(**values)
+    return req_cls(**values)
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Pipeline:
     def __init__(self, spec: ModelSpec, stages: list[PipelineStage], modules: dict[str, Any],
                  defaults: dict[str, Any] | None = None, source: str | None = None,
                  config: dict[str, Any] | None = None, checkpoint: str | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", req_cls: type[Req] = Req):
         self.spec = spec
         self.stages = list(stages)
         self.modules = modules
@@ -49,6 +49,7 @@ class Pipeline:
         self.config = config or {}  # the resolved run config, for provenance
         self.checkpoint = checkpoint  # where the modules were loaded from
         self.device = torch.device(device)  # where the stages allocate (for the memory check)
+        self.req_cls = req_cls  # Req with the fields this model's YAML and stages declare
         # Stages share stateful modules (a scheduler keeps its timesteps): one run at a time.
         self._lock = threading.Lock()
         self._running_in: int | None = None  # thread id of the run in progress
@@ -57,7 +58,7 @@ class Pipeline:
         return [f"{i}:{type(s).__name__}" for i, s in enumerate(self.stages)]
 
     def make_request(self, **kwargs: Any) -> Req:
-        return make_request(self.defaults, **kwargs)
+        return make_request(self.defaults, req_cls=self.req_cls, **kwargs)
 
     def __call__(self, prompt: str | list[str] | None = None, **kwargs: Any) -> PipelineOutput:
         """Generate, like a Diffusers pipeline: `pipe(prompt, seed=0, num_inference_steps=4).images[0]`."""
@@ -65,7 +66,7 @@ class Pipeline:
 
     def check_request(self, req: Req) -> None:
         """Every stage's objections to `req`, then the memory it would need; raises RequestError."""
-        problems = [msg for stage in self.stages for msg in stage.request_problems(req)]
+        problems = req.declared_field_problems() + [msg for stage in self.stages for msg in stage.request_problems(req)]
         if problems:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {m}" for m in problems))
         estimates: dict[str, int] = {}

@@ -1,13 +1,73 @@
 """Req: the one object that flows through the stages.
 
-Every field is named once, here. Request fields come from the caller (or the
-model's sampling defaults); state fields are written by stages. The static
-check uses this split: a stage may read a request field freely, but a state
-field only after an earlier stage writes it."""
+The standard fields are named once, here. Request fields come from the caller
+(or the model's sampling defaults); state fields are written by stages. The
+static check uses this split: a stage may read a request field freely, but a
+state field only after an earlier stage writes it.
+
+The schema is open: a model YAML may declare extra request fields
+(`request_fields:`) and a stage may declare the state fields it introduces
+(`Contract.declares`). `Req.with_fields` makes the Req class of one pipeline,
+with those fields added and typed; setting a name outside it is an error."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import difflib
+import math
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
+
+FIELD_TYPES = ("int", "float", "str", "text", "bool", "image", "any")  # text: a string or a list of strings
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """A Req field beyond the standard ones: a request field a model YAML declares (with its type,
+    default and range, checked on every request) or a state field a stage declares."""
+
+    name: str
+    role: str  # "request" or "state"
+    doc: str = ""
+    type: str = "any"  # one of FIELD_TYPES
+    default: Any = None
+    ge: float | None = None
+    le: float | None = None
+    choices: tuple | None = None
+
+    def problems(self, value: Any) -> list[str]:
+        """What is wrong with `value` for this field (None, "not given", is always fine)."""
+        if value is None:
+            return []
+        from .errors import shown
+
+        kind = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                "text": "a string or a list of strings",
+                "image": "an image (a PIL image, a [C, H, W] tensor or a file path)", "any": "a value"}[self.type]
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+              "str": isinstance(value, str), "bool": isinstance(value, bool),
+              "text": isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
+                                                 and all(isinstance(v, str) for v in value)),
+              "image": _is_image(value), "any": True}[self.type]
+        bounds = [f">= {self.ge:g}"] if self.ge is not None else []
+        bounds += [f"<= {self.le:g}"] if self.le is not None else []
+        wanted = kind + (f" {' and '.join(bounds)}" if bounds else "") + \
+            (f" (one of {', '.join(map(str, self.choices))})" if self.choices else "")
+        if ok and self.type in ("int", "float"):
+            ok = (self.ge is None or value >= self.ge) and (self.le is None or value <= self.le)
+        if ok and self.choices is not None:
+            ok = value in self.choices
+        return [] if ok else [f"{self.name} must be {wanted}, got {shown(value)}"]
+
+
+def _is_image(value: Any) -> bool:
+    if isinstance(value, str):
+        return True  # a path: the stage that opens it reports a missing file
+    try:
+        from PIL import Image
+        import torch
+    except ImportError:  # pragma: no cover - both are dependencies
+        return False
+    return isinstance(value, Image.Image) or (isinstance(value, torch.Tensor) and value.dim() in (3, 4))
 
 
 def _request(default: Any = None, doc: str = "") -> Any:
@@ -59,6 +119,44 @@ class Req:
     @classmethod
     def field_names(cls, role: str | None = None) -> set[str]:
         return {f.name for f in fields(cls) if role is None or f.metadata.get("role") == role}
+
+    @classmethod
+    def extra_fields(cls) -> list[FieldSpec]:
+        """The fields `with_fields` added to the standard ones."""
+        return [f.metadata["spec"] for f in fields(cls) if "spec" in f.metadata]
+
+    @classmethod
+    def with_fields(cls, specs: list[FieldSpec]) -> type[Req]:
+        """The Req class of a pipeline: the standard fields plus `specs` (declared by its YAML and stages)."""
+        standard = Req.field_names()
+        clashes = sorted(s.name for s in specs if s.name in standard)
+        if clashes:
+            raise ValueError(f"{', '.join(clashes)} "
+                             f"{'is already a standard Req field' if len(clashes) == 1 else 'are already standard Req fields'}"
+                             "; declare only new names")
+        if not specs:
+            return Req
+        extra = [(s.name, Any, field(default=s.default, metadata={"role": s.role, "doc": s.doc, "spec": s}))
+                 for s in specs]
+        return make_dataclass("Req", extra, bases=(Req,), namespace={"__module__": Req.__module__})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a misspelt field would otherwise be set quietly and never read
+        names = type(self).__dict__.get("_names")
+        if names is None:
+            names = frozenset(f.name for f in fields(type(self)))
+            type.__setattr__(type(self), "_names", names)
+        if name not in names:
+            match = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+            raise AttributeError(f"Req has no field '{name}'" + (f" (did you mean '{match[0]}'?)" if match else "")
+                                 + "; a stage declares new fields in its contract (`declares`), a model YAML in "
+                                   "`request_fields`")
+        object.__setattr__(self, name, value)
+
+    def declared_field_problems(self) -> list[str]:
+        """Type and range problems of the request fields a model YAML declared."""
+        return [msg for spec in self.extra_fields() if spec.role == "request"
+                for msg in spec.problems(getattr(self, spec.name))]
 
     @classmethod
     def request_fields(cls) -> set[str]:

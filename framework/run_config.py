@@ -16,8 +16,9 @@ TOP_LEVEL = ("model", "model_path", "prompt", "seed", "sampling", "runtime", "at
 RUNTIME = ("device", "dtype", "kernels", "compile", "matmul_dtype")
 ATTENTION = ("backend",)
 OUTPUT = ("filename",)
-# Request fields a run config may set; prompt and seed are top-level, input_latents is Python-only.
-SAMPLING = tuple(sorted(Req.request_fields() - {"prompt", "seed", "input_latents"}))
+# Request fields a run config may not set under `sampling`: prompt and seed are top-level,
+# input_latents is Python-only. The rest depends on the model (its YAML may declare more).
+NOT_SAMPLING = {"prompt", "seed", "input_latents"}
 
 
 def _unknown(section: dict, known, prefix: str) -> list[str]:
@@ -31,14 +32,15 @@ def _unknown(section: dict, known, prefix: str) -> list[str]:
 
 def run_config_problems(cfg: dict[str, Any]) -> list[str]:
     problems = _unknown(cfg, TOP_LEVEL, "")
-    for name, known in (("sampling", SAMPLING), ("runtime", RUNTIME), ("attention", ATTENTION), ("output", OUTPUT)):
+    for name, known in (("sampling", None), ("runtime", RUNTIME), ("attention", ATTENTION), ("output", OUTPUT)):
         section = cfg.get(name)
         if section is None:
             continue
         if not isinstance(section, dict):
             problems.append(f"'{name}' must be a mapping, got {shown(section)}")
             continue
-        problems += _unknown(section, known, f"{name}.")
+        if known is not None:  # sampling keys are checked against the model's request fields
+            problems += _unknown(section, known, f"{name}.")
     runtime = cfg.get("runtime") if isinstance(cfg.get("runtime"), dict) else {}
     for key, value in (("allow_pickle", cfg.get("allow_pickle", False)), ("runtime.compile", runtime.get("compile", False))):
         if not isinstance(value, bool):
@@ -93,6 +95,16 @@ def plain_run_config(cfg: Any) -> dict[str, Any]:
         raise DiffstageError(f"invalid run config: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     check_run_config(plain)
     return plain
+
+
+def check_sampling_keys(cfg: dict[str, Any], req_cls: type[Req], model_file: str) -> None:
+    """`sampling.KEY` must be a request field of this model (standard, or declared in its YAML)."""
+    known = sorted(req_cls.request_fields() - NOT_SAMPLING)
+    problems = _unknown(cfg.get("sampling") or {}, known, "sampling.")
+    if problems:
+        raise DiffstageError(f"invalid run config for the model in {model_file}:\n"
+                             + "\n".join(f"  - {p} (no stage or callback of this model reads it)"
+                                          if "did you mean" not in p else f"  - {p}" for p in problems))
 
 
 def check_run_config(cfg: dict[str, Any]) -> None:

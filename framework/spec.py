@@ -10,9 +10,10 @@ import typing
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import Problem, shown
+from .req import FIELD_TYPES, FieldSpec, Req
 from .yaml_lines import LineMap, format_key
 
 
@@ -65,6 +66,31 @@ class SamplingSpec(_Strict):
     num_images_per_prompt: int | None = Field(None, gt=0)
 
 
+class RequestFieldSpec(_Strict):
+    """An extra request field a model needs (`num_frames`, `image`, ...): accepted from the command line
+    (`+sampling.NAME=...`) and from `pipe(..., NAME=...)`, checked like the standard ones."""
+
+    type: Literal[FIELD_TYPES] = Field("any", description="int, float, str, text (a string or a list of strings), "
+                                                          "bool, image or any")
+    default: Any = Field(None, description="value when the request does not give one")
+    ge: float | None = Field(None, allow_inf_nan=False, description="smallest allowed value (int/float)")
+    le: float | None = Field(None, allow_inf_nan=False, description="largest allowed value (int/float)")
+    choices: list[Any] | None = Field(None, description="the allowed values")
+    doc: str = ""
+
+    @model_validator(mode="after")
+    def _default_is_allowed(self):
+        if self.default is not None:
+            problems = self.field_spec("default").problems(self.default)
+            if problems:
+                raise ValueError(problems[0])
+        return self
+
+    def field_spec(self, name: str) -> FieldSpec:
+        return FieldSpec(name, "request", self.doc, self.type, self.default, self.ge, self.le,
+                         tuple(self.choices) if self.choices is not None else None)
+
+
 class StageSpec(BaseModel):
     """`_target_` plus the stage's arguments (checked against the stage class)."""
 
@@ -87,7 +113,23 @@ class ModelSpec(_Strict):
                           "line wins; default: sdpa")
     pipeline_config: PipelineConfigSpec = Field(default_factory=PipelineConfigSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    request_fields: dict[str, RequestFieldSpec] = Field(
+        default_factory=dict, description="extra request fields this model takes, by name")
     stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("request_fields")
+    @classmethod
+    def _new_field_names(cls, value: dict) -> dict:
+        for name in value:
+            if not name.isidentifier() or name.startswith("_"):
+                raise ValueError(f"request field name {shown(name)} must be a Python identifier not starting with _")
+            if name in Req.field_names():
+                raise ValueError(f"'{name}' is already a standard Req field; declare only new names")
+        return value
+
+    def field_specs(self) -> list[FieldSpec]:
+        """The declared request fields, as Req.with_fields takes them."""
+        return [spec.field_spec(name) for name, spec in self.request_fields.items()]
 
     def module_spec(self, name: str) -> ModuleSpec:
         return self.modules.get(name) or ModuleSpec()

@@ -38,6 +38,8 @@ class Contract:
     callbacks: tuple[CallbackSpec, ...] = ()
     # argument path inside the stage's args -> name of the module it refers to
     modules: Mapping[tuple, str] = field(default_factory=dict)
+    # state fields this stage introduces (not standard Req fields): name -> what it holds
+    declares: Mapping[str, str] = field(default_factory=dict)
 
 
 class Settings(dict):
@@ -60,6 +62,8 @@ class PipelineStage:
     optional_reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
     optional_writes: ClassVar[tuple[str, ...]] = ()
+    # new state fields (beyond the standard Req fields) the stage writes: name -> what it holds
+    declares: ClassVar[Mapping[str, str]] = {}
     callback_specs: ClassVar[tuple[CallbackSpec, ...]] = ()
     # __init__ parameters that take a loaded module; the YAML value (default: the
     # parameter's own name) names an entry of `modules`.
@@ -94,6 +98,7 @@ class PipelineStage:
             optional_writes=frozenset(cls.optional_writes),
             callbacks=tuple(cls.callback_specs),
             modules=modules,
+            declares=dict(cls.declares),
         )
 
     # --- wiring (done by the builder) -------------------------------------------

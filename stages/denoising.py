@@ -1,6 +1,7 @@
 """DenoisingStage: the sampling loop, with classifier-free guidance and per-step hooks."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -23,7 +24,14 @@ class DenoisingStage(PipelineStage):
             `negative_` counterparts are used for the unconditional branch.
         latents_arg / timestep_arg: the transformer's keyword names for the
             noisy latents and the timestep.
+        cfg_batch: with CFG, run both branches in one transformer call when their
+            inputs allow it (per-sample tensors have the batch first; an input both
+            branches share is the same object, e.g. position ids). Off: two calls.
+        scale_model_input: call the scheduler's `scale_model_input` on the model's
+            input when it has one (Euler, DPM: as Diffusers' UNet pipelines do).
         progress: show a tqdm progress bar.
+
+    The noise is scaled by the scheduler's `init_noise_sigma` first (1 for flow matching).
     """
 
     reads = ("latents", "timesteps", "do_cfg", "cfg_scale")
@@ -36,16 +44,25 @@ class DenoisingStage(PipelineStage):
                      doc="returns the timestep tensor the transformer takes (default: t for each batch item)"),
         CallbackSpec("combine_cfg", ("cond", "uncond", "scale"),
                      doc="combines the two predictions (default: uncond + scale * (cond - uncond))"),
+        CallbackSpec("postprocess_prediction", ("pred", "req", "settings"),
+                     doc="adjusts the (combined) prediction before the scheduler step, with and without CFG, "
+                         "e.g. drops a learned-sigma half (default: unchanged)"),
+        CallbackSpec("step_kwargs", ("req", "settings", "scheduler"),
+                     doc="extra keyword arguments of scheduler.step (default: the request's generator and "
+                         "settings.eta, where the step takes them, as Diffusers does)"),
     )
 
     def __init__(self, transformer, scheduler, conditioning: tuple[str, ...] = ("prompt_embeds",),
-                 latents_arg: str = "hidden_states", timestep_arg: str = "timestep", progress: bool = True):
+                 latents_arg: str = "hidden_states", timestep_arg: str = "timestep", cfg_batch: bool = True,
+                 scale_model_input: bool = True, progress: bool = True):
         super().__init__()
         self.transformer = transformer
         self.scheduler = scheduler
         self.conditioning = list(conditioning)
         self.latents_arg = latents_arg
         self.timestep_arg = timestep_arg
+        self.cfg_batch = cfg_batch
+        self.scale_model_input = scale_model_input
         self.progress = progress
         self.step_hooks: list[StepHook] = []
 
@@ -55,7 +72,8 @@ class DenoisingStage(PipelineStage):
         cond = list(args.get("conditioning", ["prompt_embeds"]))
         negatives = [f"negative_{c}" for c in cond]
         return Contract(reads=base.reads | frozenset(cond), writes=base.writes,
-                        optional_reads=frozenset(negatives), callbacks=base.callbacks, modules=base.modules)
+                        optional_reads=frozenset(negatives) | {"generator"}, callbacks=base.callbacks,
+                        modules=base.modules)
 
     def required_reads(self) -> tuple[str, ...]:
         return tuple(self.reads) + tuple(self.conditioning)
@@ -68,12 +86,46 @@ class DenoisingStage(PipelineStage):
     def default_combine_cfg(cond, uncond, scale):
         return uncond + scale * (cond - uncond)
 
+    @staticmethod
+    def default_postprocess_prediction(pred, req, settings):
+        return pred
+
+    @staticmethod
+    def default_step_kwargs(req, settings, scheduler):
+        accepted = inspect.signature(scheduler.step).parameters
+        kwargs = {}
+        if "generator" in accepted:
+            kwargs["generator"] = req.generator
+        if "eta" in accepted:
+            kwargs["eta"] = settings.get("eta", 0.0)
+        return kwargs
+
     def add_step_hook(self, hook: StepHook) -> None:
         self.step_hooks.append(hook)
 
     def predict(self, latents, timestep, inputs: dict) -> torch.Tensor:
         kwargs = {self.latents_arg: latents, self.timestep_arg: timestep, **inputs}
         return self.transformer(**kwargs, return_dict=False)[0]
+
+    @staticmethod
+    def joined_inputs(cond: dict, uncond: dict, batch: int) -> dict | None:
+        """Both branches' inputs as one batch (cond first), or None when they cannot be joined."""
+        if cond.keys() != uncond.keys():
+            return None
+        joined = {}
+        for key, a in cond.items():
+            b = uncond[key]
+            if a is b:  # shared by both branches (position ids, a mask of the latents)
+                joined[key] = a
+            elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                if a.dim() == 0 or a.shape != b.shape or a.shape[0] != batch:
+                    return None
+                joined[key] = torch.cat([a, b])
+            elif not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b:
+                joined[key] = a
+            else:
+                return None
+        return joined
 
     @torch.no_grad()
     def forward(self, req: Req) -> Req:
@@ -82,24 +134,41 @@ class DenoisingStage(PipelineStage):
         uncond_inputs = model_inputs(req, self.settings, self.transformer, True) if req.do_cfg else None
         timestep_input = self.callback("timestep_input")
         combine = self.callback("combine_cfg")
+        postprocess = self.callback("postprocess_prediction")
+        step_kwargs = self.callback("step_kwargs")(req, self.settings, self.scheduler)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
+        batch = req.latents.shape[0]
+        joined = self.joined_inputs(cond_inputs, uncond_inputs, batch) \
+            if uncond_inputs is not None and self.cfg_batch else None
+        scale_input = getattr(self.scheduler, "scale_model_input", None) if self.scale_model_input else None
 
         latents = req.latents
+        init_sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
+        if not (isinstance(init_sigma, (int, float)) and init_sigma == 1.0):  # Euler, DPM: noise at the top sigma
+            latents = latents * init_sigma
         # disable=None: no bar when stderr is not a terminal (logs, CI, subprocesses)
         bar = tqdm(req.timesteps, disable=None if self.progress else True, desc="denoising", leave=False)
         for i, t in enumerate(bar):
             req.latents = latents
             timestep = timestep_input(t, req, self.settings)
-            noise_pred = self.predict(latents, timestep, cond_inputs)
-            if uncond_inputs is not None:
-                uncond = self.predict(latents, timestep, uncond_inputs)
-                noise_pred = combine(noise_pred, uncond, req.cfg_scale)
+            model_input = scale_input(latents, t) if scale_input is not None else latents
+            if joined is not None:
+                per_sample = isinstance(timestep, torch.Tensor) and timestep.dim() and timestep.shape[0] == batch
+                both_t = torch.cat([timestep, timestep]) if per_sample else timestep
+                cond, uncond = self.predict(torch.cat([model_input, model_input]), both_t, joined).chunk(2)
+                noise_pred = combine(cond, uncond, req.cfg_scale)
+            else:
+                noise_pred = self.predict(model_input, timestep, cond_inputs)
+                if uncond_inputs is not None:
+                    uncond = self.predict(model_input, timestep, uncond_inputs)
+                    noise_pred = combine(noise_pred, uncond, req.cfg_scale)
+            noise_pred = postprocess(noise_pred, req, self.settings)
             for hook in self.step_hooks:
                 out = hook(self, req, i, t, noise_pred)
                 if out is not None:
                     noise_pred = out
-            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             if not bool(torch.isfinite(latents).all()):  # one reduction a step; NaN never recovers
                 raise RequestError(f"{type(self).__name__}: the latents became NaN or infinite at step {i + 1} of "
                                    f"{len(req.timesteps)} (timestep {float(t):g}); the model diverged: try a lower "

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffstage.req import Req
 from diffstage.stage import Contract, PipelineStage
@@ -19,9 +19,21 @@ class EncoderConfig(BaseModel):
     tokenizer: str  # module name
     field: str  # Req field the embeddings go to; negatives go to "negative_<field>"
     output: str = "last_hidden_state"  # attribute of the encoder output: pooler_output, last_hidden_state, ...
+    hidden_layer: int | None = None  # take hidden_states[hidden_layer] instead (-2: the penultimate layer)
     max_length: Annotated[int, Field(ge=1)] | None = None  # fixed token length; default: tokenizer.model_max_length
     max_length_field: Literal["max_sequence_length"] | None = None  # take the length from the request instead
-    prompt_field: Literal["prompt", "prompt_2"] = "prompt"  # prompt_2 falls back to prompt when unset
+    prompt_field: str = "prompt"  # request field with this encoder's prompt; prompt when that is unset
+    negative_prompt_field: str = "negative_prompt"  # likewise for the negative prompt
+    mask_field: str | None = None  # Req field for the attention mask (1 = token, 0 = padding)
+    use_attention_mask: bool = False  # pass the mask to the encoder (T5 in PixArt and Wan needs it)
+
+    @model_validator(mode="after")
+    def _one_output(self):
+        if self.hidden_layer is not None and self.output != "last_hidden_state":
+            raise ValueError("set either `output` or `hidden_layer`, not both")
+        if self.output == "hidden_states" and self.hidden_layer is None:
+            raise ValueError("output 'hidden_states' is one tensor per layer: set hidden_layer (e.g. -2) instead")
+        return self
 
 
 def length_limit(enc: dict) -> int | None:
@@ -46,7 +58,7 @@ class TextEncodingStage(PipelineStage):
 
     def __init__(self, encoders: list[EncoderConfig]):
         super().__init__()
-        defaults = {"output": "last_hidden_state", "prompt_field": "prompt"}
+        defaults = {n: f.default for n, f in EncoderConfig.model_fields.items() if not f.is_required()}
         self.encoders = [{**defaults, **(e if isinstance(e, dict) else e.model_dump())} for e in encoders]
         for i, enc in enumerate(self.encoders):
             limit, fixed = length_limit(enc), enc.get("max_length")
@@ -67,48 +79,71 @@ class TextEncodingStage(PipelineStage):
         configs = [EncoderConfig.model_validate(e) for e in args.get("encoders", [])]
         if not configs:
             raise ValueError("`encoders` must list at least one encoder")
-        writes, negatives, modules = set(), set(), {}
-        fields = Req.state_fields()
+        writes, negatives, modules, declares = set(), set(), {}, {}
+        reads = set(cls.optional_reads)
         for i, c in enumerate(configs):
-            for f in (c.field, f"negative_{c.field}"):
-                if f not in fields:
-                    raise ValueError(f"encoders[{i}].field: '{f}' is not a Req state field")
-            writes.add(c.field)
-            negatives.add(f"negative_{c.field}")
+            outputs = [(c.field, f"output '{c.hidden_layer if c.hidden_layer is not None else c.output}' of "
+                                 f"text encoder '{c.text_encoder}'")]
+            if c.mask_field:
+                outputs.append((c.mask_field, f"attention mask of text encoder '{c.text_encoder}'"))
+            for f, doc in outputs:
+                for name, what in ((f, doc), (f"negative_{f}", doc + " for the negative prompt")):
+                    if name in Req.request_fields():
+                        raise ValueError(f"encoders[{i}]: '{name}' is a request field; encoder outputs go to "
+                                         "state fields")
+                    if name not in Req.state_fields():  # a new field, e.g. a third encoder's output
+                        declares[name] = what
+                writes.add(f)
+                negatives.add(f"negative_{f}")
+            reads |= {c.prompt_field, c.negative_prompt_field}
             modules[("encoders", i, "text_encoder")] = c.text_encoder
             modules[("encoders", i, "tokenizer")] = c.tokenizer
         return Contract(reads=frozenset(cls.reads), writes=frozenset(writes), optional_writes=frozenset(negatives),
-                        optional_reads=frozenset(cls.optional_reads), modules=modules)
+                        optional_reads=frozenset(reads), modules=modules, declares=declares)
 
     def guaranteed_writes(self) -> tuple[str, ...]:
-        return tuple(e["field"] for e in self.encoders)
+        return tuple(f for e in self.encoders for f in (e["field"], e.get("mask_field")) if f)
 
     @torch.no_grad()
-    def encode(self, enc: dict, prompts: list[str], req: Req) -> torch.Tensor:
+    def encode(self, enc: dict, prompts: list[str], req: Req) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, attention mask) of `prompts`, one copy per image."""
         tokenizer, encoder = enc["tokenizer"], enc["text_encoder"]
         if enc.get("max_length_field"):
             max_length = getattr(req, enc["max_length_field"])
         else:
             max_length = enc.get("max_length") or tokenizer.model_max_length
-        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        out = encoder(ids.to(module_device(encoder)), output_hidden_states=False)
-        emb = getattr(out, enc["output"])
+        tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                           return_tensors="pt")
+        device = module_device(encoder)
+        mask = tokens.attention_mask if "attention_mask" in tokens else torch.ones_like(tokens.input_ids)
+        layer = enc.get("hidden_layer")
+        out = encoder(tokens.input_ids.to(device), attention_mask=mask.to(device) if enc.get("use_attention_mask")
+                      else None, output_hidden_states=layer is not None)
+        emb = out.hidden_states[layer] if layer is not None else getattr(out, enc["output"])
         emb = emb.to(dtype=module_dtype(encoder))
         # one copy per image, keeping each prompt's copies together (as Diffusers does)
-        return emb.repeat_interleave(req.num_images_per_prompt, dim=0)
+        n = req.num_images_per_prompt
+        return emb.repeat_interleave(n, dim=0), mask.to(device).repeat_interleave(n, dim=0)
+
+    @staticmethod
+    def texts(req: Req, name: str, fallback: str, count: int) -> list[str] | None:
+        """The prompts in request field `name` (`fallback` when unset), one per prompt; None if both unset."""
+        value = getattr(req, name)
+        value = getattr(req, fallback) if value is None else value
+        if value is None:
+            return None
+        return [value] * count if isinstance(value, str) else list(value)
 
     def forward(self, req: Req) -> Req:
-        prompts = req.prompts()
-        negatives = None
-        if req.do_cfg:
-            neg = req.negative_prompt if req.negative_prompt is not None else ""
-            negatives = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
+        count = len(req.prompts())
         for enc in self.encoders:
-            texts = prompts
-            if enc.get("prompt_field") == "prompt_2" and req.prompt_2 is not None:
-                texts = [req.prompt_2] * len(prompts) if isinstance(req.prompt_2, str) else list(req.prompt_2)
-            setattr(req, enc["field"], self.encode(enc, texts, req))
-            if negatives is not None:
-                setattr(req, f"negative_{enc['field']}", self.encode(enc, negatives, req))
+            runs = [("", self.texts(req, enc["prompt_field"], "prompt", count))]
+            if req.do_cfg:  # the empty prompt when no negative prompt is given
+                runs.append(("negative_", self.texts(req, enc["negative_prompt_field"], "negative_prompt", count)
+                             or [""] * count))
+            for prefix, texts in runs:
+                emb, mask = self.encode(enc, texts, req)
+                setattr(req, prefix + enc["field"], emb)
+                if enc.get("mask_field"):
+                    setattr(req, prefix + enc["mask_field"], mask)
         return req

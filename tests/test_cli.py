@@ -96,7 +96,10 @@ def test_validate_malformed_yaml_reports_everything(flux_yaml_variant):
     assert f"{path}:{line_of(path, 'os.system')}: stages[4]._target_: 'os.system' is outside the import allowlist" in err
     assert (f"{path}:{line_of(path, 'TimestepPreparationStage')}: stages[2]: [TimestepPreparationStage] reads "
             "'latents' but no earlier stage writes it") in err
-    assert err.startswith("error: 6 problems in model spec:")
+    assert (f"{path}:{line_of(path, 'model_inputs:')}: pipeline_config.callbacks.denoising.model_inputs: "
+            "[DenoisingStage] callback 'denoising.model_inputs' reads 'image_position_ids' but no earlier stage "
+            "writes it") in err  # FLUX's callback declares it with @reads
+    assert err.startswith("error: 7 problems in model spec:")
 
 
 def test_validate_syntax_error_and_missing_file(tmp_path):

@@ -9,6 +9,9 @@ TOL = 1e-4
 CASES = {
     "plain": dict(prompt="a red fox in the snow"),
     "true_cfg": dict(prompt="a red fox in the snow", negative_prompt="blurry", true_cfg_scale=2.5),
+    "true_cfg_two_calls": dict(prompt="a red fox in the snow", negative_prompt="blurry", true_cfg_scale=2.5),
+    "true_cfg_batch": dict(prompt=["a red fox", "a blue cat"], negative_prompt=["blurry", "dark"], true_cfg_scale=2.5,
+                           num_images_per_prompt=2),
     "batch": dict(prompt=["a red fox", "a blue cat"], num_images_per_prompt=2),
 }
 
@@ -36,7 +39,16 @@ def test_parity_with_diffusers(reference_pipes, model, case):
     expected = ref(prompt, generator=torch.Generator("cpu").manual_seed(7), **common).images
     pipe = build_pipeline(model, model_path=path)
     assert type(pipe.modules["transformer"]).__name__ == "FluxTransformer"  # the native transformer
-    ours = pipe(prompt, seed=7, **common).images
+    denoise = pipe.stages[4]
+    denoise.cfg_batch = case != "true_cfg_two_calls"  # CFG branches as one batch (the default) or two calls
+    calls = []
+    hook = pipe.modules["transformer"].register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+    try:
+        ours = pipe(prompt, seed=7, **common).images
+    finally:
+        hook.remove()
+        denoise.cfg_batch = True
+    assert len(calls) == 3 * (2 if case == "true_cfg_two_calls" else 1)  # 3 steps
     assert ours.shape == expected.shape
     diff = float(np.abs(ours - expected).max())
     print(f"{model}/{case}: max|Δ| = {diff:.3g}")

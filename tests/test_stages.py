@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffstage import DiffstageError, PipelineStage, Req, RequestError
+from conftest import problems_of
+from diffstage import DiffstageError, FieldSpec, PipelineStage, Req, RequestError, check_model
 from diffstage.models.flux import callbacks as flux
 from diffstage.models.flux.tiny import SCHEDULERS
 from diffstage.stage import CallbackSpec
@@ -253,6 +254,47 @@ def test_text_encoding_prompt_2_goes_to_its_encoder(tiny):
     assert torch.allclose(req.prompt_embeds, t5_seq(tiny, ["a blue cat"]), atol=1e-6)
 
 
+@torch.no_grad()
+def test_text_encoding_hidden_layer_and_attention_mask(tiny):
+    clip = dict(text_encoder=tiny.clip, tokenizer=tiny.clip_tok, field="clip_hidden", hidden_layer=-2, max_length=8)
+    t5 = dict(text_encoder=tiny.t5, tokenizer=tiny.t5_tok, field="prompt_embeds", max_length=16,
+              mask_field="text_mask", use_attention_mask=True)
+    cls = Req.with_fields([FieldSpec(f, "state") for f in ("clip_hidden", "text_mask", "negative_text_mask",
+                                                           "negative_clip_hidden")])
+    req = bound(TextEncodingStage([clip, t5]))(cls(prompt=["a red fox", "a cat"], num_images_per_prompt=1,
+                                                    do_cfg=True))
+    ids = tiny.clip_tok(["a red fox", "a cat"], padding="max_length", max_length=8, truncation=True,
+                        return_tensors="pt").input_ids
+    assert torch.allclose(req.clip_hidden, tiny.clip(ids, output_hidden_states=True).hidden_states[-2], atol=1e-6)
+    tokens = tiny.t5_tok(["a red fox", "a cat"], padding="max_length", max_length=16, truncation=True,
+                         return_tensors="pt")
+    assert torch.equal(req.text_mask, tokens.attention_mask) and req.text_mask.sum() < req.text_mask.numel()
+    masked = tiny.t5(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    assert torch.allclose(req.prompt_embeds, masked, atol=1e-6)
+    assert not torch.allclose(masked, tiny.t5(tokens.input_ids).last_hidden_state, atol=1e-4)  # the mask matters
+    assert req.negative_text_mask.shape == (2, 16) and req.negative_clip_hidden.shape == req.clip_hidden.shape
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"hidden_layer": -2, "output": "pooler_output"}, "set either `output` or `hidden_layer`, not both"),
+    ({"output": "hidden_states"}, "output 'hidden_states' is one tensor per layer: set hidden_layer (e.g. -2)"),
+])
+def test_text_encoding_output_choice_is_checked(flux_yaml_variant, extra, message):
+    line = "        output: pooler_output\n"
+    path = flux_yaml_variant((line, "".join(f"        {k}: {v}\n" for k, v in extra.items())))
+    problems = problems_of(path)
+    assert len(problems) == 1 and message in problems[0].message and problems[0].key == "stages[1].encoders[0]"
+
+
+def test_text_encoding_prompt_fields_may_be_declared(flux_yaml_variant):
+    path = flux_yaml_variant(("        prompt_field: prompt_2\n", "        prompt_field: prompt_3\n"))
+    problems = problems_of(path)
+    assert [p.message for p in problems] == ["reads 'prompt_3', which is not a Req field"]
+    text = path.read_text() + "request_fields:\n  prompt_3: {type: text, doc: prompt of the third encoder}\n"
+    path.write_text(text)
+    assert "prompt_3" in check_model(path).req_cls.request_fields()
+
+
 def test_text_encoding_fixed_and_default_max_length(tiny):
     enc = dict(text_encoder=tiny.clip, tokenizer=tiny.clip_tok, field="prompt_embeds")
     req = bound(TextEncodingStage([enc]))(text_req(max_sequence_length=None))
@@ -266,21 +308,25 @@ def test_text_encoding_contract():
     assert c.writes == {"pooled_prompt_embeds", "prompt_embeds"}
     assert c.optional_writes == {"negative_pooled_prompt_embeds", "negative_prompt_embeds"}  # only with CFG
     assert c.reads == {"prompt", "do_cfg"}
-    assert c.optional_reads == {"prompt_2", "negative_prompt", "max_sequence_length"}
+    assert c.optional_reads == {"prompt", "prompt_2", "negative_prompt", "max_sequence_length"}
     assert dict(c.modules) == {("encoders", 0, "text_encoder"): "text_encoder",
                                ("encoders", 0, "tokenizer"): "tokenizer",
                                ("encoders", 1, "text_encoder"): "text_encoder_2",
                                ("encoders", 1, "tokenizer"): "tokenizer_2"}
 
 
-@pytest.mark.parametrize("field, message", [
-    ("prompt", "encoders[1].field: 'prompt' is not a Req state field"),  # a request field
-    ("text_position_ids", "encoders[1].field: 'negative_text_position_ids' is not a Req state field"),
-])
-def test_text_encoding_contract_rejects_non_state_field(field, message):
+def test_text_encoding_contract_rejects_a_request_field():
     with pytest.raises(ValueError) as e:
-        TextEncodingStage.contract({"encoders": [FLUX_ENCODERS[0], {**FLUX_ENCODERS[1], "field": field}]})
-    assert str(e.value) == message
+        TextEncodingStage.contract({"encoders": [FLUX_ENCODERS[0], {**FLUX_ENCODERS[1], "field": "prompt"}]})
+    assert str(e.value) == "encoders[1]: 'prompt' is a request field; encoder outputs go to state fields"
+
+
+def test_text_encoding_contract_declares_new_fields():
+    c = TextEncodingStage.contract({"encoders": [FLUX_ENCODERS[0], {**FLUX_ENCODERS[1], "field": "t5_embeds"}]})
+    assert "t5_embeds" in c.writes and "negative_t5_embeds" in c.optional_writes
+    assert dict(c.declares) == {
+        "t5_embeds": "output 'last_hidden_state' of text encoder 'text_encoder_2'",
+        "negative_t5_embeds": "output 'last_hidden_state' of text encoder 'text_encoder_2' for the negative prompt"}
 
 
 def test_text_encoding_contract_needs_an_encoder():
@@ -430,13 +476,111 @@ def test_denoising_with_flow_match_scheduler_integrates_velocity():
     assert torch.allclose(req.latents, torch.full((1, 96, 16), -0.5), atol=1e-6)  # x0 + (0 - 1) * v
 
 
+class BatchTransformer(torch.nn.Module):
+    """Predicts latents * cond + t/1000, per sample; records the batch of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, hidden_states, timestep, cond, ids, return_dict=False):
+        self.batches.append(hidden_states.shape[0])
+        assert ids.shape == (5, 3)  # a shared input is passed once, not doubled
+        return (hidden_states * cond[:, None] + timestep[:, None] / 1000,)
+
+
+def cfg_denoiser(**stage_args):
+    ids = torch.zeros(5, 3)
+
+    def model_inputs(req, settings, transformer, negative):
+        return {"cond": req.negative_prompt_embeds if negative else req.prompt_embeds, "ids": ids}
+
+    stage = DenoisingStage(BatchTransformer(), SubtractScheduler(), progress=False, **stage_args)
+    return bound(stage, {"model_inputs": model_inputs})
+
+
+def cfg_req():
+    return denoise_req(latents=torch.ones(2, 3), do_cfg=True, cfg_scale=3.0,
+                       prompt_embeds=torch.tensor([2.0, 0.5]), negative_prompt_embeds=torch.tensor([1.0, 1.0]))
+
+
+def test_denoising_cfg_batch_runs_both_branches_in_one_call():
+    batched, separate = cfg_denoiser(), cfg_denoiser(cfg_batch=False)
+    a, b = batched(cfg_req()).latents, separate(cfg_req()).latents
+    assert batched.transformer.batches == [4] * 3 and separate.transformer.batches == [2] * 6
+    assert torch.equal(a, b) and not torch.equal(a, torch.ones(2, 3))
+
+
+def test_denoising_cfg_batch_falls_back_when_inputs_differ_in_shape():
+    stage = cfg_denoiser()
+    req = cfg_req()
+    req.negative_prompt_embeds = torch.tensor([1.0])  # cannot be batched with a [2] cond input
+    assert DenoisingStage.joined_inputs({"c": req.prompt_embeds}, {"c": req.negative_prompt_embeds}, 2) is None
+    assert DenoisingStage.joined_inputs({"c": 1, "d": None}, {"c": 1, "d": None}, 2) == {"c": 1, "d": None}
+
+
+class ScalingScheduler(SubtractScheduler):
+    """Records what the stage passes: the scaled model input and the step's extra arguments."""
+
+    init_noise_sigma = 4.0
+
+    def __init__(self):
+        self.steps = []
+
+    def scale_model_input(self, sample, t):
+        return sample / 2
+
+    def step(self, model_output, t, sample, generator=None, eta=None, return_dict=False):
+        self.steps.append((generator, eta))
+        return (sample - model_output,)
+
+
+def test_denoising_applies_init_sigma_scale_model_input_and_step_kwargs():
+    gen = seeded(0)
+    stage = bound(DenoisingStage(BatchTransformer(), ScalingScheduler(), progress=False),
+                  {"model_inputs": lambda req, settings, transformer, negative:
+                   {"cond": torch.tensor([1.0, 1.0]), "ids": torch.zeros(5, 3)}}, {"eta": 0.3})
+    req = stage(denoise_req(latents=torch.ones(2, 3), generator=gen, timesteps=torch.tensor([0.0])))
+    # latents 1 -> 4 (init_noise_sigma); the model sees 4 / 2 and predicts 2; the step subtracts it
+    assert torch.equal(req.latents, torch.full((2, 3), 2.0))
+    assert stage.scheduler.steps == [(gen, 0.3)]
+    plain = bound(DenoisingStage(BatchTransformer(), ScalingScheduler(), progress=False, scale_model_input=False),
+                  {"model_inputs": lambda req, settings, transformer, negative:
+                   {"cond": torch.tensor([1.0, 1.0]), "ids": torch.zeros(5, 3)}})
+    assert torch.equal(plain(denoise_req(latents=torch.ones(2, 3), timesteps=torch.tensor([0.0]))).latents,
+                       torch.zeros(2, 3))
+
+
+def test_denoising_postprocess_prediction_runs_with_and_without_cfg():
+    seen = []
+
+    def learned_sigma(pred, req, settings):  # e.g. PixArt: keep the first half of the channels
+        seen.append(tuple(pred.shape))
+        return pred[:, :3]
+
+    class Doubled(BatchTransformer):
+        def forward(self, hidden_states, timestep, cond, ids, return_dict=False):
+            out = super().forward(hidden_states, timestep, cond, ids)[0]
+            return (torch.cat([out, torch.full_like(out, 99.0)], dim=1),)
+
+    for do_cfg in (False, True):
+        stage = cfg_denoiser()
+        stage.transformer = Doubled()
+        stage._callbacks["postprocess_prediction"] = learned_sigma
+        req = cfg_req()
+        req.do_cfg = do_cfg
+        assert stage(req).latents.shape == (2, 3)
+    assert seen == [(2, 6)] * 6
+
+
 def test_denoising_contract():
     c = DenoisingStage.contract({"conditioning": ["prompt_embeds", "pooled_prompt_embeds"], "transformer": "unet"})
     assert c.reads == {"latents", "timesteps", "do_cfg", "cfg_scale", "prompt_embeds", "pooled_prompt_embeds"}
-    assert c.optional_reads == {"negative_prompt_embeds", "negative_pooled_prompt_embeds"}
+    assert c.optional_reads == {"negative_prompt_embeds", "negative_pooled_prompt_embeds", "generator"}
     assert c.writes == {"latents"}
     assert dict(c.modules) == {("transformer",): "unet", ("scheduler",): "scheduler"}
-    assert [s.name for s in c.callbacks] == ["model_inputs", "timestep_input", "combine_cfg"]
+    assert [s.name for s in c.callbacks] == ["model_inputs", "timestep_input", "combine_cfg", "postprocess_prediction",
+                                             "step_kwargs"]
     assert DenoisingStage.contract({}).reads >= {"prompt_embeds"}
 
 

@@ -5,8 +5,12 @@ id for RoPE, shifts the flow-matching schedule by image size (mu), and embeds
 the guidance scale in the transformer (dev) instead of running CFG."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
+
+from diffstage.callbacks import reads
 
 
 def vae_scale_factor(vae) -> int:
@@ -14,6 +18,7 @@ def vae_scale_factor(vae) -> int:
 
 
 # --- latent_preparation -------------------------------------------------------
+@reads("height", "width")
 def latent_shape(req, settings, transformer, vae):
     """Unpacked latent shape; height/width rounded down to whole 2x2 patches."""
     scale = vae_scale_factor(vae) * 2
@@ -27,6 +32,7 @@ def pack(latents, req, settings):
     return latents.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
+@reads("raw_latent_shape", "latents")
 def position_ids(req, settings):
     """(0, row, col) for every packed latent token."""
     _, _, h, w = req.raw_latent_shape
@@ -38,6 +44,7 @@ def position_ids(req, settings):
 
 
 # --- timestep_preparation -----------------------------------------------------
+@reads("num_inference_steps")
 def sigmas(req, settings, scheduler):
     if scheduler.config.get("use_flow_sigmas", False):
         return None
@@ -45,6 +52,7 @@ def sigmas(req, settings, scheduler):
     return np.linspace(1.0, 1 / n, n)
 
 
+@reads("latents")
 def mu(req, settings, scheduler):
     """Shift that grows linearly with the number of image tokens."""
     cfg = scheduler.config
@@ -55,6 +63,7 @@ def mu(req, settings, scheduler):
 
 
 # --- denoising ----------------------------------------------------------------
+@reads("latents", "image_position_ids", optional=("guidance_scale",))
 def model_inputs(req, settings, transformer, negative):
     prefix = "negative_" if negative else ""
     embeds = getattr(req, f"{prefix}prompt_embeds")
@@ -67,17 +76,26 @@ def model_inputs(req, settings, transformer, negative):
         "encoder_hidden_states": embeds,
         "pooled_projections": pooled,
         "guidance": guidance,
-        "txt_ids": torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=embeds.dtype),
+        "txt_ids": text_ids(embeds.shape[1], embeds.device, embeds.dtype),
         "img_ids": req.image_position_ids,
     }
 
 
+@functools.lru_cache(maxsize=8)
+def text_ids(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """FLUX's text position ids are all zero; one tensor per shape, so both CFG branches share it
+    (and the denoising stage can run them as one batch)."""
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+@reads("latents")
 def timestep_input(t, req, settings):
     """FLUX's transformer takes t in [0, 1]."""
     return t.expand(req.latents.shape[0]).to(req.latents.dtype) / 1000
 
 
 # --- decoding -----------------------------------------------------------------
+@reads("raw_latent_shape")
 def unpack(latents, req, settings, vae):
     """[B, (H/2)*(W/2), C*4] -> [B, C, H, W]."""
     b = latents.shape[0]
