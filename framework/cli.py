@@ -247,9 +247,9 @@ def _models(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="diffstage models", description="List the shipped model YAMLs.")
     p.parse_args(argv)
     rows = describe_models()
-    width = max((len(n) for n, _ in rows), default=0)
-    for name, desc in rows:
-        print(f"{name.ljust(width)}  {desc}")
+    width = max((len(n) for n, _, _ in rows), default=0)
+    for name, task, desc in rows:
+        print(f"{name.ljust(width)}  {task.ljust(4)}  {desc}")
 
 
 COMMANDS = {"generate": _generate, "sheet": _sheet, "validate": _validate, "models": _models}
@@ -273,7 +273,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command '{argv[0]}'" + (f"; {hint}" if hint else "") + "\n\n" + USAGE,
               file=sys.stderr, end="")
         sys.exit(2)
-    command(argv[1:])
+    try:
+        command(argv[1:])
+    except BrokenPipeError:  # `diffstage models | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

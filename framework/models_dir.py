@@ -56,14 +56,18 @@ def model_yaml(name_or_path: str) -> Path:
     return models[name_or_path]
 
 
-def describe_models() -> list[tuple[str, str]]:
-    """(name, description) of each shipped model, tolerant of broken files."""
+def describe_models() -> list[tuple[str, str, str]]:
+    """(name, task, description) of each shipped model (`extends` followed), tolerant of broken files."""
+    from .model_yaml import load_model_yaml
+
     out = []
     for name, path in available_models().items():
         try:
-            data = yaml.safe_load(path.read_text())
-            desc = str(data.get("description", "")).strip() if isinstance(data, dict) else ""
-        except (OSError, yaml.YAMLError) as e:
-            desc = f"(unreadable: {type(e).__name__})"
-        out.append((name, " ".join(desc.split())))
+            data, _ = load_model_yaml(path)
+        except DiffstageError as e:
+            out.append((name, "?", f"(unreadable: {str(e).splitlines()[-1].strip()})"))
+            continue
+        data = data if isinstance(data, dict) else {}
+        desc, task = str(data.get("description", "")), str(data.get("task", "?"))
+        out.append((name, task, " ".join(desc.split())))
     return out

@@ -1,13 +1,15 @@
 """TextEncodingStage: run one or more text encoders and store each output in a Req field."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from diffstage.errors import StageError
 from diffstage.req import Req
-from diffstage.stage import Contract, PipelineStage
+from diffstage.stage import CallbackSpec, Contract, PipelineStage
 from diffstage.torch_utils import module_device, module_dtype
 
 
@@ -51,13 +53,25 @@ def enc_name(enc: dict) -> str:
 
 
 class TextEncodingStage(PipelineStage):
-    """Encodes `prompt` (and `negative_prompt` when CFG runs) with each configured encoder."""
+    """Encodes `prompt` (and `negative_prompt` when CFG runs) with each configured encoder.
+
+    Args:
+        encoders: one entry per encoder call (see EncoderConfig).
+        combined_fields: fields the `combine` callback makes from the encoders' outputs
+            (SD3 joins three encoders into prompt_embeds and pooled_prompt_embeds).
+    """
 
     reads = ("prompt", "do_cfg")
     optional_reads = ("prompt_2", "negative_prompt", "max_sequence_length")
+    callback_specs = (
+        CallbackSpec("combine", ("outputs", "settings"),
+                     doc="takes {field: tensor} of one prompt branch and returns {field: tensor} for each of "
+                         "`combined_fields` (required when combined_fields is set)"),
+    )
 
-    def __init__(self, encoders: list[EncoderConfig]):
+    def __init__(self, encoders: list[EncoderConfig], combined_fields: list[str] = ()):
         super().__init__()
+        self.combined_fields = list(combined_fields)
         defaults = {n: f.default for n, f in EncoderConfig.model_fields.items() if not f.is_required()}
         self.encoders = [{**defaults, **(e if isinstance(e, dict) else e.model_dump())} for e in encoders]
         for i, enc in enumerate(self.encoders):
@@ -98,11 +112,26 @@ class TextEncodingStage(PipelineStage):
             reads |= {c.prompt_field, c.negative_prompt_field}
             modules[("encoders", i, "text_encoder")] = c.text_encoder
             modules[("encoders", i, "tokenizer")] = c.tokenizer
+        combined = list(args.get("combined_fields") or ())
+        for f in combined:
+            for name in (f, f"negative_{f}"):
+                if name in Req.request_fields():
+                    raise ValueError(f"combined_fields: '{name}' is a request field")
+                if name not in Req.state_fields():
+                    declares[name] = "made by the `combine` callback" + (" for the negative prompt" if name != f else "")
+            writes.add(f)
+            negatives.add(f"negative_{f}")
+        combine = replace(cls.callback_specs[0], required=bool(combined))
         return Contract(reads=frozenset(cls.reads), writes=frozenset(writes), optional_writes=frozenset(negatives),
-                        optional_reads=frozenset(reads), modules=modules, declares=declares)
+                        optional_reads=frozenset(reads), modules=modules, declares=declares, callbacks=(combine,))
 
     def guaranteed_writes(self) -> tuple[str, ...]:
-        return tuple(f for e in self.encoders for f in (e["field"], e.get("mask_field")) if f)
+        return tuple(f for e in self.encoders for f in (e["field"], e.get("mask_field")) if f) \
+            + tuple(self.combined_fields)
+
+    @staticmethod
+    def default_combine(outputs, settings):
+        return {}
 
     @torch.no_grad()
     def encode(self, enc: dict, prompts: list[str], req: Req) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,4 +175,18 @@ class TextEncodingStage(PipelineStage):
                 setattr(req, prefix + enc["field"], emb)
                 if enc.get("mask_field"):
                     setattr(req, prefix + enc["mask_field"], mask)
+        if self.combined_fields:
+            for prefix in ("", "negative_") if req.do_cfg else ("",):
+                self.combine(req, prefix)
         return req
+
+    def combine(self, req: Req, prefix: str) -> None:
+        """Run the `combine` callback on one branch's encoder outputs and store what it returns."""
+        names = [f for e in self.encoders for f in (e["field"], e.get("mask_field")) if f]
+        made = self.callback("combine")({n: getattr(req, prefix + n) for n in names}, self.settings)
+        if not isinstance(made, dict) or sorted(made) != sorted(self.combined_fields):
+            got = sorted(made) if isinstance(made, dict) else type(made).__name__
+            raise StageError(f"TextEncodingStage: the combine callback must return a dict with the keys "
+                             f"{sorted(self.combined_fields)} (combined_fields), got {got}")
+        for name, value in made.items():
+            setattr(req, prefix + name, value)
