@@ -120,11 +120,13 @@ def test_os_system_never_runs(flux_yaml_variant, tmp_path):
     assert not marker.exists()
 
 
-def test_models_lists_descriptions():
+def test_models_lists_tasks_and_descriptions():
     r = run("models")
     assert r.returncode == 0
-    assert any(line.startswith("flux ") and "FLUX.1 [dev]" in line for line in r.stdout.splitlines())
-    assert "flux_schnell" in r.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()}
+    assert rows["flux"][0] == "t2i" and "FLUX.1 [dev]" in " ".join(rows["flux"])
+    assert rows["digits"][0] == "t2i"  # the task comes through `extends: flux`
+    assert rows["sd3"][:3] == ["t2i", "Stable", "Diffusion"] and "flux_schnell" in rows
 
 
 def test_usage_and_unknown_command():

@@ -1,0 +1,1 @@
+"""Stable Diffusion 3: callbacks for the standard stages and a tiny random checkpoint for tests."""
