@@ -28,9 +28,10 @@ demo: install
 sheet: install
 	HF_HUB_OFFLINE=1 $(BIN)/diffstage sheet
 
-# The tests also run the Triton kernels (interpreted on the CPU), so they install that extra.
+# The tests also run the Triton kernels (interpreted on the CPU) and read back MP4s, so they install
+# the triton and video extras.
 $(VENV)/.installed-triton: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[test,triton]"
+	$(BIN)/pip install --quiet -e ".[test,triton,video]"
 	touch $@
 
 test: install $(VENV)/.installed-triton

@@ -43,12 +43,19 @@ def _fail(err: Exception) -> None:
 MAX_NAME_BYTES = 200  # leaves room for the "_1" / "-2" suffixes of extra images and taken names
 
 
-def _output_name(filename: str) -> Path:
+VIDEO_TASKS = ("t2v", "i2v", "ti2v")
+
+
+def _output_name(filename: str | None, video: bool = False) -> Path:
     from .errors import DiffstageError, shown
 
+    suffix = ".mp4" if video else ".png"
+    if filename is None:
+        return Path("video.mp4" if video else "image.png")
     name = Path(str(filename))
-    if name.name != str(filename) or name.suffix.lower() != ".png":
-        raise DiffstageError(f"output.filename must be a file name ending in .png (it is written into the run "
+    if name.name != str(filename) or name.suffix.lower() != suffix:
+        raise DiffstageError(f"output.filename must be a file name ending in {suffix}"
+                             f"{' (this model makes videos)' if video else ''} (it is written into the run "
                              f"directory; set hydra.run.dir to choose that), got {shown(filename)}")
     if len(name.name.encode()) > MAX_NAME_BYTES:  # checked before generating, not when saving
         raise DiffstageError(f"output.filename is {len(name.name.encode())} bytes long; at most {MAX_NAME_BYTES} "
@@ -56,44 +63,54 @@ def _output_name(filename: str) -> Path:
     return name
 
 
-def _save(image, name: str, pipe, prompt: str, seed) -> None:
-    """Write one PNG with provenance into the run directory and print its path."""
+def _save(item, name: str, pipe, prompt: str, seed) -> None:
+    """Write one PNG (or, for a list of frames, one MP4) with provenance into the run directory and
+    print its path."""
     import yaml
     from hydra.core.hydra_config import HydraConfig
-
-    from .png import save_png
 
     meta = {"prompt": prompt, "seed": str(seed), "model": pipe.spec.name,
             "config": yaml.safe_dump(pipe.config, sort_keys=False, allow_unicode=True)}
     wanted = Path(HydraConfig.get().runtime.output_dir) / name
-    path = save_png(image, wanted, meta)
+    if isinstance(item, list):  # a video: its frames
+        import numpy as np
+
+        from .video import save_mp4
+
+        path = save_mp4(np.stack([np.asarray(frame.convert("RGB")) for frame in item]), wanted, meta)
+    else:
+        from .png import save_png
+
+        path = save_png(item, wanted, meta)
     if path != wanted:  # another run (or a folder) has that name: nothing is overwritten
         print(f"note: {wanted} exists; wrote {path.name} beside it", file=sys.stderr)
     print(path.resolve(), flush=True)
 
 
 def _cli_output_type(cfg) -> None:
-    """The CLI writes PNGs, so it needs images; other output types are for Python callers."""
+    """The CLI writes PNGs (MP4s for videos), so it needs PIL output; other output types are for Python."""
     from .errors import DiffstageError
 
     output_type = (cfg.get("sampling") or {}).get("output_type")
     if output_type not in (None, "pil"):
         raise DiffstageError(f"sampling.output_type={output_type} cannot be saved by the command line, which "
-                             "writes PNG images (output_type=pil); use output_type np/pt/latent from Python")
+                             "writes PNG images and MP4 videos (output_type=pil); use output_type np/pt/latent "
+                             "from Python")
 
 
 def _generate_task(cfg) -> None:
-    from .builder import build_from_config
+    from .builder import build_from_config, check_model
     from .errors import DiffstageError
 
     from .run_config import plain_run_config
 
     try:
-        plain_run_config(cfg)
-        base = _output_name(cfg.output.filename)
+        plain = plain_run_config(cfg)
+        checked = check_model(plain["model"], plain.get("allowlist") or ())
+        base = _output_name(plain["output"]["filename"], checked.spec.task.value in VIDEO_TASKS)
         _cli_output_type(cfg)
         request = {"prompt": cfg.prompt, "seed": cfg.seed}
-        pipe = build_from_config(cfg, request=request)
+        pipe = build_from_config(cfg, request=request, checked=checked)
         out = pipe(**request)
     except DiffstageError as e:
         _fail(e)
@@ -125,9 +142,12 @@ def _sheet_task(cfg) -> None:
 
     try:
         plain = plain_run_config(cfg)
-        base = _output_name(cfg.output.filename)
+        base = _output_name(plain["output"]["filename"])
         _cli_output_type(cfg)
         checked = check_model(cfg.model, cfg.get("allowlist") or ())
+        if checked.spec.task.value in VIDEO_TASKS:
+            raise DiffstageError(f"diffstage sheet lays out images; model '{checked.spec.name}' makes videos "
+                                 "(use diffstage generate)")
         entries = _sheet_entries(plain, checked.spec.examples)
         seeds = plain.get("seeds") or [cfg.seed]
         pipe = build_from_config(cfg, request={"prompt": [p for _, p in entries], "seed": seeds[0]}, checked=checked)

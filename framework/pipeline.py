@@ -30,10 +30,15 @@ def make_request(defaults: dict[str, Any], req_cls: type[Req] = Req, **kwargs: A
 
 @dataclass
 class PipelineOutput:
-    images: Any  # list of PIL images, or an array/tensor for output_type np/pt/latent
+    images: Any  # list of PIL images (videos: a list of frame lists), or an array/tensor for np/pt/latent
     timings: dict[str, float] = field(default_factory=dict)  # stage label -> seconds
     peak_memory: dict[str, int] = field(default_factory=dict)  # stage label -> bytes (CUDA only)
     req: Req | None = None
+
+    @property
+    def frames(self) -> Any:
+        """The same output under the name Diffusers' video pipelines use."""
+        return self.images
 
 
 class Pipeline:

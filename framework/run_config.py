@@ -59,9 +59,9 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
         value = (cfg.get(section) if isinstance(cfg.get(section), dict) else {}).get(key)
         if value is not None and not isinstance(value, str):
             problems.append(f"{section}.{key} must be a string, got {shown(value)}")
-    if "output" in cfg and not isinstance((cfg.get("output") or {}).get("filename") if isinstance(
-            cfg.get("output"), dict) else None, str):
-        problems.append("output.filename must be a file name such as image.png")
+    output = cfg.get("output")
+    if "output" in cfg and (not isinstance(output, dict) or not isinstance(output.get("filename"), (str, type(None)))):
+        problems.append("output.filename must be a file name such as image.png (or null for the default)")
     return problems + _sheet_problems(cfg)
 
 

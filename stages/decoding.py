@@ -28,7 +28,8 @@ class DecodingStage(PipelineStage):
     module_params = ("vae",)
     callback_specs = (
         CallbackSpec("unpack", ("latents", "req", "settings", "vae"),
-                     doc="returns latents in the VAE's [B, C, H, W] layout (default: unchanged)"),
+                     doc="returns latents in the VAE's [B, C, H, W] (video: [B, C, F, H, W]) layout "
+                         "(default: unchanged)"),
         CallbackSpec("denormalize", ("latents", "settings", "vae"),
                      doc="undoes the latent scaling (default: latents / scaling_factor + shift_factor)"),
     )
@@ -51,7 +52,10 @@ class DecodingStage(PipelineStage):
     def memory_estimate(self, req: Req) -> dict[str, int]:
         if req.output_type == "latent":
             return {}
+        # a video model's frames come from its `num_frames` request field (the usual name, as in Diffusers)
+        frames = getattr(req, "num_frames", None)
         b = req.batch_size if req.batch_size is not None else req.requested_batch_size()
+        b *= frames if isinstance(frames, int) and frames > 0 else 1
         h, w = req.height, req.width
         itemsize = module_dtype(self.vae).itemsize
         channels = list(config_value(self.vae, "block_out_channels") or [128])
@@ -76,9 +80,19 @@ class DecodingStage(PipelineStage):
                              "(scaling_factor, shift_factor) and the model YAML's decoding callbacks")
         image = (image * 0.5 + 0.5).clamp(0, 1)
         req.decoded = image
-        if req.output_type == "pt":
-            req.output = image
-        else:
-            arr = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            req.output = arr if req.output_type == "np" else to_pil(arr)
+        req.output = self.convert(image, req.output_type)
         return req
+
+    @staticmethod
+    def convert(image: torch.Tensor, output_type: str):
+        """Decoded [B, C, H, W] images or [B, C, F, H, W] videos in [0, 1] to `output_type`, as Diffusers
+        returns them: images [B, H, W, C] / [B, C, H, W] / PIL; videos [B, F, H, W, C] / [B, F, C, H, W] /
+        one list of PIL frames per video."""
+        video = image.dim() == 5
+        if output_type == "pt":
+            return image.permute(0, 2, 1, 3, 4) if video else image
+        arr = image.cpu().permute(0, 2, 3, 4, 1).float().numpy() if video else \
+            image.cpu().permute(0, 2, 3, 1).float().numpy()
+        if output_type == "np":
+            return arr
+        return [to_pil(frames) for frames in arr] if video else to_pil(arr)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from diffstage.errors import RequestError
+from diffstage.errors import RequestError, StageError, shown
 from diffstage.memory import config_value, numel
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, PipelineStage
@@ -46,11 +46,15 @@ class LatentPreparationStage(PipelineStage):
         return None
 
     def raw_shape(self, req: Req) -> tuple[int, ...]:
-        """The unpacked latent shape for the whole batch, [B, C, H, W] (also before batch_size is set,
-        for the checks that run before the stages)."""
-        c, h, w = self.callback("latent_shape")(req, self.settings, self.transformer, self.vae)
+        """The unpacked latent shape for the whole batch: [B, C, H, W], or [B, C, F, H, W] for video
+        (also before batch_size is set, for the checks that run before the stages)."""
+        shape = self.callback("latent_shape")(req, self.settings, self.transformer, self.vae)
+        if not isinstance(shape, (tuple, list)) or not shape or \
+                not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise StageError(f"LatentPreparationStage: latent_shape must return positive integers (channels, "
+                             f"[frames,] height, width) for one image, got {shown(shape)}")
         batch = req.batch_size if req.batch_size is not None else req.requested_batch_size()
-        return (batch, int(c), int(h), int(w))
+        return (batch, *shape)
 
     def packed_shape(self, raw: tuple[int, ...], req: Req) -> tuple[int, ...]:
         """The shape `pack` gives noise of shape `raw`, found on the meta device (nothing allocated)."""

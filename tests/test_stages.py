@@ -368,6 +368,28 @@ def test_latents_default_pack_and_position_ids():
     assert req.raw_latent_shape == (2, 3, 4, 5) and req.image_position_ids is None
 
 
+def test_latents_of_any_rank_for_video():
+    stage = bound(LatentPreparationStage(transformer=None, vae=None), {"latent_shape": lambda *a: (3, 2, 4, 5)})
+    req = stage(Req(height=8, width=8, batch_size=2, generator=seeded(1)))
+    assert req.raw_latent_shape == (2, 3, 2, 4, 5) and req.latents.shape == (2, 3, 2, 4, 5)
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 5), (3, 4.0, 5), "345", None, ()])
+def test_latent_shape_must_be_positive_integers(shape):
+    stage = bound(LatentPreparationStage(transformer=None, vae=None), {"latent_shape": lambda *a: shape})
+    with pytest.raises(DiffstageError, match=r"latent_shape must return positive integers \(channels, \[frames,\] "
+                                             r"height, width\) for one image, got"):
+        stage(Req(height=8, width=8, batch_size=2, generator=seeded(1)))
+
+
+def test_decoding_converts_videos_as_diffusers_does():
+    video = torch.rand(2, 3, 5, 4, 6)  # [B, C, F, H, W]
+    assert DecodingStage.convert(video, "np").shape == (2, 5, 4, 6, 3)
+    assert DecodingStage.convert(video, "pt").shape == (2, 5, 3, 4, 6)
+    frames = DecodingStage.convert(video, "pil")
+    assert len(frames) == 2 and len(frames[0]) == 5 and frames[0][0].size == (6, 4)
+
+
 # --- TimestepPreparationStage -------------------------------------------------------------------------------------
 def scheduler(variant):
     from diffusers import FlowMatchEulerDiscreteScheduler
