@@ -1,0 +1,81 @@
+"""Build a tiny random-weight Wan2.1 text-to-video checkpoint in Diffusers format (for tests).
+
+It loads with ``diffusers.WanPipeline.from_pretrained(out_dir)``; weights and the tokenizer
+are generated locally, nothing is downloaded. The scheduler is Wan2.1's own (UniPC with flow
+sigmas).
+
+CLI: ``python -m diffstage.models.wan.tiny OUT_DIR [--seed N]``"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from diffstage.models.flux.tiny import t5_tokenizer
+
+MARKER = "tiny_wan.json"
+
+
+def _build_pipeline(seed: int) -> WanPipeline:
+    tokenizer = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+
+
+def build_tiny_wan(out_dir, *, seed: int = 0) -> pathlib.Path:
+    """Write the checkpoint to ``out_dir`` (deterministic in ``seed``); returns at once if it is there."""
+    out_dir = pathlib.Path(out_dir)
+    marker = {"seed": seed}
+    try:
+        if json.loads((out_dir / MARKER).read_text()) == marker:
+            return out_dir
+    except (OSError, ValueError):
+        pass
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            _build_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["tokenizer"] = ["transformers", "T5TokenizerFast"]  # resolves without sentencepiece
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build a tiny random-weight Wan2.1 text-to-video checkpoint.")
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_wan(args.out_dir, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
