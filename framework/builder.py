@@ -107,8 +107,12 @@ def _substitute(value: Any, path: tuple, obj: Any) -> Any:
     return value
 
 
-def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dict[str, Any]) -> PipelineStage:
+def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dict[str, Any],
+                      model_path: str | Path | None = None) -> PipelineStage:
     args = dict(planned.args)
+    if planned.cls.takes_all_modules:
+        args["modules"] = dict(modules)
+        args["pipeline_class"] = loader.pipeline_class(model_path, checked.allowlist)
     for arg_path, module_name in planned.contract.modules.items():
         top = arg_path[0]
         args[top] = _substitute(args.get(top, module_name), arg_path[1:], modules[module_name])
@@ -159,7 +163,8 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     defaults = {**spec.sampling.model_dump(), **{f.name: f.default for f in spec.field_specs()}}
     overrides = plain.get("sampling") or {}
     defaults.update({k: v for k, v in overrides.items() if v is not None})
-    early = {p.index: instantiate_stage(p, checked, {}) for p in checked.plan if not p.contract.modules}
+    early = {p.index: instantiate_stage(p, checked, {}) for p in checked.plan
+             if not p.contract.modules and not p.cls.takes_all_modules}
     if request is not None:
         req = make_request(defaults, req_cls=checked.req_cls, **request)
         problems = req.declared_field_problems()
@@ -176,7 +181,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
                                   allow_pickle=plain.get("allow_pickle", False),
                                   allowlist=checked.allowlist, execution=execution_options(plain, spec, device))
-    stages = [early.get(p.index) or instantiate_stage(p, checked, modules) for p in checked.plan]
+    stages = [early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
     run_config = {k: v for k, v in plain.items() if k != "hydra"}
     return Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),
                     config={"run": run_config, "model": checked.data}, checkpoint=str(model_path), device=device,

@@ -124,6 +124,11 @@ class _Checker:
                              hint=did_you_mean(name, params) or f"{cls.__name__} takes: {', '.join(params) or 'nothing'}")
                     ok = False
                 continue
+            if cls.takes_all_modules and name in ("modules", "pipeline_class"):
+                self.add(path, f"argument '{name}' is set by the builder (every loaded module, the checkpoint's "
+                               "pipeline class), not by the YAML", stage=cls.__name__)
+                ok = False
+                continue
             if name in cls.module_params:
                 if not isinstance(value, str):
                     self.add(path, f"argument '{name}' must name a module (a string), got {shown(value)}",

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .checkpoint_files import check_module_folder, read_json_object
-from .errors import DiffstageError, DisallowedPathError, LoadError, UnsafeCheckpointError, strict_bool
+from .errors import DiffstageError, DisallowedPathError, LoadError, UnsafeCheckpointError, shown, strict_bool
 from .models_dir import looks_like_repo_id
 from .resolve import DEFAULT_ALLOWLIST, resolve
 from .spec import ModelSpec
@@ -46,6 +46,27 @@ load_count = 0  # modules actually loaded from disk (the cache tests read it)
 
 def clear_cache() -> None:
     _CACHE.clear()
+
+
+ANY_PIPELINE = "*"  # a model YAML's pipeline_name that serves any checkpoint (all its modules are loaded)
+
+
+def index_modules(index: dict) -> list[str]:
+    """The module names model_index.json lists with a class (optional components may be [null, null])."""
+    return [name for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list)
+            and len(entry) == 2 and all(isinstance(x, str) for x in entry)]
+
+
+def pipeline_class(model_path: str | os.PathLike, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> type:
+    """The Diffusers pipeline class a checkpoint's model_index.json names, through the allowlist."""
+    index = read_json_object(resolve_checkpoint(model_path, ()) / "model_index.json")
+    name = index.get("_class_name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LoadError(f"model_index.json of '{model_path}' names no pipeline class (_class_name: {shown(name)})")
+    try:
+        return resolve(f"diffusers.{name}", allowlist)
+    except DiffstageError as e:
+        raise LoadError(f"the checkpoint's pipeline class 'diffusers.{name}' cannot be loaded: {e}") from None
 
 
 def resolve_checkpoint(model_path: str | os.PathLike, subfolders: Iterable[str]) -> Path:
@@ -198,11 +219,15 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
     allow_pickle = strict_bool(allow_pickle, "allow_pickle")
     allowlist = tuple(allowlist)
     subfolders = {n: spec.module_spec(n).subfolder or n for n in spec.modules}
+    if spec.pipeline_name == ANY_PIPELINE:  # every module the checkpoint lists (the Diffusers fallback)
+        index = read_json_object(resolve_checkpoint(model_path, ()) / "model_index.json")
+        subfolders = {n: n for n in index_modules(index)}
     root = resolve_checkpoint(model_path, subfolders.values())
     index = read_json_object(root / "model_index.json")
-    if index.get("_class_name") != spec.pipeline_name:
-        raise LoadError(f"checkpoint '{root}' is a {index.get('_class_name')}, but model '{spec.name}' "
-                        f"serves {spec.pipeline_name}; pick the model YAML that matches this checkpoint")
+    if spec.pipeline_name not in (ANY_PIPELINE, index.get("_class_name")):
+        raise LoadError(f"checkpoint '{root}' is a {shown(index.get('_class_name'))}, but model '{spec.name}' "
+                        f"serves {spec.pipeline_name}; pick the model YAML that matches this checkpoint (or "
+                        "model=diffusers_auto to run it with its own Diffusers pipeline)")
 
     modules: dict[str, Any] = {}
     for name, sub in subfolders.items():

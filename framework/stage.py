@@ -68,6 +68,9 @@ class PipelineStage:
     # __init__ parameters that take a loaded module; the YAML value (default: the
     # parameter's own name) names an entry of `modules`.
     module_params: ClassVar[tuple[str, ...]] = ()
+    # A stage that takes every loaded module (the Diffusers fallback): the builder passes them as
+    # `modules` and the checkpoint's pipeline class as `pipeline_class`; a YAML may not set those.
+    takes_all_modules: ClassVar[bool] = False
     # The contract the static check computed for this stage's YAML args (set by the builder).
     declared: Contract | None = None
 

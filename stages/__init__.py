@@ -1,6 +1,7 @@
 """The standard stages. Each is a small class with declared reads, writes and callbacks."""
 from .decoding import DecodingStage
 from .denoising import DenoisingStage
+from .diffusers_pipeline import DiffusersPipelineStage
 from .input_validation import InputValidationStage
 from .latent_preparation import LatentPreparationStage
 from .text_encoding import EncoderConfig, TextEncodingStage
@@ -13,6 +14,7 @@ STANDARD_STAGES = (
     TimestepPreparationStage,
     DenoisingStage,
     DecodingStage,
+    DiffusersPipelineStage,
 )
 
 __all__ = [s.__name__ for s in STANDARD_STAGES] + ["EncoderConfig", "STANDARD_STAGES"]

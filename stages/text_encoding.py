@@ -27,7 +27,7 @@ class EncoderConfig(BaseModel):
     prompt_field: str = "prompt"  # request field with this encoder's prompt; prompt when that is unset
     negative_prompt_field: str = "negative_prompt"  # likewise for the negative prompt
     mask_field: str | None = None  # Req field for the attention mask (1 = token, 0 = padding)
-    use_attention_mask: bool = False  # pass the mask to the encoder (T5 in PixArt and Wan needs it)
+    use_attention_mask: bool = False  # pass the mask to the encoder (masked T5 conditioning needs it)
 
     @model_validator(mode="after")
     def _one_output(self):
@@ -58,7 +58,7 @@ class TextEncodingStage(PipelineStage):
     Args:
         encoders: one entry per encoder call (see EncoderConfig).
         combined_fields: fields the `combine` callback makes from the encoders' outputs
-            (SD3 joins three encoders into prompt_embeds and pooled_prompt_embeds).
+            (e.g. three encoders joined into prompt_embeds and pooled_prompt_embeds).
     """
 
     reads = ("prompt", "do_cfg")
