@@ -87,7 +87,7 @@ def test_repo_id_offline_without_cache(flux_spec, monkeypatch, tmp_path):
 def test_wrong_pipeline_class(tiny_flux_dev, tmp_path, flux_spec):
     ckpt = edited_copy(tiny_flux_dev, tmp_path / "other", "model_index.json",
                        lambda index: index.update(_class_name="StableDiffusionPipeline"))
-    with pytest.raises(LoadError, match="is a StableDiffusionPipeline, but model 'flux' serves FluxPipeline"):
+    with pytest.raises(LoadError, match="is a 'StableDiffusionPipeline', but model 'flux' serves FluxPipeline"):
         loader.load_modules(flux_spec, ckpt)
 
 
