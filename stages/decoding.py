@@ -32,6 +32,9 @@ class DecodingStage(PipelineStage):
                          "(default: unchanged)"),
         CallbackSpec("denormalize", ("latents", "settings", "vae"),
                      doc="undoes the latent scaling (default: latents / scaling_factor + shift_factor)"),
+        CallbackSpec("postprocess_image", ("image", "settings"),
+                     doc="adjusts what the VAE decoded, e.g. takes the one frame a video VAE gives an image "
+                         "model (default: unchanged)"),
     )
 
     def __init__(self, vae):
@@ -41,6 +44,10 @@ class DecodingStage(PipelineStage):
     @staticmethod
     def default_unpack(latents, req, settings, vae):
         return latents
+
+    @staticmethod
+    def default_postprocess_image(image, settings):
+        return image
 
     @staticmethod
     def default_denormalize(latents, settings, vae):
@@ -74,7 +81,7 @@ class DecodingStage(PipelineStage):
         latents = self.callback("unpack")(req.latents, req, self.settings, self.vae)
         latents = self.callback("denormalize")(latents, self.settings, self.vae)
         latents = latents.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
-        image = self.vae.decode(latents, return_dict=False)[0]
+        image = self.callback("postprocess_image")(self.vae.decode(latents, return_dict=False)[0], self.settings)
         if not bool(torch.isfinite(image).all()):  # clamp would turn NaN into a black image, silently
             raise StageError("DecodingStage: the VAE decoded NaN or infinite values; check the VAE's config.json "
                              "(scaling_factor, shift_factor) and the model YAML's decoding callbacks")

@@ -26,6 +26,8 @@ class EncoderConfig(BaseModel):
     max_length_field: Literal["max_sequence_length"] | None = None  # take the length from the request instead
     prompt_field: str = "prompt"  # request field with this encoder's prompt; prompt when that is unset
     negative_prompt_field: str = "negative_prompt"  # likewise for the negative prompt
+    template: str | None = None  # the text around each prompt, which goes where "{}" is (a chat template)
+    padding: Literal["max_length", "longest"] = "max_length"  # longest: pad to the longest prompt of the batch
     mask_field: str | None = None  # Req field for the attention mask (1 = token, 0 = padding)
     use_attention_mask: bool = False  # pass the mask to the encoder (masked T5 conditioning needs it)
 
@@ -35,6 +37,8 @@ class EncoderConfig(BaseModel):
             raise ValueError("set either `output` or `hidden_layer`, not both")
         if self.output == "hidden_states" and self.hidden_layer is None:
             raise ValueError("output 'hidden_states' is one tensor per layer: set hidden_layer (e.g. -2) instead")
+        if self.template is not None and self.template.count("{}") != 1:
+            raise ValueError("template must contain '{}' exactly once (where the prompt goes)")
         return self
 
 
@@ -64,7 +68,7 @@ class TextEncodingStage(PipelineStage):
     reads = ("prompt", "do_cfg")
     optional_reads = ("prompt_2", "negative_prompt", "max_sequence_length")
     callback_specs = (
-        CallbackSpec("combine", ("outputs", "settings"),
+        CallbackSpec("combine", ("outputs", "req", "settings"),
                      doc="takes {field: tensor} of one prompt branch and returns {field: tensor} for each of "
                          "`combined_fields` (required when combined_fields is set)"),
     )
@@ -130,7 +134,7 @@ class TextEncodingStage(PipelineStage):
             + tuple(self.combined_fields)
 
     @staticmethod
-    def default_combine(outputs, settings):
+    def default_combine(outputs, req, settings):
         return {}
 
     @torch.no_grad()
@@ -141,8 +145,10 @@ class TextEncodingStage(PipelineStage):
             max_length = getattr(req, enc["max_length_field"])
         else:
             max_length = enc.get("max_length") or tokenizer.model_max_length
-        tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                           return_tensors="pt")
+        if enc.get("template"):
+            prompts = [enc["template"].replace("{}", p) for p in prompts]
+        tokens = tokenizer(prompts, padding=True if enc.get("padding") == "longest" else "max_length",
+                           max_length=max_length, truncation=True, return_tensors="pt")
         device = module_device(encoder)
         mask = tokens.attention_mask if "attention_mask" in tokens else torch.ones_like(tokens.input_ids)
         layer = enc.get("hidden_layer")
@@ -183,7 +189,7 @@ class TextEncodingStage(PipelineStage):
     def combine(self, req: Req, prefix: str) -> None:
         """Run the `combine` callback on one branch's encoder outputs and store what it returns."""
         names = [f for e in self.encoders for f in (e["field"], e.get("mask_field")) if f]
-        made = self.callback("combine")({n: getattr(req, prefix + n) for n in names}, self.settings)
+        made = self.callback("combine")({n: getattr(req, prefix + n) for n in names}, req, self.settings)
         if not isinstance(made, dict) or sorted(made) != sorted(self.combined_fields):
             got = sorted(made) if isinstance(made, dict) else type(made).__name__
             raise StageError(f"TextEncodingStage: the combine callback must return a dict with the keys "
