@@ -1,0 +1,1 @@
+"""Qwen-Image: callbacks for the standard stages and a tiny random checkpoint for tests."""

@@ -1,0 +1,105 @@
+"""Build a tiny random-weight Qwen-Image checkpoint in Diffusers format (for tests).
+
+It loads with ``diffusers.QwenImagePipeline.from_pretrained(out_dir)``; weights and the
+tokenizer (a byte-level BPE with Qwen's chat tokens) are generated locally, nothing is downloaded.
+
+CLI: ``python -m diffstage.models.qwen_image.tiny OUT_DIR [--seed N]``"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import torch
+from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                       QwenImageTransformer2DModel)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from diffstage.models.flux.tiny import WORDS, _bytes_to_unicode
+
+MARKER = "tiny_qwen_image.json"
+
+
+def qwen_tokenizer(words=WORDS) -> Qwen2Tokenizer:
+    """Byte-level BPE over every byte plus whole-word merges for `words`, and Qwen's chat tokens."""
+    vocab: dict[str, int] = {}
+    for sym in _bytes_to_unicode():
+        vocab.setdefault(sym, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = list("Ġ" + word)  # Ġ: the byte-level space a word after a space starts with
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def _build_pipeline(seed: int) -> QwenImagePipeline:
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=4 * 6, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1] * 4, latents_std=[0.9] * 4)
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tokenizer), "bos_token_id": None,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        vision_start_token_id=len(tokenizer) + 1,
+        vision_end_token_id=len(tokenizer) + 2, vision_token_id=len(tokenizer) + 3)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192, time_shift_type="exponential")
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+
+
+def build_tiny_qwen_image(out_dir, *, seed: int = 0) -> pathlib.Path:
+    """Write the checkpoint to ``out_dir`` (deterministic in ``seed``); returns at once if it is there."""
+    out_dir = pathlib.Path(out_dir)
+    marker = {"seed": seed}
+    try:
+        if json.loads((out_dir / MARKER).read_text()) == marker:
+            return out_dir
+    except (OSError, ValueError):
+        pass
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            _build_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build a tiny random-weight Qwen-Image checkpoint.")
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_qwen_image(args.out_dir, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
