@@ -115,8 +115,10 @@ def _generate_task(cfg) -> None:
     except DiffstageError as e:
         _fail(e)
         return
-    for i, image in enumerate(out.images):
-        _save(image, base.name if i == 0 else f"{base.stem}_{i}{base.suffix}", pipe, str(cfg.prompt), out.req.seed)
+    for i, item in enumerate(out.images):
+        # a video from a pipeline whose YAML says image (the Diffusers fallback runs any pipeline) is still an MP4
+        name = base.with_suffix(".mp4") if isinstance(item, list) and base.suffix == ".png" else base
+        _save(item, name.name if i == 0 else f"{name.stem}_{i}{name.suffix}", pipe, str(cfg.prompt), out.req.seed)
 
 
 def _sheet_entries(plain: dict, examples) -> list[tuple[str, str]]:
