@@ -673,7 +673,7 @@ def test_decoding_custom_unpack():
 
 
 def test_base_bind_rejects_unknown_callback():
-    with pytest.raises(DiffstageError, match=r"^DecodingStage takes no callback 'unpak'; it takes: denormalize, unpack$"):
+    with pytest.raises(DiffstageError, match=r"^DecodingStage takes no callback 'unpak'; it takes: denormalize, postprocess_image, unpack$"):
         DecodingStage(vae=None).bind({"unpak": print}, {})
 
 
