@@ -110,6 +110,11 @@ def _generate_task(cfg) -> None:
         base = _output_name(plain["output"]["filename"], checked.spec.task.value in VIDEO_TASKS)
         _cli_output_type(cfg)
         request = {"prompt": cfg.prompt, "seed": cfg.seed}
+        if plain.get("image") is not None:
+            if "image" not in checked.req_cls.request_fields():
+                raise DiffstageError(f"model '{checked.spec.name}' takes no input image (its YAML declares no "
+                                     "`image` request field); drop image=...")
+            request["image"] = plain["image"]
         pipe = build_from_config(cfg, request=request, checked=checked)
         out = pipe(**request)
     except DiffstageError as e:

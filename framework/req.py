@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
@@ -56,7 +57,11 @@ class FieldSpec:
             ok = (self.ge is None or value >= self.ge) and (self.le is None or value <= self.le)
         if ok and self.choices is not None:
             ok = value in self.choices
-        return [] if ok else [f"{self.name} must be {wanted}, got {shown(value)}"]
+        if not ok:
+            return [f"{self.name} must be {wanted}, got {shown(value)}"]
+        if self.type == "image" and isinstance(value, str) and not os.path.isfile(value):
+            return [f"{self.name}: no image file at {shown(value)}"]
+        return []
 
 
 def _is_image(value: Any) -> bool:

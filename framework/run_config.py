@@ -11,7 +11,7 @@ from .errors import DiffstageError, shown
 from .req import Req
 from .spec import did_you_mean
 
-TOP_LEVEL = ("model", "model_path", "prompt", "seed", "sampling", "runtime", "attention", "allowlist",
+TOP_LEVEL = ("model", "model_path", "prompt", "seed", "image", "sampling", "runtime", "attention", "allowlist",
              "allow_pickle", "output", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
 RUNTIME = ("device", "dtype", "kernels", "compile", "matmul_dtype")
 ATTENTION = ("backend",)
@@ -50,7 +50,7 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
         problems.append(f"allowlist must be a list of module prefixes (strings), got {shown(allowlist)}")
     if cfg.get("model") is None:
         problems.append("model is not set: give a shipped model name (see `diffstage models`) or a model YAML path")
-    for key in ("model", "model_path"):
+    for key in ("model", "model_path", "image"):
         value = cfg.get(key)
         if value is not None and not isinstance(value, str):
             problems.append(f"{key} must be a string, got {shown(value)}")

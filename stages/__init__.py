@@ -2,6 +2,7 @@
 from .decoding import DecodingStage
 from .denoising import DenoisingStage
 from .diffusers_pipeline import DiffusersPipelineStage
+from .image_encoding import ImageEncodingStage
 from .input_validation import InputValidationStage
 from .latent_preparation import LatentPreparationStage
 from .text_encoding import EncoderConfig, TextEncodingStage
@@ -10,6 +11,7 @@ from .timestep_preparation import TimestepPreparationStage
 STANDARD_STAGES = (
     InputValidationStage,
     TextEncodingStage,
+    ImageEncodingStage,
     LatentPreparationStage,
     TimestepPreparationStage,
     DenoisingStage,

@@ -190,5 +190,6 @@ def test_several_bad_encoder_entries_are_reported_at_once(flux_yaml_variant):
 
 def test_image_fields_take_images_or_paths():
     spec = FieldSpec("image", "request", type="image")
-    assert spec.problems("photo.png") == [] and spec.problems(torch.zeros(3, 8, 8)) == []
+    assert spec.problems(__file__) == [] and spec.problems(torch.zeros(3, 8, 8)) == []
+    assert spec.problems("no/such.png") == ["image: no image file at 'no/such.png'"]
     assert spec.problems(5) == ["image must be an image (a PIL image, a [C, H, W] tensor or a file path), got 5"]

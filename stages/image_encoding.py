@@ -1,0 +1,109 @@
+"""ImageEncodingStage: open the request's input image, resize it and encode it with the VAE (for
+editing and image-to-image models, which condition on the latents of an input image)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffstage.errors import RequestError
+from diffstage.req import Req
+from diffstage.stage import CallbackSpec, Contract, PipelineStage
+from diffstage.torch_utils import module_device, module_dtype
+
+
+def open_image(value, name: str = "image") -> Image.Image:
+    """A request's image as RGB PIL: a PIL image as given, a path opened (errors name the field and file)."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, (str, Path)):
+        try:
+            with Image.open(value) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise RequestError(f"{name}: cannot open '{value}' as an image: {e}") from None
+    if isinstance(value, torch.Tensor) and value.dim() == 3:  # [C, H, W] in [0, 1]
+        array = (value.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(array).convert("RGB")
+    raise RequestError(f"{name} must be a PIL image, a [C, H, W] tensor in [0, 1] or a file path, "
+                       f"got {type(value).__name__}")
+
+
+class ImageEncodingStage(PipelineStage):
+    """Encodes the image in `image_field` into `field` (one copy per batch item).
+
+    Args:
+        image_field: the request field with the input image (declare it in the YAML's request_fields).
+        field: where the packed latents go.
+        resized_field: where the resized PIL image goes, if a later stage needs it (a vision-language
+            text encoder that sees the image).
+        frames_axis: the VAE is a video VAE: encode the image as a one-frame video [B, C, 1, H, W].
+    """
+
+    reads = ("batch_size",)
+    module_params = ("vae",)
+    callback_specs = (
+        CallbackSpec("image_size", ("image", "req", "settings"),
+                     doc="returns the (height, width) the image is resized to (default: the request's height, width)"),
+        CallbackSpec("normalize", ("latents", "settings", "vae"),
+                     doc="scales the encoded latents (default: (latents - shift_factor) * scaling_factor)"),
+        CallbackSpec("pack", ("latents", "req", "settings"),
+                     doc="returns the latents in the transformer's input layout (default: unchanged)"),
+    )
+
+    def __init__(self, vae, image_field: str = "image", field: str = "image_latents", resized_field: str | None = None,
+                 frames_axis: bool = False):
+        super().__init__()
+        self.vae = vae
+        self.image_field, self.field, self.resized_field = image_field, field, resized_field
+        self.frames_axis = frames_axis
+
+    @classmethod
+    def contract(cls, args) -> Contract:
+        base = super().contract(args)
+        image_field = args.get("image_field", "image")
+        writes = {args.get("field", "image_latents")} | ({args["resized_field"]} if args.get("resized_field") else set())
+        declares = {f: "latents of the input image" if f == args.get("field", "image_latents") else "the resized input image"
+                    for f in writes if f not in Req.field_names()}
+        return Contract(reads=base.reads | {image_field}, writes=frozenset(writes), callbacks=base.callbacks,
+                        modules=base.modules, declares=declares)
+
+    def required_reads(self) -> tuple[str, ...]:
+        return tuple(self.reads) + (self.image_field,)
+
+    def guaranteed_writes(self) -> tuple[str, ...]:
+        return (self.field,) + ((self.resized_field,) if self.resized_field else ())
+
+    @staticmethod
+    def default_image_size(image, req, settings):
+        return req.height, req.width
+
+    @staticmethod
+    def default_normalize(latents, settings, vae):
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    @staticmethod
+    def default_pack(latents, req, settings):
+        return latents
+
+    @torch.no_grad()
+    def forward(self, req: Req) -> Req:
+        from diffusers.image_processor import VaeImageProcessor
+
+        image = open_image(getattr(req, self.image_field), self.image_field)
+        height, width = self.callback("image_size")(image, req, self.settings)
+        processor = VaeImageProcessor(vae_scale_factor=1)  # the sizes are the callback's to choose
+        resized = processor.resize(image, height, width)
+        pixels = processor.preprocess(resized, height, width)  # [1, 3, H, W] in [-1, 1]
+        if self.frames_axis:
+            pixels = pixels.unsqueeze(2)
+        pixels = pixels.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
+        latents = self.vae.encode(pixels).latent_dist.mode()  # the mean, as Diffusers' sample_mode="argmax"
+        latents = self.callback("normalize")(latents, self.settings, self.vae)
+        latents = self.callback("pack")(latents, req, self.settings)
+        setattr(req, self.field, latents.repeat(req.batch_size, *([1] * (latents.dim() - 1))))
+        if self.resized_field:
+            setattr(req, self.resized_field, resized)
+        return req
