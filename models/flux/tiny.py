@@ -10,17 +10,14 @@ CLI: ``python -m diffstage.models.flux.tiny OUT_DIR [--variant dev|schnell] [--s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import shutil
-import tempfile
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-MARKER = "tiny_flux.json"
+from diffstage.models.tiny_checkpoint import save_tiny_checkpoint
+
 VARIANTS = ("dev", "schnell")
 
 # Small word list so common test prompts tokenize into whole words; anything else falls
@@ -163,15 +160,7 @@ def _build_pipeline(variant: str, seed: int, size: str = "tiny") -> FluxPipeline
 
 
 def _marker(variant: str, seed: int, size: str) -> dict:
-    return {"variant": variant, "seed": seed} | ({"size": size} if size != "tiny" else {})
-
-
-def _is_complete(out_dir: pathlib.Path, marker: dict) -> bool:
-    try:
-        found = json.loads((out_dir / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return found == marker and (out_dir / "model_index.json").is_file()
+    return {"family": "flux", "variant": variant, "seed": seed} | ({"size": size} if size != "tiny" else {})
 
 
 def build_tiny_flux(out_dir, *, variant: str = "dev", seed: int = 0, size: str = "tiny") -> pathlib.Path:
@@ -179,49 +168,16 @@ def build_tiny_flux(out_dir, *, variant: str = "dev", seed: int = 0, size: str =
     or "bench", see SIZES) to ``out_dir``.
 
     Deterministic in ``seed``. Returns immediately if ``out_dir`` already holds a complete
-    checkpoint for the same variant/seed/size (tracked by a ``tiny_flux.json`` marker).
+    checkpoint for the same variant/seed/size (see diffstage.models.tiny_checkpoint).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
-    out_dir = pathlib.Path(out_dir)
-    marker = _marker(variant, seed, size)
-    if _is_complete(out_dir, marker):
-        return out_dir
-
-    # Build in a sibling temp dir so a crash or a concurrent builder never leaves a
-    # half-written checkpoint that looks complete; the marker is written last.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the final dir normal permissions
-    try:
-        with torch.random.fork_rng(devices=[]):  # don't disturb the caller's global RNG
-            pipe = _build_pipeline(variant, seed, size)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        # transformers 5 aliases T5TokenizerFast to T5Tokenizer; record the name the real
-        # FLUX.1 repos use (it also resolves in transformers 4 without sentencepiece).
-        index = json.loads((tmp / "model_index.json").read_text())
-        index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
-        try:
-            os.rename(tmp, out_dir)  # atomic when out_dir is absent (or an empty dir)
-        except OSError:
-            if _is_complete(out_dir, marker):  # a concurrent builder won the race
-                return out_dir
-            # Existing, non-empty dir: invalidate it, then overwrite entry by entry, marker last.
-            (out_dir / MARKER).unlink(missing_ok=True)
-            for entry in sorted(tmp.iterdir(), key=lambda p: p.name == MARKER):
-                dest = out_dir / entry.name
-                if dest.is_dir():
-                    shutil.rmtree(dest)
-                os.replace(entry, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    # transformers 5 aliases T5TokenizerFast to T5Tokenizer; record the name the real FLUX.1 repos use
+    # (it also resolves in transformers 4 without sentencepiece)
+    return save_tiny_checkpoint(out_dir, _marker(variant, seed, size), lambda: _build_pipeline(variant, seed, size),
+                                index_classes={"tokenizer_2": "T5TokenizerFast"})
 
 
 def main(argv=None) -> None:

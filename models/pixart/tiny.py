@@ -7,20 +7,14 @@ tokenizer are generated locally, nothing is downloaded. The scheduler is PixArt-
 CLI: ``python -m diffstage.models.pixart.tiny OUT_DIR [--seed N]``"""
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import pathlib
-import shutil
-import tempfile
 
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 from transformers import T5Config, T5EncoderModel
 
 from diffstage.models.flux.tiny import t5_tokenizer
-
-MARKER = "tiny_pixart.json"
+from diffstage.models.tiny_checkpoint import save_tiny_checkpoint, tiny_cli
 
 
 def _build_pipeline(seed: int) -> PixArtSigmaPipeline:
@@ -47,36 +41,9 @@ def _build_pipeline(seed: int) -> PixArtSigmaPipeline:
 
 def build_tiny_pixart(out_dir, *, seed: int = 0) -> pathlib.Path:
     """Write the checkpoint to ``out_dir`` (deterministic in ``seed``); returns at once if it is there."""
-    out_dir = pathlib.Path(out_dir)
-    marker = {"seed": seed}
-    try:
-        if json.loads((out_dir / MARKER).read_text()) == marker:
-            return out_dir
-    except (OSError, ValueError):
-        pass
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            _build_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        index = json.loads((tmp / "model_index.json").read_text())
-        index["tokenizer"] = ["transformers", "T5TokenizerFast"]  # resolves without sentencepiece
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny random-weight PixArt-Sigma checkpoint.")
-    parser.add_argument("out_dir", type=pathlib.Path)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(build_tiny_pixart(args.out_dir, seed=args.seed))
+    return save_tiny_checkpoint(out_dir, {"family": "pixart", "seed": seed}, lambda: _build_pipeline(seed),
+                                index_classes={"tokenizer": "T5TokenizerFast"})
 
 
 if __name__ == "__main__":
-    main()
+    tiny_cli(build_tiny_pixart, "Build a tiny random-weight PixArt-Sigma checkpoint.")

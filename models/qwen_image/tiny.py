@@ -6,12 +6,7 @@ tokenizer (a byte-level BPE with Qwen's chat tokens) are generated locally, noth
 CLI: ``python -m diffstage.models.qwen_image.tiny OUT_DIR [--seed N]``"""
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import pathlib
-import shutil
-import tempfile
 
 import torch
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
@@ -19,8 +14,7 @@ from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, 
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from diffstage.models.flux.tiny import WORDS, _bytes_to_unicode
-
-MARKER = "tiny_qwen_image.json"
+from diffstage.models.tiny_checkpoint import save_tiny_checkpoint, tiny_cli
 
 
 def qwen_tokenizer(words=WORDS) -> Qwen2Tokenizer:
@@ -73,33 +67,9 @@ def _build_pipeline(seed: int) -> QwenImagePipeline:
 
 def build_tiny_qwen_image(out_dir, *, seed: int = 0) -> pathlib.Path:
     """Write the checkpoint to ``out_dir`` (deterministic in ``seed``); returns at once if it is there."""
-    out_dir = pathlib.Path(out_dir)
-    marker = {"seed": seed}
-    try:
-        if json.loads((out_dir / MARKER).read_text()) == marker:
-            return out_dir
-    except (OSError, ValueError):
-        pass
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            _build_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny random-weight Qwen-Image checkpoint.")
-    parser.add_argument("out_dir", type=pathlib.Path)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(build_tiny_qwen_image(args.out_dir, seed=args.seed))
+    return save_tiny_checkpoint(out_dir, {"family": "qwen_image", "seed": seed}, lambda: _build_pipeline(seed),
+                                index_classes=None)
 
 
 if __name__ == "__main__":
-    main()
+    tiny_cli(build_tiny_qwen_image, "Build a tiny random-weight Qwen-Image checkpoint.")

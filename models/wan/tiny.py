@@ -7,20 +7,14 @@ sigmas).
 CLI: ``python -m diffstage.models.wan.tiny OUT_DIR [--seed N]``"""
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import pathlib
-import shutil
-import tempfile
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
 from diffstage.models.flux.tiny import t5_tokenizer
-
-MARKER = "tiny_wan.json"
+from diffstage.models.tiny_checkpoint import save_tiny_checkpoint, tiny_cli
 
 
 def _build_pipeline(seed: int) -> WanPipeline:
@@ -46,36 +40,9 @@ def _build_pipeline(seed: int) -> WanPipeline:
 
 def build_tiny_wan(out_dir, *, seed: int = 0) -> pathlib.Path:
     """Write the checkpoint to ``out_dir`` (deterministic in ``seed``); returns at once if it is there."""
-    out_dir = pathlib.Path(out_dir)
-    marker = {"seed": seed}
-    try:
-        if json.loads((out_dir / MARKER).read_text()) == marker:
-            return out_dir
-    except (OSError, ValueError):
-        pass
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            _build_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        index = json.loads((tmp / "model_index.json").read_text())
-        index["tokenizer"] = ["transformers", "T5TokenizerFast"]  # resolves without sentencepiece
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny random-weight Wan2.1 text-to-video checkpoint.")
-    parser.add_argument("out_dir", type=pathlib.Path)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(build_tiny_wan(args.out_dir, seed=args.seed))
+    return save_tiny_checkpoint(out_dir, {"family": "wan", "seed": seed}, lambda: _build_pipeline(seed),
+                                index_classes={"tokenizer": "T5TokenizerFast"})
 
 
 if __name__ == "__main__":
-    main()
+    tiny_cli(build_tiny_wan, "Build a tiny random-weight Wan2.1 text-to-video checkpoint.")
