@@ -42,6 +42,19 @@ def flux_yaml_variant(tmp_path):
     return make
 
 
+def assert_matches_diffusers(ours, expected, label: str, tol: float = 1e-4) -> float:
+    """diffstage's output against the Diffusers pipeline's: same shape, max |Δ| within `tol`, and not a
+    constant image (a broken model could match a broken reference trivially). Prints and returns max |Δ|."""
+    import numpy as np
+
+    assert ours.shape == expected.shape
+    diff = float(np.abs(ours - expected).max())
+    print(f"{label}: max|Δ| = {diff:.3g}")
+    assert diff <= tol
+    assert float(np.abs(expected - expected.mean()).max()) > 1e-3
+    return diff
+
+
 def line_of(path: Path, needle: str) -> int:
     """1-based line of the first line containing `needle`."""
     for i, line in enumerate(Path(path).read_text().splitlines(), 1):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_matches_diffusers
 from diffstage import build_pipeline
 
 TOL = 1e-4
@@ -49,11 +50,7 @@ def test_parity_with_diffusers(reference_pipes, model, case):
         hook.remove()
         denoise.cfg_batch = True
     assert len(calls) == 3 * (2 if case == "true_cfg_two_calls" else 1)  # 3 steps
-    assert ours.shape == expected.shape
-    diff = float(np.abs(ours - expected).max())
-    print(f"{model}/{case}: max|Δ| = {diff:.3g}")
-    assert diff <= TOL
-    assert float(np.abs(expected - expected.mean()).max()) > 1e-3  # the image is not constant
+    assert_matches_diffusers(ours, expected, f"{model}/{case}", TOL)
 
 
 def test_seed_changes_image_and_pil_output(tiny_flux_dev):
