@@ -19,7 +19,7 @@ from .callbacks import declared_reads
 from .errors import DiffstageError, DisallowedPathError, Problem, shown
 from .loader import module_kind
 from .req import Req
-from .resolve import ALLOWLIST_HINT, disallowed_message, is_allowed, resolve
+from .resolve import ALLOWLIST_HINT, disallowed, is_allowed, resolve
 from .spec import did_you_mean
 from .stage import Contract, PipelineStage, accepts_positional
 from .yaml_lines import LineMap, format_key
@@ -70,6 +70,7 @@ class _Checker:
         self.allowlist = tuple(allowlist)
         self.known_stages = list(known_stages)
         self.problems: list[Problem] = []
+        self.declared_state: dict[str, str] = {}  # new state fields the stages declare: name -> doc
 
     def add(self, path: tuple, message: str, hint: str | None = None, stage: str | None = None) -> None:
         file, line = self.lines.where(path)
@@ -86,8 +87,7 @@ class _Checker:
     def _resolve(self, path: tuple, target: str, what: str, hint_from: Iterable[str] = ()) -> Any:
         """The object `target` names, or None after recording why not (allowlist first)."""
         if not is_allowed(target, self.allowlist):
-            message = disallowed_message(target, self.allowlist)
-            self.add(path, message, hint=ALLOWLIST_HINT if "allowlist" in message else None)
+            self.add(path, *disallowed(target, self.allowlist))
             return None
         try:
             return resolve(target, self.allowlist)
@@ -380,4 +380,4 @@ def check_contracts(data: dict, file: str, lines: LineMap, allowlist: Iterable[s
     """(the stages that passed, every problem, the state fields the stages declare: name -> doc)."""
     checker = _Checker(data, file, lines, allowlist, known_stages)
     plan = checker.run()
-    return plan, checker.problems, getattr(checker, "declared_state", {})
+    return plan, checker.problems, checker.declared_state

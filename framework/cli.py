@@ -41,8 +41,6 @@ def _fail(err: Exception) -> None:
 
 # --- generate / sheet (Hydra apps) ------------------------------------------------------
 MAX_NAME_BYTES = 200  # leaves room for the "_1" / "-2" suffixes of extra images and taken names
-
-
 VIDEO_TASKS = ("t2v", "i2v", "ti2v")
 
 
@@ -151,7 +149,7 @@ def _sheet_task(cfg) -> None:
         plain = plain_run_config(cfg)
         base = _output_name(plain["output"]["filename"])
         _cli_output_type(cfg)
-        checked = check_model(cfg.model, cfg.get("allowlist") or ())
+        checked = check_model(plain["model"], plain.get("allowlist") or ())
         if checked.spec.task.value in VIDEO_TASKS:
             raise DiffstageError(f"diffstage sheet lays out images; model '{checked.spec.name}' makes videos "
                                  "(use diffstage generate)")

@@ -219,11 +219,11 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
     allow_pickle = strict_bool(allow_pickle, "allow_pickle")
     allowlist = tuple(allowlist)
     subfolders = {n: spec.module_spec(n).subfolder or n for n in spec.modules}
-    if spec.pipeline_name == ANY_PIPELINE:  # every module the checkpoint lists (the Diffusers fallback)
-        index = read_json_object(resolve_checkpoint(model_path, ()) / "model_index.json")
-        subfolders = {n: n for n in index_modules(index)}
     root = resolve_checkpoint(model_path, subfolders.values())
     index = read_json_object(root / "model_index.json")
+    if spec.pipeline_name == ANY_PIPELINE:  # every module the checkpoint lists (the Diffusers fallback)
+        subfolders = {n: n for n in index_modules(index)}
+        root = resolve_checkpoint(model_path, subfolders.values())  # a repo id: fetch those folders too
     if spec.pipeline_name not in (ANY_PIPELINE, index.get("_class_name")):
         raise LoadError(f"checkpoint '{root}' is a {shown(index.get('_class_name'))}, but model '{spec.name}' "
                         f"serves {spec.pipeline_name}; pick the model YAML that matches this checkpoint (or "

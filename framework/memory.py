@@ -19,10 +19,11 @@ def format_bytes(n: int | float) -> str:
     n = int(n)  # estimates can exceed a float's range: stay in integers
     if n >= 1024 ** 6:
         return "more than 1 EiB"
-    for i, unit in enumerate(("B", "KiB", "MiB", "GiB", "TiB", "PiB")):
-        if n < 1024 ** (i + 1) or unit == "PiB":
-            return f"{n} B" if i == 0 else f"{n / 1024 ** i:.1f} {unit}"
-    raise AssertionError("unreachable")
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    i = 0
+    while i < len(units) - 1 and n >= 1024 ** (i + 1):
+        i += 1
+    return f"{n} B" if i == 0 else f"{n / 1024 ** i:.1f} {units[i]}"
 
 
 def _read_int(path: str) -> int | None:

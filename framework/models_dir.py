@@ -5,8 +5,6 @@ import os
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from .errors import DiffstageError, shown
 from .spec import did_you_mean
 

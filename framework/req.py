@@ -59,20 +59,17 @@ class FieldSpec:
             ok = value in self.choices
         if not ok:
             return [f"{self.name} must be {wanted}, got {shown(value)}"]
-        if self.type == "image" and isinstance(value, str) and not os.path.isfile(value):
+        if self.type == "image" and isinstance(value, (str, os.PathLike)) and not os.path.isfile(value):
             return [f"{self.name}: no image file at {shown(value)}"]
         return []
 
 
 def _is_image(value: Any) -> bool:
-    if isinstance(value, str):
-        return True  # a path: the stage that opens it reports a missing file
-    try:
-        from PIL import Image
-        import torch
-    except ImportError:  # pragma: no cover - both are dependencies
-        return False
-    return isinstance(value, Image.Image) or (isinstance(value, torch.Tensor) and value.dim() in (3, 4))
+    """What ImageEncodingStage opens: a file path, a PIL image or a [C, H, W] tensor."""
+    import torch
+    from PIL import Image
+
+    return isinstance(value, (str, os.PathLike, Image.Image)) or (isinstance(value, torch.Tensor) and value.dim() == 3)
 
 
 def _request(default: Any = None, doc: str = "") -> Any:

@@ -16,9 +16,13 @@ DEFAULT_ALLOWLIST: tuple[str, ...] = ("diffstage.", "diffusers.", "transformers.
 MAX_PATH = 300  # characters of a dotted path; longer ones are not real Python names
 
 
+def is_dotted_path(path: object) -> bool:
+    """Python identifiers joined by dots, at most MAX_PATH characters."""
+    return isinstance(path, str) and 0 < len(path) <= MAX_PATH and all(p.isidentifier() for p in path.split("."))
+
+
 def is_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> bool:
-    if not isinstance(path, str) or not path or len(path) > MAX_PATH \
-            or not all(part.isidentifier() for part in path.split(".")):
+    if not is_dotted_path(path):
         return False
     if any(part.startswith("_") for part in path.split(".")):
         return False  # private names and __main__ modules (importing one runs a program)
@@ -37,17 +41,19 @@ ALLOWLIST_HINT = ("if you trust it, add its package prefix to the allowlist: all
                   "command line or in the run config, --allow prefix for `diffstage validate`")
 
 
-def disallowed_message(path: str, allowlist: Iterable[str]) -> str:
-    if isinstance(path, str) and (len(path) > MAX_PATH or not all(p.isidentifier() for p in path.split("."))):
-        return f"{shown(path)} is not a dotted Python path (package.module.name, at most {MAX_PATH} characters)"
-    return f"{shown(path)} is outside the import allowlist {list(allowlist)}; refused without importing it"
+def disallowed(path: str, allowlist: Iterable[str]) -> tuple[str, str | None]:
+    """(why `path` is refused, a hint or None): not a dotted path at all, or outside the allowlist."""
+    if not is_dotted_path(path):
+        return f"{shown(path)} is not a dotted Python path (package.module.name, at most {MAX_PATH} characters)", None
+    return f"{shown(path)} is outside the import allowlist {list(allowlist)}; refused without importing it", \
+        ALLOWLIST_HINT
 
 
 def check_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> None:
     allowlist = tuple(allowlist)
     if not is_allowed(path, allowlist):
-        message = disallowed_message(path, allowlist)
-        raise DisallowedPathError(f"{message} ({ALLOWLIST_HINT})" if "allowlist" in message else message)
+        message, hint = disallowed(path, allowlist)
+        raise DisallowedPathError(f"{message} ({hint})" if hint else message)
 
 
 _UNKNOWN = "<unknown module>"  # never under an allowlist prefix

@@ -21,12 +21,15 @@ OUTPUT = ("filename",)
 NOT_SAMPLING = {"prompt", "seed", "input_latents"}
 
 
-def _unknown(section: dict, known, prefix: str) -> list[str]:
+def _unknown(section: dict, known, prefix: str, no_match: str | None = None) -> list[str]:
+    """A problem per key of `section` not in `known`: with a did-you-mean, else `no_match` (default: the
+    known keys)."""
     out = []
     for key in section:
         if key not in known:
             hint = did_you_mean(key, known)
-            out.append(f"unknown key '{prefix}{key}'" + (f" ({hint})" if hint else f"; known: {', '.join(known)}"))
+            out.append(f"unknown key '{prefix}{key}'" + (f" ({hint})" if hint else
+                                                         no_match or f"; known: {', '.join(known)}"))
     return out
 
 
@@ -69,10 +72,9 @@ def _sheet_problems(cfg: dict[str, Any]) -> list[str]:
     """`diffstage sheet`: prompts is a prompt, a list of prompts or a mapping label: prompt; seeds a list."""
     problems = []
     prompts = cfg.get("prompts")
-    items = list(prompts.items()) if isinstance(prompts, dict) else prompts if isinstance(prompts, list) else None
+    texts = [*prompts, *prompts.values()] if isinstance(prompts, dict) else prompts  # labels and prompts
     if prompts is not None and not isinstance(prompts, str) and (
-            items is None or not all(isinstance(p, str) or (isinstance(p, tuple) and all(isinstance(x, str) for x in p))
-                                     for p in items)):
+            not isinstance(texts, list) or not all(isinstance(t, str) for t in texts)):
         problems.append(f"prompts must be a list of prompts (strings) or a mapping label: prompt, got {shown(prompts)}")
     seeds = cfg.get("seeds")
     if seeds is not None and (not isinstance(seeds, list) or not seeds
@@ -100,11 +102,11 @@ def plain_run_config(cfg: Any) -> dict[str, Any]:
 def check_sampling_keys(cfg: dict[str, Any], req_cls: type[Req], model_file: str) -> None:
     """`sampling.KEY` must be a request field of this model (standard, or declared in its YAML)."""
     known = sorted(req_cls.request_fields() - NOT_SAMPLING)
-    problems = _unknown(cfg.get("sampling") or {}, known, "sampling.")
+    problems = _unknown(cfg.get("sampling") or {}, known, "sampling.",
+                        no_match=f"; known: {', '.join(known)} (no stage or callback of this model reads it)")
     if problems:
         raise DiffstageError(f"invalid run config for the model in {model_file}:\n"
-                             + "\n".join(f"  - {p} (no stage or callback of this model reads it)"
-                                          if "did you mean" not in p else f"  - {p}" for p in problems))
+                             + "\n".join(f"  - {p}" for p in problems))
 
 
 def check_run_config(cfg: dict[str, Any]) -> None:

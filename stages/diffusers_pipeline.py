@@ -43,10 +43,11 @@ class DiffusersPipelineStage(PipelineStage):
                       and (name in given or p.default is inspect.Parameter.empty)}
             self.pipe = pipeline_class(**kwargs)
             self.pipe.set_progress_bar_config(disable=None if progress else True)
+            accepted = inspect.signature(self.pipe.__call__).parameters
+            self.passed = [name for name in PASSED if name in accepted]  # the request fields its __call__ takes
 
     def forward(self, req: Req) -> Req:
-        accepted = inspect.signature(self.pipe.__call__).parameters
-        kwargs = {name: getattr(req, name) for name in PASSED if name in accepted and getattr(req, name) is not None}
+        kwargs = {name: getattr(req, name) for name in self.passed if getattr(req, name) is not None}
         out = self.pipe(**self.call_kwargs, **kwargs)
         req.output = out.images if hasattr(out, "images") else out.frames
         return req

@@ -62,12 +62,12 @@ class ImageEncodingStage(PipelineStage):
     @classmethod
     def contract(cls, args) -> Contract:
         base = super().contract(args)
-        image_field = args.get("image_field", "image")
-        writes = {args.get("field", "image_latents")} | ({args["resized_field"]} if args.get("resized_field") else set())
-        declares = {f: "latents of the input image" if f == args.get("field", "image_latents") else "the resized input image"
-                    for f in writes if f not in Req.field_names()}
-        return Contract(reads=base.reads | {image_field}, writes=frozenset(writes), callbacks=base.callbacks,
-                        modules=base.modules, declares=declares)
+        outputs = {args.get("field", "image_latents"): "latents of the input image"}
+        if args.get("resized_field"):
+            outputs[args["resized_field"]] = "the resized input image"
+        return Contract(reads=base.reads | {args.get("image_field", "image")}, writes=frozenset(outputs),
+                        callbacks=base.callbacks, modules=base.modules,
+                        declares={f: doc for f, doc in outputs.items() if f not in Req.field_names()})
 
     def required_reads(self) -> tuple[str, ...]:
         return tuple(self.reads) + (self.image_field,)

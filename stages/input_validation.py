@@ -1,7 +1,6 @@
 """InputValidationStage: range-check the request and decide on guidance, before any work."""
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 import torch

@@ -1,13 +1,14 @@
 """The open request schema: request fields a model YAML declares, state fields a stage declares,
 and the Req fields callbacks declare they read (@reads), all checked before anything runs."""
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import line_of, problems_of
 from test_cli import run
-from diffstage import Req, RequestError, build_pipeline, check_model
+from diffstage import DiffstageError, Req, RequestError, build_pipeline, check_model
 from diffstage.req import FieldSpec
 
 FAST = ["sampling.num_inference_steps=2"]
@@ -51,7 +52,7 @@ def boosted(tmp_path, monkeypatch):
     (tmp_path / "schema_callbacks.py").write_text(CALLBACKS)
     monkeypatch.syspath_prepend(str(tmp_path))
 
-    def make(sigmas: str = "sigmas", extra: str = "") -> "Path":
+    def make(sigmas: str = "sigmas", extra: str = ""):
         path = tmp_path / f"boosted_{sigmas}.yaml"
         path.write_text(textwrap.dedent(YAML).replace("{sigmas}", sigmas) + extra)
         return path
@@ -192,4 +193,38 @@ def test_image_fields_take_images_or_paths():
     spec = FieldSpec("image", "request", type="image")
     assert spec.problems(__file__) == [] and spec.problems(torch.zeros(3, 8, 8)) == []
     assert spec.problems("no/such.png") == ["image: no image file at 'no/such.png'"]
-    assert spec.problems(5) == ["image must be an image (a PIL image, a [C, H, W] tensor or a file path), got 5"]
+    assert spec.problems(Path(__file__)) == [] and spec.problems(Path("no/such.png")) != []
+    message = "image must be an image (a PIL image, a [C, H, W] tensor or a file path), got"
+    assert spec.problems(5) == [f"{message} 5"]
+    assert spec.problems(torch.zeros(1, 3, 8, 8))[0].startswith(message)  # a batch is not one image
+
+
+def test_a_stage_may_not_redeclare_a_field(tmp_path, monkeypatch, flux_yaml_variant):
+    (tmp_path / "redeclaring_stages.py").write_text(textwrap.dedent('''
+        from diffstage import PipelineStage
+
+        class Redeclares(PipelineStage):
+            reads = ("prompt",)
+            writes = ("latents",)
+            declares = {"latents": "mine", "2x": "not a name"}
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stage = "  - _target_: diffstage.stages.TextEncodingStage\n"
+    path = flux_yaml_variant((stage, "  - _target_: redeclaring_stages.Redeclares\n" + stage))
+    messages = sorted(p.message for p in problems_of(path, allowlist=["redeclaring_stages"]))
+    assert messages == ["declares the new field '2x', which is not a Python identifier",
+                        "declares the new field 'latents', which is already a Req field"]
+
+
+def test_reads_takes_field_names():
+    from diffstage import reads
+
+    with pytest.raises(TypeError, match=r"@reads takes Req field names, got \('latents', 'not a name'\)"):
+        reads("latents", optional=("not a name",))
+
+
+def test_misspelt_sampling_key_gets_a_did_you_mean():
+    with pytest.raises(DiffstageError) as e:
+        build_pipeline("digits", overrides=["+sampling.heigth=32"])
+    assert "unknown key 'sampling.heigth' (did you mean 'height'?)" in str(e.value)
+    assert "no stage or callback" not in str(e.value)
