@@ -60,6 +60,9 @@ def test_the_fallback_keeps_the_loader_rules(alpha_ckpt, tmp_path):
     (ckpt / "model_index.json").write_text(json.dumps({**index, "_class_name": "os"}))
     with pytest.raises(LoadError, match="pipeline class 'diffusers.os' cannot be loaded"):
         build_pipeline("diffusers_auto", model_path=ckpt)
+    (ckpt / "model_index.json").write_text(json.dumps({**index, "_class_name": 5}))
+    with pytest.raises(LoadError, match=r"model_index.json of '.*' names no pipeline class \(_class_name: 5\)"):
+        build_pipeline("diffusers_auto", model_path=ckpt)
     (ckpt / "model_index.json").write_text(json.dumps(index))
     loader.clear_cache()
     (ckpt / "vae" / "diffusion_pytorch_model.safetensors").unlink()

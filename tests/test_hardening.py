@@ -516,3 +516,42 @@ def test_damaged_checkpoint_configs(tiny_flux_dev, tmp_path):
     with pytest.raises(StageError, match="DecodingStage: the VAE decoded NaN or infinite values"):
         pipe("a fox", seed=0, num_inference_steps=1)
     loader.clear_cache()
+
+
+def test_byte_counts_of_any_size_are_readable():
+    from diffstage.memory import format_bytes
+
+    assert [format_bytes(n) for n in (0, 1023, 1536, 5 << 30, 3 << 50)] == \
+        ["0 B", "1023 B", "1.5 KiB", "5.0 GiB", "3.0 PiB"]
+    assert format_bytes(10 ** 1000) == "more than 1 EiB"  # past a float's range: no OverflowError
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    ([1, 2], "the run config must be a mapping, got [1, 2]"),
+    ({"prompt": "x"}, "model is not set: give a shipped model name"),
+    ({"model": "digits", "runtime": {"device": 5}}, "runtime.device must be a string, got 5"),
+    ({"model": "digits", "output": {"filename": 7}}, "output.filename must be a file name such as image.png"),
+])
+def test_run_configs_of_the_wrong_shape_from_python(cfg, needle):
+    from diffstage import build_from_config
+
+    with pytest.raises(DiffstageError) as e:
+        build_from_config(cfg)
+    assert needle in str(e.value)
+
+
+def test_model_yaml_path_too_long_for_the_file_system():
+    with pytest.raises(DiffstageError, match=r"model YAML '/a+\.\.\.a+\.yaml' cannot be read: File name too long"):
+        check_model("/" + "a" * 5000 + ".yaml")
+
+
+def test_mp4_without_the_video_extra_says_how_to_get_it(monkeypatch, tmp_path):
+    import numpy as np
+
+    from diffstage.errors import OutputError
+    from diffstage.video import save_mp4
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if not installed
+    with pytest.raises(OutputError, match=r"writing MP4 needs the `video` extra: pip install 'diffstage\[video\]'"):
+        save_mp4(np.zeros((2, 8, 8, 3)), tmp_path / "v.mp4", {})
+    assert not list(tmp_path.iterdir())

@@ -278,6 +278,8 @@ def test_text_encoding_hidden_layer_and_attention_mask(tiny):
 @pytest.mark.parametrize("extra, message", [
     ({"hidden_layer": -2, "output": "pooler_output"}, "set either `output` or `hidden_layer`, not both"),
     ({"output": "hidden_states"}, "output 'hidden_states' is one tensor per layer: set hidden_layer (e.g. -2)"),
+    ({"output": "pooler_output", "template": "'no place for the prompt'"},
+     "template must contain '{}' exactly once (where the prompt goes)"),
 ])
 def test_text_encoding_output_choice_is_checked(flux_yaml_variant, extra, message):
     line = "        output: pooler_output\n"
@@ -537,7 +539,8 @@ def test_denoising_cfg_batch_falls_back_when_inputs_differ_in_shape():
     stage = cfg_denoiser()
     req = cfg_req()
     req.negative_prompt_embeds = torch.tensor([1.0])  # cannot be batched with a [2] cond input
-    assert DenoisingStage.joined_inputs({"c": req.prompt_embeds}, {"c": req.negative_prompt_embeds}, 2) is None
+    stage(req)
+    assert stage.transformer.batches == [2] * 6  # two calls a step, as with cfg_batch off
     assert DenoisingStage.joined_inputs({"c": 1, "d": None}, {"c": 1, "d": None}, 2) == {"c": 1, "d": None}
 
 
