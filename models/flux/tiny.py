@@ -51,6 +51,20 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
+def word_merges(words: list[list[str]], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges that build each word whole, left to right, from its pieces (symbols already in
+    `vocab`); the merged pieces are added to `vocab`."""
+    merges: list[tuple[str, str]] = []
+    for pieces in words:
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    return merges
+
+
 def clip_tokenizer(words=WORDS) -> CLIPTokenizer:
     """A byte-level BPE CLIP tokenizer with whole-word merges for `words`."""
     # Every byte symbol exists both word-internal and word-final ("</w>"), so no text ever
@@ -60,15 +74,7 @@ def clip_tokenizer(words=WORDS) -> CLIPTokenizer:
         vocab.setdefault(sym, len(vocab))
     for sym in _bytes_to_unicode():
         vocab.setdefault(sym + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:  # left-to-right merges build the whole word
-            pair = (pieces[0], pieces[1])
-            if pair not in merges:
-                merges.append(pair)
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
+    merges = word_merges([list(word[:-1]) + [word[-1] + "</w>"] for word in words], vocab)
     # Like real CLIP the special tokens are the last two ids; pad == eos == unk.
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)

@@ -13,7 +13,7 @@ from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, 
                        QwenImageTransformer2DModel)
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from diffstage.models.flux.tiny import WORDS, _bytes_to_unicode
+from diffstage.models.flux.tiny import WORDS, _bytes_to_unicode, word_merges
 from diffstage.models.tiny_checkpoint import save_tiny_checkpoint, tiny_cli
 
 
@@ -22,15 +22,7 @@ def qwen_tokenizer(words=WORDS) -> Qwen2Tokenizer:
     vocab: dict[str, int] = {}
     for sym in _bytes_to_unicode():
         vocab.setdefault(sym, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        pieces = list("Ġ" + word)  # Ġ: the byte-level space a word after a space starts with
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            if pair not in merges:
-                merges.append(pair)
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
+    merges = word_merges([list("Ġ" + word) for word in words], vocab)  # Ġ: the byte-level space before a word
     vocab["<|endoftext|>"] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
