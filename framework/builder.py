@@ -23,7 +23,7 @@ from .check import PlannedStage, check_contracts
 from .errors import DiffstageError, RequestError, SpecError, clipped, shown
 from .kernels import resolve_kernels
 from .models_dir import model_yaml
-from .pipeline import Pipeline, make_request
+from .pipeline import Pipeline, make_request, request_problems
 from .req import FieldSpec, Req
 from .resolve import DEFAULT_ALLOWLIST, resolve
 from .run_config import check_sampling_keys, plain_run_config
@@ -167,8 +167,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
              if not p.contract.modules and not p.cls.takes_all_modules}
     if request is not None:
         req = make_request(defaults, req_cls=checked.req_cls, **request)
-        problems = req.declared_field_problems()
-        problems += [msg for stage in early.values() for msg in stage.request_problems(req)]
+        problems = request_problems(req, list(early.values()))
         if problems:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {m}" for m in problems))
     model_path = plain.get("model_path") or spec.model_path

@@ -28,6 +28,17 @@ def make_request(defaults: dict[str, Any], req_cls: type[Req] = Req, **kwargs: A
     return req_cls(**values)
 
 
+def request_problems(req: Req, stages: list[PipelineStage]) -> list[str]:
+    """Everything wrong with `req` that `stages` can tell before running. The declared fields are checked
+    first, then the stages fill in the defaults that follow from them (`complete_request`) and check the rest."""
+    problems = req.declared_field_problems()
+    if problems:
+        return problems
+    for stage in stages:
+        stage.complete_request(req)
+    return [msg for stage in stages for msg in stage.request_problems(req)]
+
+
 @dataclass
 class PipelineOutput:
     images: Any  # list of PIL images (videos: a list of frame lists), or an array/tensor for np/pt/latent
@@ -71,7 +82,7 @@ class Pipeline:
 
     def check_request(self, req: Req) -> None:
         """Every stage's objections to `req`, then the memory it would need; raises RequestError."""
-        problems = req.declared_field_problems() + [msg for stage in self.stages for msg in stage.request_problems(req)]
+        problems = request_problems(req, self.stages)
         if problems:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {m}" for m in problems))
         estimates: dict[str, int] = {}

@@ -39,6 +39,7 @@ class FieldSpec:
         if value is None:
             return []
         from .errors import shown
+        from .images import is_image
 
         kind = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                 "text": "a string or a list of strings",
@@ -48,7 +49,7 @@ class FieldSpec:
               "str": isinstance(value, str), "bool": isinstance(value, bool),
               "text": isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
                                                  and all(isinstance(v, str) for v in value)),
-              "image": _is_image(value), "any": True}[self.type]
+              "image": is_image(value), "any": True}[self.type]
         bounds = [f">= {self.ge:g}"] if self.ge is not None else []
         bounds += [f"<= {self.le:g}"] if self.le is not None else []
         wanted = kind + (f" {' and '.join(bounds)}" if bounds else "") + \
@@ -62,14 +63,6 @@ class FieldSpec:
         if self.type == "image" and isinstance(value, (str, os.PathLike)) and not os.path.isfile(value):
             return [f"{self.name}: no image file at {shown(value)}"]
         return []
-
-
-def _is_image(value: Any) -> bool:
-    """What ImageEncodingStage opens: a file path, a PIL image or a [C, H, W] tensor."""
-    import torch
-    from PIL import Image
-
-    return isinstance(value, (str, os.PathLike, Image.Image)) or (isinstance(value, torch.Tensor) and value.dim() == 3)
 
 
 def _request(default: Any = None, doc: str = "") -> Any:

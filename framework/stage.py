@@ -141,6 +141,11 @@ class PipelineStage:
         """Fields forward always sets (override when they depend on arguments)."""
         return self.writes
 
+    def complete_request(self, req: Req) -> None:
+        """Fill request fields the caller left unset whose defaults follow from other request fields
+        (the output size of an editing model follows its input image). Runs before the checks, in
+        stage order, under the same terms as `request_problems` (default: nothing)."""
+
     def request_problems(self, req: Req) -> list[str]:
         """Problems with a request this stage can see before it runs (default: none). Stages without
         modules are asked before any weight loads; every stage is asked before each run."""

@@ -42,6 +42,10 @@ class DenoisingStage(PipelineStage):
                      doc="returns the transformer's conditioning kwargs for one branch (fixed over steps)"),
         CallbackSpec("timestep_input", ("t", "req", "settings"),
                      doc="returns the timestep tensor the transformer takes (default: t for each batch item)"),
+        CallbackSpec("latent_input", ("latents", "req", "settings"),
+                     doc="returns the transformer's latent input for the current latents (default: unchanged), e.g. "
+                         "with an input image's latents appended to the sequence; the prediction then covers those "
+                         "tokens too: postprocess_prediction drops them"),
         CallbackSpec("combine_cfg", ("cond", "uncond", "scale"),
                      doc="combines the two predictions (default: uncond + scale * (cond - uncond))"),
         CallbackSpec("postprocess_prediction", ("pred", "req", "settings"),
@@ -81,6 +85,10 @@ class DenoisingStage(PipelineStage):
     @staticmethod
     def default_timestep_input(t, req, settings):
         return t.expand(req.latents.shape[0]).to(req.latents.dtype)
+
+    @staticmethod
+    def default_latent_input(latents, req, settings):
+        return latents
 
     @staticmethod
     def default_combine_cfg(cond, uncond, scale):
@@ -133,6 +141,7 @@ class DenoisingStage(PipelineStage):
         cond_inputs = model_inputs(req, self.settings, self.transformer, False)
         uncond_inputs = model_inputs(req, self.settings, self.transformer, True) if req.do_cfg else None
         timestep_input = self.callback("timestep_input")
+        latent_input = self.callback("latent_input")
         combine = self.callback("combine_cfg")
         postprocess = self.callback("postprocess_prediction")
         step_kwargs = self.callback("step_kwargs")(req, self.settings, self.scheduler)
@@ -152,7 +161,8 @@ class DenoisingStage(PipelineStage):
         for i, t in enumerate(bar):
             req.latents = latents
             timestep = timestep_input(t, req, self.settings)
-            model_input = scale_input(latents, t) if scale_input is not None else latents
+            model_input = latent_input(scale_input(latents, t) if scale_input is not None else latents,
+                                       req, self.settings)
             if joined is not None:
                 per_sample = isinstance(timestep, torch.Tensor) and timestep.dim() and timestep.shape[0] == batch
                 both_t = torch.cat([timestep, timestep]) if per_sample else timestep

@@ -2,32 +2,12 @@
 editing and image-to-image models, which condition on the latents of an input image)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from PIL import Image
 
-from diffstage.errors import RequestError
+from diffstage.images import open_image
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
 from diffstage.torch_utils import module_device, module_dtype
-
-
-def open_image(value, name: str = "image") -> Image.Image:
-    """A request's image as RGB PIL: a PIL image as given, a path opened (errors name the field and file)."""
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, (str, Path)):
-        try:
-            with Image.open(value) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise RequestError(f"{name}: cannot open '{value}' as an image: {e}") from None
-    if isinstance(value, torch.Tensor) and value.dim() == 3:  # [C, H, W] in [0, 1]
-        array = (value.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(array).convert("RGB")
-    raise RequestError(f"{name} must be a PIL image, a [C, H, W] tensor in [0, 1] or a file path, "
-                       f"got {type(value).__name__}")
 
 
 class ImageEncodingStage(PipelineStage):
@@ -38,6 +18,8 @@ class ImageEncodingStage(PipelineStage):
         field: where the packed latents go.
         resized_field: where the resized PIL image goes, if a later stage needs it (a vision-language
             text encoder that sees the image).
+        shape_field: where the shape of the encoded latents before `pack` goes, if a later callback
+            needs it (the position ids of the image's tokens).
         frames_axis: the VAE is a video VAE: encode the image as a one-frame video [B, C, 1, H, W].
     """
 
@@ -53,10 +35,11 @@ class ImageEncodingStage(PipelineStage):
     )
 
     def __init__(self, vae, image_field: str = "image", field: str = "image_latents", resized_field: str | None = None,
-                 frames_axis: bool = False):
+                 shape_field: str | None = None, frames_axis: bool = False):
         super().__init__()
         self.vae = vae
         self.image_field, self.field, self.resized_field = image_field, field, resized_field
+        self.shape_field = shape_field
         self.frames_axis = frames_axis
 
     @classmethod
@@ -65,6 +48,8 @@ class ImageEncodingStage(PipelineStage):
         outputs = {args.get("field", "image_latents"): "latents of the input image"}
         if args.get("resized_field"):
             outputs[args["resized_field"]] = "the resized input image"
+        if args.get("shape_field"):
+            outputs[args["shape_field"]] = "shape of the input image's latents before packing"
         return Contract(reads=base.reads | {args.get("image_field", "image")}, writes=frozenset(outputs),
                         callbacks=base.callbacks, modules=base.modules,
                         declares={f: doc for f, doc in outputs.items() if f not in Req.field_names()})
@@ -73,7 +58,7 @@ class ImageEncodingStage(PipelineStage):
         return tuple(self.reads) + (self.image_field,)
 
     def guaranteed_writes(self) -> tuple[str, ...]:
-        return (self.field,) + ((self.resized_field,) if self.resized_field else ())
+        return (self.field,) + tuple(f for f in (self.resized_field, self.shape_field) if f)
 
     @staticmethod
     def default_image_size(image, req, settings):
@@ -102,6 +87,8 @@ class ImageEncodingStage(PipelineStage):
         pixels = pixels.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
         latents = self.vae.encode(pixels).latent_dist.mode()  # the mean, as Diffusers' sample_mode="argmax"
         latents = self.callback("normalize")(latents, self.settings, self.vae)
+        if self.shape_field:
+            setattr(req, self.shape_field, tuple(latents.shape))
         latents = self.callback("pack")(latents, req, self.settings)
         setattr(req, self.field, latents.repeat(req.batch_size, *([1] * (latents.dim() - 1))))
         if self.resized_field:

@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffstage.errors import RequestError, shown
+from diffstage.errors import RequestError, StageError, shown
 from diffstage.req import Req
-from diffstage.stage import PipelineStage
+from diffstage.stage import CallbackSpec, PipelineStage
 
 CFG_SCALE_FIELDS = ("guidance_scale", "true_cfg_scale")
 # What torch.Generator.manual_seed accepts (a negative seed wraps around, as in torch).
@@ -39,11 +39,19 @@ class InputValidationStage(PipelineStage):
             (`true_cfg_scale` for guidance-distilled models, which embed guidance_scale).
         cfg_needs_negative_prompt: CFG only runs when a negative prompt is given
             (otherwise the empty prompt is the negative).
+
+    A request that leaves height or width unset gets them from the `output_size` callback, when the
+    YAML sets one (an editing model's output follows its input image); otherwise they are required.
     """
 
     reads = ("prompt", "num_inference_steps", "height", "width")
     optional_reads = ("seed", "negative_prompt", "guidance_scale", "true_cfg_scale", "max_sequence_length")
     writes = ("batch_size", "generator", "do_cfg", "cfg_scale")
+    callback_specs = (
+        CallbackSpec("output_size", ("req", "settings"),
+                     doc="returns (height, width) for a request that leaves them unset, e.g. from its input image "
+                         "(default: none; height and width are then required)"),
+    )
 
     def __init__(self, multiple_of: Annotated[int, Field(ge=1)] = 1, max_steps: Annotated[int, Field(ge=1)] = 1000,
                  max_sequence_length_limit: Annotated[int, Field(ge=1)] | None = None,
@@ -59,7 +67,25 @@ class InputValidationStage(PipelineStage):
     def required_reads(self) -> tuple[str, ...]:
         return ()  # request_problems() reports missing fields together with every other problem
 
+    @staticmethod
+    def default_output_size(req, settings):
+        return None
+
+    def complete_request(self, req: Req) -> None:
+        if req.height is not None and req.width is not None:
+            return
+        # unbound (the stage built by hand, as it could be before it took a callback): no size callback
+        size = self.callback("output_size")(req, self.settings) if self._callbacks else None
+        if size is None:
+            return
+        if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(v) for v in size)):
+            raise StageError(f"{type(self).__name__}: the output_size callback must return (height, width) as "
+                             f"two integers, got {shown(size)}")
+        req.height = size[0] if req.height is None else req.height
+        req.width = size[1] if req.width is None else req.width
+
     def forward(self, req: Req) -> Req:
+        self.complete_request(req)  # a stage run on its own, outside a Pipeline
         errors = self.request_problems(req)
         if errors:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {e}" for e in errors))

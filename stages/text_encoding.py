@@ -1,6 +1,7 @@
 """TextEncodingStage: run one or more text encoders and store each output in a Req field."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from typing import Annotated, Literal
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from diffstage.errors import StageError
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
+from diffstage.images import open_image
 from diffstage.torch_utils import module_device, module_dtype
 
 
@@ -30,6 +32,10 @@ class EncoderConfig(BaseModel):
     padding: Literal["max_length", "longest"] = "max_length"  # longest: pad to the longest prompt of the batch
     mask_field: str | None = None  # Req field for the attention mask (1 = token, 0 = padding)
     use_attention_mask: bool = False  # pass the mask to the encoder (masked T5 conditioning needs it)
+    # Req field with an image the encoder sees with every prompt (a vision-language encoder): `tokenizer`
+    # then names its processor, called with text= and images=, and what it returns beyond the tokens
+    # (pixel values, image grids) goes to the encoder too. The prompt (or template) places the image.
+    image_field: str | None = None
 
     @model_validator(mode="after")
     def _one_output(self):
@@ -39,6 +45,8 @@ class EncoderConfig(BaseModel):
             raise ValueError("output 'hidden_states' is one tensor per layer: set hidden_layer (e.g. -2) instead")
         if self.template is not None and self.template.count("{}") != 1:
             raise ValueError("template must contain '{}' exactly once (where the prompt goes)")
+        if self.image_field is not None and self.padding != "longest":
+            raise ValueError("an encoder with image_field pads to the longest prompt: set padding: longest")
         return self
 
 
@@ -97,7 +105,7 @@ class TextEncodingStage(PipelineStage):
         configs = [EncoderConfig.model_validate(e) for e in args.get("encoders", [])]
         if not configs:
             raise ValueError("`encoders` must list at least one encoder")
-        writes, negatives, modules, declares = set(), set(), {}, {}
+        writes, negatives, modules, declares, images = set(), set(), {}, {}, set()
         reads = set(cls.optional_reads)
         for i, c in enumerate(configs):
             outputs = [(c.field, f"output '{c.hidden_layer if c.hidden_layer is not None else c.output}' of "
@@ -114,6 +122,7 @@ class TextEncodingStage(PipelineStage):
                 writes.add(f)
                 negatives.add(f"negative_{f}")
             reads |= {c.prompt_field, c.negative_prompt_field}
+            images |= {c.image_field} if c.image_field else set()
             modules[("encoders", i, "text_encoder")] = c.text_encoder
             modules[("encoders", i, "tokenizer")] = c.tokenizer
         combined = list(args.get("combined_fields") or ())
@@ -126,8 +135,11 @@ class TextEncodingStage(PipelineStage):
             writes.add(f)
             negatives.add(f"negative_{f}")
         combine = replace(cls.callback_specs[0], required=bool(combined))
-        return Contract(reads=frozenset(cls.reads), writes=frozenset(writes), optional_writes=frozenset(negatives),
+        return Contract(reads=frozenset(cls.reads) | images, writes=frozenset(writes), optional_writes=frozenset(negatives),
                         optional_reads=frozenset(reads), modules=modules, declares=declares, callbacks=(combine,))
+
+    def required_reads(self) -> tuple[str, ...]:
+        return tuple(self.reads) + tuple(e["image_field"] for e in self.encoders if e.get("image_field"))
 
     def guaranteed_writes(self) -> tuple[str, ...]:
         return tuple(f for e in self.encoders for f in (e["field"], e.get("mask_field")) if f) \
@@ -141,19 +153,31 @@ class TextEncodingStage(PipelineStage):
     def encode(self, enc: dict, prompts: list[str], req: Req) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings, attention mask) of `prompts`, one copy per image."""
         tokenizer, encoder = enc["tokenizer"], enc["text_encoder"]
-        if enc.get("max_length_field"):
-            max_length = getattr(req, enc["max_length_field"])
-        else:
-            max_length = enc.get("max_length") or tokenizer.model_max_length
         if enc.get("template"):
             prompts = [enc["template"].replace("{}", p) for p in prompts]
-        tokens = tokenizer(prompts, padding=True if enc.get("padding") == "longest" else "max_length",
-                           max_length=max_length, truncation=True, return_tensors="pt")
+        extra = {}
+        if enc.get("image_field"):
+            # The processor expands the image into vision tokens; truncating (unless asked) could cut them off.
+            image = open_image(getattr(req, enc["image_field"]), enc["image_field"])
+            limit = {"max_length": enc["max_length"], "truncation": True} if enc.get("max_length") else {}
+            tokens = tokenizer(text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt",
+                               **limit)
+            accepted = inspect.signature(encoder.forward).parameters
+            extra = {k: v for k, v in tokens.items() if k not in ("input_ids", "attention_mask") and k in accepted}
+        else:
+            if enc.get("max_length_field"):
+                max_length = getattr(req, enc["max_length_field"])
+            else:
+                max_length = enc.get("max_length") or tokenizer.model_max_length
+            tokens = tokenizer(prompts, padding=True if enc.get("padding") == "longest" else "max_length",
+                               max_length=max_length, truncation=True, return_tensors="pt")
         device = module_device(encoder)
-        mask = tokens.attention_mask if "attention_mask" in tokens else torch.ones_like(tokens.input_ids)
+        mask = tokens["attention_mask"] if "attention_mask" in tokens else torch.ones_like(tokens["input_ids"])
         layer = enc.get("hidden_layer")
-        out = encoder(tokens.input_ids.to(device), attention_mask=mask.to(device) if enc.get("use_attention_mask")
-                      else None, output_hidden_states=layer is not None)
+        extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        out = encoder(tokens["input_ids"].to(device), attention_mask=mask.to(device)
+                      if enc.get("use_attention_mask") else None,
+                      output_hidden_states=layer is not None, **extra)
         emb = out.hidden_states[layer] if layer is not None else getattr(out, enc["output"])
         emb = emb.to(dtype=module_dtype(encoder))
         # one copy per image, keeping each prompt's copies together (as Diffusers does)

@@ -94,3 +94,18 @@ def test_image_from_the_command_line(tmp_path, picture):
         pipe("a handwritten digit two", seed=0, image="missing.png")
     r = run("generate", f"image={picture}", f"hydra.run.dir={tmp_path / 'run2'}", *FAST)
     assert r.returncode == 2 and "model 'digits' takes no input image" in r.stderr
+
+
+@torch.no_grad()
+def test_keeps_the_resized_image_and_the_latent_shape(vae, picture):
+    stage = ImageEncodingStage(vae, resized_field="condition_image", shape_field="image_latent_shape")
+    flatten = lambda latents, req, settings: latents.flatten(2).transpose(1, 2)  # noqa: E731 (a packing step)
+    stage.bind({"pack": flatten}, {})
+    cls = Req.with_fields([FieldSpec("image", "request", type="image"), FieldSpec("image_latents", "state"),
+                           FieldSpec("condition_image", "state"), FieldSpec("image_latent_shape", "state")])
+    req = stage(cls(height=32, width=16, batch_size=1, image=str(picture)))
+    assert req.image_latent_shape == (1, 4, 16, 8)  # before packing
+    assert req.image_latents.shape == (1, 128, 4)
+    assert req.condition_image.size == (16, 32)
+    contract = ImageEncodingStage.contract({"resized_field": "condition_image", "shape_field": "image_latent_shape"})
+    assert contract.writes == {"image_latents", "condition_image", "image_latent_shape"}

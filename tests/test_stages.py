@@ -280,6 +280,8 @@ def test_text_encoding_hidden_layer_and_attention_mask(tiny):
     ({"output": "hidden_states"}, "output 'hidden_states' is one tensor per layer: set hidden_layer (e.g. -2)"),
     ({"output": "pooler_output", "template": "'no place for the prompt'"},
      "template must contain '{}' exactly once (where the prompt goes)"),
+    ({"output": "pooler_output", "image_field": "image"},
+     "an encoder with image_field pads to the longest prompt: set padding: longest"),
 ])
 def test_text_encoding_output_choice_is_checked(flux_yaml_variant, extra, message):
     line = "        output: pooler_output\n"
@@ -604,7 +606,7 @@ def test_denoising_contract():
     assert c.optional_reads == {"negative_prompt_embeds", "negative_pooled_prompt_embeds", "generator"}
     assert c.writes == {"latents"}
     assert dict(c.modules) == {("transformer",): "unet", ("scheduler",): "scheduler"}
-    assert [s.name for s in c.callbacks] == ["model_inputs", "timestep_input", "combine_cfg", "postprocess_prediction",
+    assert [s.name for s in c.callbacks] == ["model_inputs", "timestep_input", "latent_input", "combine_cfg", "postprocess_prediction",
                                              "step_kwargs"]
     assert DenoisingStage.contract({}).reads >= {"prompt_embeds"}
 
@@ -691,3 +693,84 @@ def test_text_encoding_string_prompt_2_with_several_prompts(tiny):
                                     batch_size=2))
     assert req.prompt_embeds.shape[0] == req.pooled_prompt_embeds.shape[0] == 2
     assert torch.equal(req.prompt_embeds[0], req.prompt_embeds[1])  # both from prompt_2
+
+
+def test_validation_output_size_fills_only_unset_sides():
+    stage = bound(InputValidationStage(multiple_of=16), {"output_size": lambda req, settings: (64, 48)})
+    req = stage(valid(height=None, width=32))
+    assert (req.height, req.width) == (64, 32)  # the caller's width stands
+    with pytest.raises(RequestError, match="height must be a positive multiple of 16"):
+        bound(InputValidationStage(multiple_of=16))(valid(height=None))  # no callback: the sides are required
+
+
+def test_validation_output_size_must_return_two_integers():
+    stage = bound(InputValidationStage(), {"output_size": lambda req, settings: "big"})
+    with pytest.raises(DiffstageError, match=r"the output_size callback must return \(height, width\) as two "
+                                             "integers, got 'big'"):
+        stage(valid(height=None))
+
+
+class FakeProcessor:
+    """Records its call; returns tokens, a mask, pixel values and a key the encoder does not take."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, text, images, padding, return_tensors):
+        self.calls.append((text, images, padding))
+        n = len(text)
+        return {"input_ids": torch.ones(n, 5, dtype=torch.long), "attention_mask": torch.ones(n, 5, dtype=torch.long),
+                "pixel_values": torch.full((2, 3), 7.0), "token_types": torch.zeros(n, 5)}
+
+
+class FakeVisionEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.seen = {}
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, pixel_values=None):
+        self.seen = {"attention_mask": attention_mask, "pixel_values": pixel_values}
+        return SimpleNamespace(last_hidden_state=torch.full((input_ids.shape[0], 5, 4), float(pixel_values.sum())))
+
+
+def test_text_encoding_image_field_goes_through_the_processor():
+    from PIL import Image
+
+    processor, encoder = FakeProcessor(), FakeVisionEncoder()
+    stage = bound(TextEncodingStage([{"text_encoder": encoder, "tokenizer": processor, "field": "prompt_embeds",
+                                      "image_field": "condition_image", "padding": "longest",
+                                      "use_attention_mask": True, "template": "<img>{}"}]))
+    cls = Req.with_fields([FieldSpec("condition_image", "state")])
+    image = Image.new("RGB", (8, 6), (1, 2, 3))
+    req = stage(cls(prompt=["a", "b"], do_cfg=False, condition_image=image, num_images_per_prompt=2))
+    (texts, images, padding), = processor.calls
+    assert texts == ["<img>a", "<img>b"] and padding is True
+    assert len(images) == 2 and all(im.size == (8, 6) for im in images)  # the image beside every prompt
+    assert torch.equal(encoder.seen["pixel_values"], torch.full((2, 3), 7.0))  # token_types: not taken, not passed
+    assert encoder.seen["attention_mask"] is not None
+    assert req.prompt_embeds.shape == (4, 5, 4) and float(req.prompt_embeds[0, 0, 0]) == 42.0
+
+
+def test_text_encoding_image_field_is_a_read_the_check_sees(flux_yaml_variant):
+    path = flux_yaml_variant(("        output: pooler_output\n",
+                              "        output: pooler_output\n        image_field: condition_image\n"
+                              "        padding: longest\n"))
+    messages = [p.message for p in problems_of(path)]
+    assert messages == ["reads 'condition_image', which is not a Req field"]
+
+
+def test_denoising_latent_input_extends_what_the_transformer_sees():
+    shapes = []
+
+    class Recording(FakeTransformer):
+        def forward(self, hidden_states, timestep, cond, return_dict=False):
+            shapes.append(tuple(hidden_states.shape))
+            return super().forward(hidden_states, timestep, cond)
+
+    stage, _ = denoiser(latent_input=lambda latents, req, settings: torch.cat([latents, torch.zeros(2, 4)], dim=1),
+                        postprocess_prediction=lambda pred, req, settings: pred[:, :req.latents.shape[1]])
+    stage.transformer = Recording()
+    req = stage(denoise_req())
+    assert shapes == [(2, 7)] * 3  # three latent tokens plus four appended ones
+    assert torch.equal(req.latents, torch.full((2, 3), -9.0))  # the appended part's prediction was dropped
