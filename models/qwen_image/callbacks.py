@@ -16,16 +16,20 @@ def vae_scale_factor(vae) -> int:
 
 
 # --- text_encoding ------------------------------------------------------------
-@reads("max_sequence_length")
-def combine(outputs, req, settings):
-    """Each prompt's real tokens after the template prefix, zero-padded to the longest, with their mask."""
+def prompt_tokens(outputs, settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's real tokens after the template prefix, zero-padded to the longest, and their mask."""
     hidden, mask = outputs["qwen_hidden"], outputs["qwen_mask"].bool()
     kept = [h[m][settings.drop_tokens:] for h, m in zip(hidden, mask)]
     longest = max(k.shape[0] for k in kept)
     embeds = torch.stack([torch.cat([k, k.new_zeros(longest - k.shape[0], k.shape[1])]) for k in kept])
-    keep = torch.stack([torch.cat([torch.ones(k.shape[0], dtype=torch.long), torch.zeros(longest - k.shape[0],
-                                                                                         dtype=torch.long)])
-                        for k in kept]).to(hidden.device)
+    keep = torch.stack([(torch.arange(longest) < k.shape[0]).long() for k in kept]).to(hidden.device)
+    return embeds, keep
+
+
+@reads("max_sequence_length")
+def combine(outputs, req, settings):
+    """The prompt tokens and their mask, cut to max_sequence_length."""
+    embeds, keep = prompt_tokens(outputs, settings)
     n = req.max_sequence_length
     return {"prompt_embeds": embeds[:, :n], "prompt_embeds_mask": keep[:, :n]}
 
