@@ -4,13 +4,14 @@ from .callbacks import reads
 from .errors import (ConcurrentUseError, DiffstageError, DisallowedPathError, LoadError, OutputError, Problem,
                      RequestError, SpecError, StageError, UnsafeCheckpointError)
 from .pipeline import Pipeline, PipelineOutput
+from .pipeline_builder import PipelineBuilder
 from .req import FieldSpec, Req
 from .stage import CallbackSpec, Contract, PipelineStage
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "build_pipeline", "build_from_config", "check_model", "Pipeline", "PipelineOutput", "Req", "FieldSpec", "reads",
+    "build_pipeline", "build_from_config", "check_model", "PipelineBuilder", "Pipeline", "PipelineOutput", "Req", "FieldSpec", "reads",
     "PipelineStage", "CallbackSpec", "Contract", "DiffstageError", "SpecError", "Problem",
     "DisallowedPathError", "LoadError", "RequestError", "UnsafeCheckpointError", "StageError", "OutputError",
     "ConcurrentUseError",

@@ -25,7 +25,8 @@ from .kernels import resolve_kernels
 from .models_dir import model_yaml
 from .pipeline import Pipeline, make_request, request_problems
 from .req import FieldSpec, Req
-from .resolve import DEFAULT_ALLOWLIST, resolve
+from .resolve import DEFAULT_ALLOWLIST, given_object, resolve
+from .reuse import DEFAULT_MAX_BYTES, SHARED, StageCache
 from .run_config import check_sampling_keys, plain_run_config
 from .spec import ModelSpec, validate_spec
 from .stage import PipelineStage
@@ -63,8 +64,13 @@ def check_model(name_or_path: str | Path, allowlist: Iterable[str] = ()) -> Chec
     if not all(isinstance(p, str) and p for p in allowlist):
         raise DiffstageError(f"allowlist must be a list of module prefixes (strings), got {shown(allowlist)}")
     file = model_yaml(str(name_or_path))
-    allow = tuple(DEFAULT_ALLOWLIST) + tuple(allowlist)
     data, lines = load_model_yaml(file)
+    return check_data(data, file, lines, allowlist)
+
+
+def check_data(data: Any, file: str | Path, lines: LineMap, allowlist: Iterable[str] = ()) -> CheckedModel:
+    """The checks of check_model on model data already read (`lines` says where each key came from)."""
+    allow = tuple(DEFAULT_ALLOWLIST) + tuple(allowlist)
     spec, problems = validate_spec(data, str(file), lines)
     problems = lines.problems + problems
     plan: list[PlannedStage] = []
@@ -77,7 +83,7 @@ def check_model(name_or_path: str | Path, allowlist: Iterable[str] = ()) -> Chec
         raise SpecError(problems)
     assert spec is not None
     fields = spec.field_specs() + [FieldSpec(name, "state", doc) for name, doc in declared.items()]
-    return CheckedModel(file, data, spec, plan, allow, lines, Req.with_fields(fields))
+    return CheckedModel(Path(file), data, spec, plan, allow, lines, Req.with_fields(fields))
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -117,10 +123,11 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
         top = arg_path[0]
         args[top] = _substitute(args.get(top, module_name), arg_path[1:], modules[module_name])
     target = checked.data["stages"][planned.index]["_target_"]
-    resolve(target, checked.allowlist)  # allowlist again, right before Hydra imports it
+    cls = resolve(target, checked.allowlist)  # allowlist again, right before Hydra imports it
     # Hydra makes the factory; the arguments never pass through OmegaConf, so a nested
     # `_target_` is not instantiated and `${oc.env:...}` is not interpolated: YAML data stays data.
-    factory = instantiate({"_target_": target, "_partial_": True})
+    # A class a Python caller handed over (PipelineBuilder) may have no import path: it is used as it is.
+    factory = cls if given_object(target) is not None else instantiate({"_target_": target, "_partial_": True})
     try:
         stage = factory(**args)
     except Exception as e:  # the stage rejected its arguments: point at them
@@ -177,14 +184,28 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     runtime = plain.get("runtime") or {}
     dtype = parse_dtype(runtime.get("dtype", "float32"))
     device = parse_device(runtime.get("device", "cpu"))
+    keys: dict[str, str] = {}
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
                                   allow_pickle=plain.get("allow_pickle", False),
-                                  allowlist=checked.allowlist, execution=execution_options(plain, spec, device))
+                                  allowlist=checked.allowlist, execution=execution_options(plain, spec, device),
+                                  keys=keys)
     stages = [early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
     run_config = {k: v for k, v in plain.items() if k != "hydra"}
-    return Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),
-                    config={"run": run_config, "model": checked.data}, checkpoint=str(model_path), device=device,
-                    req_cls=checked.req_cls)
+    pipeline = Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),
+                        config={"run": run_config, "model": checked.data}, checkpoint=str(model_path), device=device,
+                        req_cls=checked.req_cls)
+    pipeline.module_keys = {id(module): keys[name] for name, module in modules.items()}
+    pipeline.reuse = reuse_cache(plain.get("reuse") or {})
+    return pipeline
+
+
+def reuse_cache(options: dict[str, Any]) -> StageCache | None:
+    """The process's shared stage-output cache sized by `reuse.max_mb`, or None with `reuse.enabled=false`."""
+    if not options.get("enabled", True):
+        return None
+    max_mb = options.get("max_mb", DEFAULT_MAX_BYTES // 2 ** 20)
+    SHARED.resize(int(max_mb * 2 ** 20))
+    return SHARED
 
 
 def build_pipeline(model: str | Path | None = None, *, model_path: str | Path | None = None,

@@ -206,7 +206,10 @@ class _Checker:
             if cls is None:
                 first_unknown = min(first_unknown, i)
                 continue
-            args = {k: v for k, v in raw.items() if k != "_target_"}
+            name = raw.get("_name_")
+            if name is not None and not (isinstance(name, str) and name.isidentifier()):
+                self.add(("stages", i, "_name_"), f"a stage name must be a Python identifier, got {shown(name)}")
+            args = {k: v for k, v in raw.items() if k not in ("_target_", "_name_")}
             valid, bad = self._check_args(i, cls, args)
             try:  # the contract from the valid arguments only: invalid values would make noise
                 contract = cls.contract({k: v for k, v in args.items() if k not in bad})

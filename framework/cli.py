@@ -3,6 +3,8 @@
     diffstage generate [HYDRA OVERRIDES...]   generate an image (a Hydra app: -m, --cfg job, ... work)
     diffstage sheet [HYDRA OVERRIDES...]      a labelled contact sheet of the model's example prompts
     diffstage validate NAME_OR_PATH          check a model YAML without loading weights
+    diffstage graph NAME_OR_PATH             print its stage graph as Mermaid text (--png PATH: with Graphviz)
+    diffstage schema                          print the JSON Schema of model YAMLs (for editors)
     diffstage models                          list the shipped model YAMLs
 
 Errors in user input print a message and exit 2; set DIFFSTAGE_DEBUG=1 (or
@@ -22,6 +24,9 @@ commands:
   sheet [overrides]      a labelled contact sheet: one image per example prompt of the model (or
                          prompts=[...]) and seed (seeds=[0,1]); same overrides as generate
   validate NAME_OR_PATH  check a model YAML (schema + stage contracts) without loading weights
+  graph NAME_OR_PATH     its stage graph: the Req fields flowing between stages, as Mermaid text
+                         (--png PATH draws it with Graphviz: pip install graphviz, plus its dot program)
+  schema                 the JSON Schema of model YAMLs, for editors (--output PATH writes it to a new file)
   models                 list the shipped model YAMLs
 
 Set DIFFSTAGE_DEBUG=1 to see tracebacks.
@@ -61,7 +66,7 @@ def _output_name(filename: str | None, video: bool = False) -> Path:
     return name
 
 
-def _save(item, name: str, pipe, prompt: str, seed) -> None:
+def _save(item, name: str, pipe, prompt: str, seed) -> Path:
     """Write one PNG (or, for a list of frames, one MP4) with provenance into the run directory and
     print its path."""
     import yaml
@@ -83,6 +88,7 @@ def _save(item, name: str, pipe, prompt: str, seed) -> None:
     if path != wanted:  # another run (or a folder) has that name: nothing is overwritten
         print(f"note: {wanted} exists; wrote {path.name} beside it", file=sys.stderr)
     print(path.resolve(), flush=True)
+    return path.resolve()
 
 
 def _cli_output_type(cfg) -> None:
@@ -96,32 +102,59 @@ def _cli_output_type(cfg) -> None:
                              "from Python")
 
 
-def _generate_task(cfg) -> None:
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _generate_task(cfg):
+    """One image (or video). In a sweep (-m) a failing job is reported and returned to the sweep report
+    instead of ending the sweep; the command exits non-zero once every job has run."""
+    from .errors import DiffstageError
+    from .sweep import job_result
+
+    if not _in_sweep():
+        try:
+            return _generate_one(cfg)
+        except DiffstageError as e:
+            _fail(e)
+    try:
+        return _generate_one(cfg)
+    except Exception as e:  # the sweep goes on; a bug still shows its traceback with DIFFSTAGE_DEBUG=1
+        if _debug() and not isinstance(e, DiffstageError):
+            raise
+        message = f"{type(e).__name__}: {e}" if not isinstance(e, DiffstageError) else str(e)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return job_result(seed=cfg.get("seed"), error=message)
+
+
+def _generate_one(cfg):
     from .builder import build_from_config, check_model
     from .errors import DiffstageError
-
     from .run_config import plain_run_config
+    from .sweep import job_result
 
-    try:
-        plain = plain_run_config(cfg)
-        checked = check_model(plain["model"], plain.get("allowlist") or ())
-        base = _output_name(plain["output"]["filename"], checked.spec.task.value in VIDEO_TASKS)
-        _cli_output_type(cfg)
-        request = {"prompt": cfg.prompt, "seed": cfg.seed}
-        if plain.get("image") is not None:
-            if "image" not in checked.req_cls.request_fields():
-                raise DiffstageError(f"model '{checked.spec.name}' takes no input image (its YAML declares no "
-                                     "`image` request field); drop image=...")
-            request["image"] = plain["image"]
-        pipe = build_from_config(cfg, request=request, checked=checked)
-        out = pipe(**request)
-    except DiffstageError as e:
-        _fail(e)
-        return
+    plain = plain_run_config(cfg)
+    checked = check_model(plain["model"], plain.get("allowlist") or ())
+    base = _output_name(plain["output"]["filename"], checked.spec.task.value in VIDEO_TASKS)
+    _cli_output_type(cfg)
+    request = {"prompt": cfg.prompt, "seed": cfg.seed}
+    if plain.get("image") is not None:
+        if "image" not in checked.req_cls.request_fields():
+            raise DiffstageError(f"model '{checked.spec.name}' takes no input image (its YAML declares no "
+                                 "`image` request field); drop image=...")
+        request["image"] = plain["image"]
+    pipe = build_from_config(cfg, request=request, checked=checked)
+    out = pipe(**request)
+    paths = []
     for i, item in enumerate(out.images):
         # a video from a pipeline whose YAML says image (the Diffusers fallback runs any pipeline) is still an MP4
         name = base.with_suffix(".mp4") if isinstance(item, list) and base.suffix == ".png" else base
-        _save(item, name.name if i == 0 else f"{name.stem}_{i}{name.suffix}", pipe, str(cfg.prompt), out.req.seed)
+        paths.append(_save(item, name.name if i == 0 else f"{name.stem}_{i}{name.suffix}", pipe, str(cfg.prompt),
+                           out.req.seed))
+    return job_result([str(p) for p in paths], out.req.seed, out.timings, out.reused)
 
 
 def _sheet_entries(plain: dict, examples) -> list[tuple[str, str]]:
@@ -138,7 +171,7 @@ def _sheet_entries(plain: dict, examples) -> list[tuple[str, str]]:
     return [(str(p), str(p)) for p in chosen]
 
 
-def _sheet_task(cfg) -> None:
+def _sheet_task(cfg):
     from .builder import build_from_config, check_model
     from .errors import DiffstageError
     from .sheet import contact_sheet
@@ -168,7 +201,10 @@ def _sheet_task(cfg) -> None:
         _fail(e)
         return
     sheet = contact_sheet(images, labels, columns=len(images) // len(seeds))
-    _save(sheet, base.name, pipe, "; ".join(p for _, p in entries), ",".join(map(str, seeds)))
+    path = _save(sheet, base.name, pipe, "; ".join(p for _, p in entries), ",".join(map(str, seeds)))
+    from .sweep import job_result
+
+    return job_result([str(path)], seeds)  # for the report of a sweep (-m)
 
 
 def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
@@ -195,8 +231,15 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     # HYDRA_FULL_ERROR makes it raise them instead, so they get one clear line here.
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from .sweep import STATE
+
+    STATE.rows = []
     try:
         app()
+        if STATE.failed:  # a sweep ran every job; some failed (each said why when it ran)
+            where = f" (see {STATE.report[1]})" if STATE.report else ""
+            _fail(DiffstageError(f"{len(STATE.failed)} of {len(STATE.rows)} sweep jobs failed{where}: "
+                                 + "; ".join(f"job {r['job']}: {' '.join(r['error'].split())}" for r in STATE.failed[:3])))
     except DiffstageError as e:
         _fail(e)
     except (HydraException, OmegaConfBaseException) as e:  # bad overrides, config composition
@@ -266,6 +309,60 @@ def _validate(argv: list[str]) -> None:
         print(f"  stages[{p.index}] {p.cls.__name__}: reads {sorted(p.contract.reads)} -> writes {sorted(p.contract.writes)}")
 
 
+# --- graph / schema ------------------------------------------------------------------
+def _graph(argv: list[str]) -> None:
+    from .builder import check_model
+    from .errors import DiffstageError
+    from .graph import render_png, stage_graph, to_mermaid
+
+    p = argparse.ArgumentParser(prog="diffstage graph", description="Print a model's stage graph (the Req fields "
+                                "flowing between its stages) as Mermaid text, without loading weights.")
+    p.add_argument("model", help="shipped model name or path to a model YAML")
+    p.add_argument("--allow", action="append", default=[], metavar="PREFIX",
+                   help="extra module prefix dotted paths may import from (repeatable)")
+    p.add_argument("--png", metavar="PATH", help="draw it into a new PNG file instead (needs the graphviz "
+                                                 "package and Graphviz's dot program)")
+    args = p.parse_args(argv)
+    try:
+        graph = stage_graph(check_model(args.model, allowlist=args.allow))
+        if args.png is None:
+            print(to_mermaid(graph), end="")
+            return
+        path = _write_once(args.png, lambda: render_png(graph))
+    except DiffstageError as e:
+        _fail(e)
+        return
+    print(path.resolve())
+
+
+def _schema(argv: list[str]) -> None:
+    from .errors import DiffstageError
+    from .schema import model_schema_json
+
+    p = argparse.ArgumentParser(prog="diffstage schema", description="Print the JSON Schema (draft 2020-12) of "
+                                "model YAMLs, for editors: `# yaml-language-server: $schema=PATH` in a YAML.")
+    p.add_argument("--output", metavar="PATH", help="write it into a new file instead (an existing one is refused)")
+    args = p.parse_args(argv)
+    text = model_schema_json()
+    if args.output is None:
+        print(text, end="")
+        return
+    try:
+        path = _write_once(args.output, text.encode)
+    except DiffstageError as e:
+        _fail(e)
+        return
+    print(path.resolve())
+
+
+def _write_once(path: str, make) -> Path:
+    """Write the bytes `make()` returns into the new file `path`, atomically; an existing file or folder of
+    that name is refused, not replaced (outputs are never overwritten)."""
+    from .output_files import write_new
+
+    return write_new(path, lambda tmp: Path(tmp).write_bytes(make()), numbered=False)
+
+
 def _models(argv: list[str]) -> None:
     from .models_dir import describe_models
 
@@ -277,7 +374,8 @@ def _models(argv: list[str]) -> None:
         print(f"{name.ljust(width)}  {task.ljust(4)}  {desc}")
 
 
-COMMANDS = {"generate": _generate, "sheet": _sheet, "validate": _validate, "models": _models}
+COMMANDS = {"generate": _generate, "sheet": _sheet, "validate": _validate, "models": _models,
+            "graph": _graph, "schema": _schema}
 
 
 def main(argv: list[str] | None = None) -> None:

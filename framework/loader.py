@@ -212,9 +212,10 @@ def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, 
 def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu", allow_pickle: bool = False,
                  allowlist: Iterable[str] = DEFAULT_ALLOWLIST,
-                 execution: dict[str, Any] | None = None) -> dict[str, Any]:
+                 execution: dict[str, Any] | None = None, keys: dict[str, str] | None = None) -> dict[str, Any]:
     """Load (or fetch from the cache) every module the spec lists. Modules with a
-    `configure_runtime` method (native models) are configured with `execution`."""
+    `configure_runtime` method (native models) are configured with `execution`. `keys`, when given,
+    receives each module's cache key (where it came from: the same key means the same weights)."""
     global load_count
     allow_pickle = strict_bool(allow_pickle, "allow_pickle")
     allowlist = tuple(allowlist)
@@ -238,6 +239,8 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         key = CacheKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
                        str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
                        repr(sorted(execution.items())) if configurable else "-")
+        if keys is not None:
+            keys[name] = repr(key)
         if key in _CACHE:
             # Weights are shared; stateful helpers (schedulers keep their timesteps) are not.
             modules[name] = _CACHE[key] if is_torch else copy.deepcopy(_CACHE[key])

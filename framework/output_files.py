@@ -38,13 +38,20 @@ def _claim(tmp: str, target: Path) -> bool:
     return True
 
 
-def write_new(path: str | Path, write: Callable[[str], None]) -> Path:
+def taken(path: Path) -> str:
+    return f"'{path}' exists; diffstage never overwrites a file: remove it or choose another path"
+
+
+def write_new(path: str | Path, write: Callable[[str], None], numbered: bool = True) -> Path:
     """Run `write(tmp_path)` to make the file, then give it the name `path`, or the first free
-    `stem-N.ext` beside it when that is taken. Returns the path written. A crash never leaves half
-    a file, and no existing file is ever replaced."""
+    `stem-N.ext` beside it when that is taken (`numbered=False`: refuse a taken name instead).
+    Returns the path written. A crash never leaves half a file, and no existing file is ever replaced."""
     path = Path(path)
+    if not numbered and os.path.lexists(path):  # before the work of making it
+        raise OutputError(taken(path))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if numbered:  # a run directory is made as needed; a path the user names must be in a folder that exists
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=path.suffix + ".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
@@ -54,9 +61,11 @@ def write_new(path: str | Path, write: Callable[[str], None]) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        for candidate in free_names(path):
+        for candidate in free_names(path) if numbered else [path]:
             if _claim(tmp, candidate):
                 return candidate
+        if not numbered:  # it appeared while we wrote
+            raise OutputError(taken(path))
         raise OutputError(f"'{path}' and {MAX_TRIES - 1} numbered names beside it are all taken")
     except OSError as e:
         raise OutputError(f"cannot write '{path}': {e.strerror or e}") from None

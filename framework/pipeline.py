@@ -11,6 +11,7 @@ import torch
 from .errors import ConcurrentUseError, DiffstageError, RequestError, StageError, clipped
 from .memory import check_fits
 from .req import Req
+from .reuse import StageCache
 from .spec import ModelSpec, did_you_mean
 from .stage import PipelineStage
 
@@ -45,6 +46,7 @@ class PipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)  # stage label -> seconds
     peak_memory: dict[str, int] = field(default_factory=dict)  # stage label -> bytes (CUDA only)
     req: Req | None = None
+    reused: list[str] = field(default_factory=list)  # labels of the stages whose outputs came from the reuse cache
 
     @property
     def frames(self) -> Any:
@@ -66,6 +68,9 @@ class Pipeline:
         self.checkpoint = checkpoint  # where the modules were loaded from
         self.device = torch.device(device)  # where the stages allocate (for the memory check)
         self.req_cls = req_cls  # Req with the fields this model's YAML and stages declare
+        # Stage-output reuse (see reuse.py): the cache, or None (off); module ids -> where they were loaded from.
+        self.reuse: StageCache | None = None
+        self.module_keys: dict[int, str] = {}
         # Stages share stateful modules (a scheduler keeps its timesteps): one run at a time.
         self._lock = threading.Lock()
         self._running_in: int | None = None  # thread id of the run in progress
@@ -110,14 +115,25 @@ class Pipeline:
 
     @torch.inference_mode()
     def _run_stages(self, req: Req) -> PipelineOutput:
-        timings, memory = {}, {}
+        timings, memory, reused = {}, {}, []
         cuda = torch.cuda.is_available()
         for label, stage in zip(self.stage_labels(), self.stages):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
+            key = self.reuse.signature(stage, req, self.module_keys) if self.reuse is not None else None
+            outputs = self.reuse.get(key) if key is not None else None
+            if outputs is not None:
+                for name, value in outputs.items():
+                    setattr(req, name, value)
+                reused.append(label)
+                timings[label] = time.perf_counter() - start
+                continue
             try:
                 req = stage(req)
+                if key is not None:
+                    contract = stage.declared
+                    self.reuse.put(key, {f: getattr(req, f) for f in sorted(contract.writes | contract.optional_writes)})
             except DiffstageError:
                 raise
             except Exception as e:  # name the stage; the original error (and traceback) is the cause
@@ -127,7 +143,7 @@ class Pipeline:
                 torch.cuda.synchronize()
                 memory[label] = torch.cuda.max_memory_allocated()
             timings[label] = time.perf_counter() - start
-        return PipelineOutput(images=req.output, timings=timings, peak_memory=memory, req=req)
+        return PipelineOutput(images=req.output, timings=timings, peak_memory=memory, req=req, reused=reused)
 
     def graph(self) -> list[tuple[str, str, str]]:
         """Data-flow edges (producer, consumer, field) derived from declared reads/writes."""

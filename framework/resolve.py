@@ -5,9 +5,11 @@ import or call anything outside the allowed prefixes (os.system, builtins.eval,
 subprocess.*). The check happens on the string, before anything is imported."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .errors import DisallowedPathError, DiffstageError, shown
@@ -21,7 +23,30 @@ def is_dotted_path(path: object) -> bool:
     return isinstance(path, str) and 0 < len(path) <= MAX_PATH and all(p.isidentifier() for p in path.split("."))
 
 
+# Objects a Python caller handed over directly (PipelineBuilder: a stage class or a callback function), by
+# the name that stands for them in the model data. They need no import and no allowlist: the caller already
+# holds them. Only set while a builder checks or builds; a YAML file never has any.
+_GIVEN: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("diffstage_given_objects", default={})
+
+
+@contextlib.contextmanager
+def given_objects(objects: Mapping[str, Any]) -> Iterator[None]:
+    """Within this block, `resolve(name)` returns `objects[name]` for the names in `objects`."""
+    token = _GIVEN.set(dict(objects))
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
+
+
+def given_object(path: Any) -> Any:
+    """The object a caller handed over under this name (see given_objects), or None."""
+    return _GIVEN.get().get(path) if isinstance(path, str) else None
+
+
 def is_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> bool:
+    if given_object(path) is not None:
+        return True
     if not is_dotted_path(path):
         return False
     if any(part.startswith("_") for part in path.split(".")):
@@ -87,6 +112,9 @@ def resolve(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> Any:
     'pkg.mod.func' and 'pkg.mod.Class.method' work. Only allowed modules are
     imported, and the object found must itself live in an allowed module, so
     'torch.os.system' (os reached through torch) is refused too."""
+    given = given_object(path)
+    if given is not None:
+        return given
     allowlist = tuple(allowlist)
     check_allowed(path, allowlist)
     parts = path.split(".")

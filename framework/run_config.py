@@ -12,10 +12,11 @@ from .req import Req
 from .spec import did_you_mean
 
 TOP_LEVEL = ("model", "model_path", "prompt", "seed", "image", "sampling", "runtime", "attention", "allowlist",
-             "allow_pickle", "output", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
+             "allow_pickle", "output", "reuse", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
 RUNTIME = ("device", "dtype", "kernels", "compile", "matmul_dtype")
 ATTENTION = ("backend",)
 OUTPUT = ("filename",)
+REUSE = ("enabled", "max_mb")
 # Request fields a run config may not set under `sampling`: prompt and seed are top-level,
 # input_latents is Python-only. The rest depends on the model (its YAML may declare more).
 NOT_SAMPLING = {"prompt", "seed", "input_latents"}
@@ -35,7 +36,8 @@ def _unknown(section: dict, known, prefix: str, no_match: str | None = None) -> 
 
 def run_config_problems(cfg: dict[str, Any]) -> list[str]:
     problems = _unknown(cfg, TOP_LEVEL, "")
-    for name, known in (("sampling", None), ("runtime", RUNTIME), ("attention", ATTENTION), ("output", OUTPUT)):
+    for name, known in (("sampling", None), ("runtime", RUNTIME), ("attention", ATTENTION), ("output", OUTPUT),
+                        ("reuse", REUSE)):
         section = cfg.get(name)
         if section is None:
             continue
@@ -45,9 +47,14 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
         if known is not None:  # sampling keys are checked against the model's request fields
             problems += _unknown(section, known, f"{name}.")
     runtime = cfg.get("runtime") if isinstance(cfg.get("runtime"), dict) else {}
-    for key, value in (("allow_pickle", cfg.get("allow_pickle", False)), ("runtime.compile", runtime.get("compile", False))):
+    reuse = cfg.get("reuse") if isinstance(cfg.get("reuse"), dict) else {}
+    for key, value in (("allow_pickle", cfg.get("allow_pickle", False)), ("runtime.compile", runtime.get("compile", False)),
+                       ("reuse.enabled", reuse.get("enabled", True))):
         if not isinstance(value, bool):
             problems.append(f"{key} must be true or false, got {shown(value)} ({type(value).__name__})")
+    max_mb = reuse.get("max_mb", 0)
+    if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not 0 <= max_mb <= 2 ** 40:
+        problems.append(f"reuse.max_mb must be a number of megabytes in [0, 2**40], got {shown(max_mb)}")
     allowlist = cfg.get("allowlist") or []
     if not isinstance(allowlist, list) or not all(isinstance(p, str) and p for p in allowlist):
         problems.append(f"allowlist must be a list of module prefixes (strings), got {shown(allowlist)}")

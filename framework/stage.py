@@ -73,12 +73,52 @@ class PipelineStage:
     takes_all_modules: ClassVar[bool] = False
     # The contract the static check computed for this stage's YAML args (set by the builder).
     declared: Contract | None = None
+    # Its outputs depend only on its arguments, callbacks, modules and the fields it declares it reads
+    # (no randomness, no module state): the pipeline may reuse them across calls (see reuse.py).
+    reusable: ClassVar[bool] = False
+    # The keyword arguments the stage was made with (recorded by __init__; see __init_subclass__).
+    init_args: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Record what each stage was made with (`init_args`), so that a stage instance handed to a
+        # PipelineBuilder can be written back as YAML arguments.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_records_args", False):
+            return
+
+        @functools.wraps(init)
+        def recording_init(self, *args: Any, **kw: Any) -> None:
+            if "init_args" not in self.__dict__:  # the outermost __init__ (super().__init__ calls come later)
+                try:
+                    bound = inspect.signature(init).bind(self, *args, **kw)
+                except TypeError:
+                    bound = None  # init itself reports the bad call
+                if bound is not None:
+                    params = inspect.signature(init).parameters
+                    recorded: dict[str, Any] = {}
+                    for name, value in list(bound.arguments.items())[1:]:
+                        if params[name].kind is inspect.Parameter.VAR_KEYWORD:
+                            recorded.update(value)
+                        elif params[name].kind is not inspect.Parameter.VAR_POSITIONAL:
+                            recorded[name] = value
+                    self.__dict__["init_args"] = recorded
+            init(self, *args, **kw)
+
+        recording_init._records_args = True
+        cls.__init__ = recording_init
 
     def __init__(self) -> None:
         self.settings = Settings()
         self._callbacks: dict[str, Callable] = {}
 
     # --- declarations ---------------------------------------------------------
+    @classmethod
+    def default_name(cls) -> str:
+        """The stage's name in a pipeline unless it is given one: its class name in snake case
+        without "Stage" (TextEncodingStage -> text_encoding)."""
+        return _snake(cls.__name__)
+
     @classmethod
     def callback_group(cls) -> str:
         """Key under `pipeline_config.callbacks` that holds this stage's callbacks: named after

@@ -24,6 +24,8 @@ class ImageEncodingStage(PipelineStage):
     """
 
     reads = ("batch_size",)
+    optional_reads = ("height", "width")  # the default image_size
+    reusable = True  # deterministic in what it reads (the mode of the latent distribution, no sampling)
     module_params = ("vae",)
     callback_specs = (
         CallbackSpec("image_size", ("image", "req", "settings"),
@@ -51,7 +53,7 @@ class ImageEncodingStage(PipelineStage):
         if args.get("shape_field"):
             outputs[args["shape_field"]] = "shape of the input image's latents before packing"
         return Contract(reads=base.reads | {args.get("image_field", "image")}, writes=frozenset(outputs),
-                        callbacks=base.callbacks, modules=base.modules,
+                        optional_reads=base.optional_reads, callbacks=base.callbacks, modules=base.modules,
                         declares={f: doc for f, doc in outputs.items() if f not in Req.field_names()})
 
     def required_reads(self) -> tuple[str, ...]:

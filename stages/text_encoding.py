@@ -74,7 +74,8 @@ class TextEncodingStage(PipelineStage):
     """
 
     reads = ("prompt", "do_cfg")
-    optional_reads = ("prompt_2", "negative_prompt", "max_sequence_length")
+    optional_reads = ("prompt_2", "negative_prompt", "max_sequence_length", "num_images_per_prompt")
+    reusable = True  # deterministic in what it reads: a sweep over seeds encodes each prompt once
     callback_specs = (
         CallbackSpec("combine", ("outputs", "req", "settings"),
                      doc="takes {field: tensor} of one prompt branch and returns {field: tensor} for each of "

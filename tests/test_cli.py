@@ -39,7 +39,7 @@ def test_multirun_sweep_loads_weights_once(tiny_flux_dev, tmp_path):
     r = run("generate", "-m", "model=flux", f"model_path={tiny_flux_dev}", "seed=0,1",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    paths = [Path(line) for line in r.stdout.splitlines() if line.endswith(".png")]
+    paths = [Path(line) for line in r.stdout.splitlines() if line.endswith("image.png")]
     assert len(paths) == 2 and all(p.is_file() for p in paths)
     assert {p.parent.name for p in paths} == {"0", "1"}
     assert Image.open(paths[0]).tobytes() != Image.open(paths[1]).tobytes()

@@ -312,7 +312,8 @@ def test_text_encoding_contract():
     assert c.writes == {"pooled_prompt_embeds", "prompt_embeds"}
     assert c.optional_writes == {"negative_pooled_prompt_embeds", "negative_prompt_embeds"}  # only with CFG
     assert c.reads == {"prompt", "do_cfg"}
-    assert c.optional_reads == {"prompt", "prompt_2", "negative_prompt", "max_sequence_length"}
+    assert c.optional_reads == {"prompt", "prompt_2", "negative_prompt", "max_sequence_length",
+                               "num_images_per_prompt"}
     assert dict(c.modules) == {("encoders", 0, "text_encoder"): "text_encoder",
                                ("encoders", 0, "tokenizer"): "tokenizer",
                                ("encoders", 1, "text_encoder"): "text_encoder_2",

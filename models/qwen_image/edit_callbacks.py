@@ -33,6 +33,7 @@ def output_size(req, settings):
 
 
 # --- image_encoding -----------------------------------------------------------
+@reads()
 def image_size(image, req, settings):
     """The VAE and the text encoder see the image at the target area, whatever the output size."""
     return edit_size(image, settings)
@@ -46,6 +47,7 @@ def normalize(latents, settings, vae):
     return (latents - mean) / std
 
 
+@reads()
 def pack_image(latents, req, settings):
     """[B, C, 1, H, W] -> [B, (H/2)*(W/2), C*4], the layout of the noisy latents."""
     b, c, _, h, w = latents.shape
@@ -79,6 +81,7 @@ def drop_image_tokens(pred, req, settings):
 
 
 # --- text_encoding ------------------------------------------------------------
+@reads()  # nothing from the request: the encoder outputs only
 def combine(outputs, req, settings):
     """The prompt tokens and their mask, not cut to max_sequence_length: the image's vision tokens are among
     them, and Diffusers keeps them all."""

@@ -11,6 +11,7 @@ from diffstage.callbacks import reads
 
 
 # --- text_encoding ------------------------------------------------------------
+@reads()  # nothing from the request: the encoder outputs only
 def combine(outputs, req, settings):
     """UMT5's states with the padding positions set to zero, as Wan's transformer was trained on."""
     embeds, mask = outputs["t5_embeds"], outputs["text_mask"]

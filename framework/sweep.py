@@ -1,0 +1,111 @@
+"""The report of a `diffstage generate -m ...` sweep: a labelled grid of every job's image and a table.
+
+Hydra calls `SweepReport` (conf/config.yaml, hydra.callbacks) after each job and at the end of the sweep.
+A job that fails (a value out of range, a missing file) is recorded with its error and the sweep goes
+on; the command then exits non-zero. The sweep directory ends up with:
+
+    sweep_grid.png   one cell per job, labelled with the overrides that vary between jobs
+    sweep.jsonl      one JSON object per job: job, overrides, seed, images, seconds per stage, reused
+                     stages, error (null when it worked)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+GRID, TABLE = "sweep_grid.png", "sweep.jsonl"
+CELL = 192  # pixels: room for labels like "seed=1 true_cfg_scale=4.0"
+
+
+class SweepState:
+    """What the jobs of the sweep in progress reported (one sweep runs at a time in a process)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.active = False
+        self.report: list[Path] = []  # the grid and the table, once written
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("error")]
+
+
+STATE = SweepState()
+
+
+def job_result(images: list[str] | None = None, seed: Any = None, timings: dict | None = None,
+               reused: list[str] | None = None, error: str | None = None) -> dict[str, Any]:
+    """What a sweep job returns to the report (the task function's return value)."""
+    return {"seed": seed, "images": list(images or []), "timings": dict(timings or {}),
+            "reused": list(reused or []), "error": error}
+
+
+def varying(rows: list[dict[str, Any]]) -> list[str]:
+    """The override keys whose values differ between jobs, in the order they were given."""
+    keys: list[str] = []
+    for row in rows:
+        for key in row["overrides"]:
+            if key not in keys:
+                keys.append(key)
+    return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
+
+
+def write_report(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """Write the table and the grid of `rows` into `sweep_dir`; returns the paths written."""
+    from PIL import Image
+
+    from .output_files import write_new
+    from .png import save_png
+    from .sheet import contact_sheet
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+    table = write_new(sweep_dir / TABLE, lambda tmp: Path(tmp).write_text(text))
+    keys = varying(rows)
+    images, labels = [], []
+    for row in rows:
+        label = " ".join(f"{k.rsplit('.', 1)[-1]}={row['overrides'][k]}" for k in keys) or f"job {row['job']}"
+        paths = [p for p in row["images"] if p.endswith(".png") and Path(p).is_file()]
+        if paths:
+            with Image.open(paths[0]) as image:
+                images.append(image.convert("RGB"))
+        else:  # a failed job (or a video) keeps its cell, so the grid stays a grid
+            images.append(Image.new("RGB", (CELL, CELL), (200, 200, 200)))
+            label = f"{label} (failed)" if row.get("error") else label
+        labels.append(label)
+    last = keys[-1] if keys else None  # Hydra varies the last override fastest: one row per other combination
+    columns = len({r["overrides"].get(last) for r in rows}) if last else min(len(rows), 10)
+    grid = contact_sheet(images, labels, columns=columns, cell=CELL)
+    meta = {"sweep": json.dumps([{"job": r["job"], "overrides": r["overrides"]} for r in rows])}
+    return [save_png(grid, sweep_dir / GRID, meta), table]
+
+
+class SweepReport(Callback):
+    """Hydra callback: collects each job's result and writes the report when the sweep ends."""
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        STATE.rows, STATE.active, STATE.report = [], True, []
+
+    def on_job_end(self, config, job_return, **kwargs: Any) -> None:
+        if not STATE.active:
+            return  # a single run: no report
+        value = job_return._return_value  # the task returns its errors (cli._generate_task); others raised
+        if isinstance(value, dict):
+            result = value
+        elif isinstance(value, BaseException):
+            result = job_result(error=f"{type(value).__name__}: {value}")
+        else:  # a task that reports nothing (diffstage sheet)
+            result = job_result()
+        overrides = dict(o.split("=", 1) for o in job_return.overrides if "=" in o)
+        STATE.rows.append({"job": len(STATE.rows), "overrides": overrides, **result})
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        STATE.active = False
+        if not STATE.rows:
+            return
+        STATE.report = [Path(p).resolve() for p in write_report(Path(config.hydra.sweep.dir), STATE.rows)]
+        for path in STATE.report:
+            print(path, flush=True)
