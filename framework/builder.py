@@ -20,6 +20,7 @@ from . import loader
 from .attention import get_backend
 from .attention.layer import DEFAULT_BACKEND
 from .check import PlannedStage, check_contracts
+from .distributed import init_parallel
 from .errors import DiffstageError, RequestError, SpecError, clipped, shown
 from .kernels import resolve_kernels
 from .models_dir import model_yaml
@@ -184,6 +185,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     runtime = plain.get("runtime") or {}
     dtype = parse_dtype(runtime.get("dtype", "float32"))
     device = parse_device(runtime.get("device", "cpu"))
+    init_parallel(plain.get("parallel") or {}, device)  # before any weight loads: the layout is checked here
     keys: dict[str, str] = {}
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
                                   allow_pickle=plain.get("allow_pickle", False),

@@ -148,6 +148,10 @@ def _generate_one(cfg):
         request["image"] = plain["image"]
     pipe = build_from_config(cfg, request=request, checked=checked)
     out = pipe(**request)
+    from .distributed import is_main_process
+
+    if not is_main_process():  # with torchrun, rank 0 writes the files and prints their paths
+        return job_result([], out.req.seed, out.timings, out.reused)
     paths = []
     for i, item in enumerate(out.images):
         # a video from a pipeline whose YAML says image (the Diffusers fallback runs any pipeline) is still an MP4
@@ -276,8 +280,19 @@ def _os_error_in(error: BaseException) -> OSError | None:
     return None
 
 
+def _quiet_rank(argv: list[str]) -> list[str]:
+    """Under torchrun, ranks other than 0 keep no run directory or log of their own: rank 0's is the run's."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return argv
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="diffstage-rank-")
+    return argv + ["hydra.output_subdir=null", f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}",
+                   "hydra.job_logging.root.level=ERROR", "hydra.hydra_logging.root.level=ERROR"]
+
+
 def _generate(argv: list[str]) -> None:
-    _hydra_app(_generate_task, "config", argv, "generate")
+    _hydra_app(_generate_task, "config", _quiet_rank(argv), "generate")
 
 
 def _sheet(argv: list[str]) -> None:

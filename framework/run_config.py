@@ -12,11 +12,12 @@ from .req import Req
 from .spec import did_you_mean
 
 TOP_LEVEL = ("model", "model_path", "prompt", "seed", "image", "sampling", "runtime", "attention", "allowlist",
-             "allow_pickle", "output", "reuse", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
+             "allow_pickle", "output", "reuse", "parallel", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
 RUNTIME = ("device", "dtype", "kernels", "compile", "matmul_dtype")
 ATTENTION = ("backend",)
 OUTPUT = ("filename",)
 REUSE = ("enabled", "max_mb")
+PARALLEL = ("cfg", "ulysses", "ring")
 # Request fields a run config may not set under `sampling`: prompt and seed are top-level,
 # input_latents is Python-only. The rest depends on the model (its YAML may declare more).
 NOT_SAMPLING = {"prompt", "seed", "input_latents"}
@@ -37,7 +38,7 @@ def _unknown(section: dict, known, prefix: str, no_match: str | None = None) -> 
 def run_config_problems(cfg: dict[str, Any]) -> list[str]:
     problems = _unknown(cfg, TOP_LEVEL, "")
     for name, known in (("sampling", None), ("runtime", RUNTIME), ("attention", ATTENTION), ("output", OUTPUT),
-                        ("reuse", REUSE)):
+                        ("reuse", REUSE), ("parallel", PARALLEL)):
         section = cfg.get(name)
         if section is None:
             continue

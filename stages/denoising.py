@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from diffstage.distributed import current, gather_output, sequence_parallel, shard_inputs
+from diffstage.distributed.sequence import TRAFFIC
 from diffstage.errors import RequestError
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
@@ -69,6 +71,22 @@ class DenoisingStage(PipelineStage):
         self.scale_model_input = scale_model_input
         self.progress = progress
         self.step_hooks: list[StepHook] = []
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        """Sequence parallelism needs a transformer that says how to split its inputs (a native model's plan)."""
+        state = current()
+        if state.sequence == 1 or self.transformer is None:
+            return
+        name = type(self.transformer).__name__
+        if not hasattr(self.transformer, "sequence_parallel_plan"):
+            raise ValueError(f"parallel.ulysses / parallel.ring split the transformer's sequence, but {name} "
+                             "declares no sequence_parallel_plan (diffstage's native transformers do); use "
+                             "parallel.cfg, or the native transformer")
+        heads = getattr(getattr(self.transformer, "config", None), "num_attention_heads", None)
+        if isinstance(heads, int) and heads % state.ulysses:
+            raise ValueError(f"parallel.ulysses={state.ulysses} splits the attention heads, but {name} has {heads}; "
+                             f"use a Ulysses degree that divides {heads} (or parallel.ring)")
 
     @classmethod
     def contract(cls, args) -> Contract:
@@ -113,7 +131,24 @@ class DenoisingStage(PipelineStage):
 
     def predict(self, latents, timestep, inputs: dict) -> torch.Tensor:
         kwargs = {self.latents_arg: latents, self.timestep_arg: timestep, **inputs}
-        return self.transformer(**kwargs, return_dict=False)[0]
+        state = current()
+        if state.sequence == 1:
+            return self.transformer(**kwargs, return_dict=False)[0]
+        # each rank runs the model on its share of the sequence; attention runs across the ranks
+        kwargs, _ = shard_inputs(kwargs, self.transformer.sequence_parallel_plan, state)
+        with sequence_parallel(state):
+            out = self.transformer(**kwargs, return_dict=False)[0]
+        return gather_output(out, self.transformer.sequence_parallel_output, state)
+
+    @staticmethod
+    def cfg_parallel_predictions(pred: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) from the two CFG ranks, each of which computed one of them."""
+        import torch.distributed as dist
+
+        both = [torch.empty_like(pred) for _ in range(2)]
+        dist.all_gather(both, pred.contiguous(), group=state.groups["cfg"])
+        TRAFFIC["bytes"] += pred.numel() * pred.element_size()
+        return both[0], both[1]
 
     @staticmethod
     def joined_inputs(cond: dict, uncond: dict, batch: int) -> dict | None:
@@ -148,8 +183,10 @@ class DenoisingStage(PipelineStage):
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
         batch = req.latents.shape[0]
+        state = current()
+        cfg_parallel = state.cfg > 1 and uncond_inputs is not None  # a rank per branch
         joined = self.joined_inputs(cond_inputs, uncond_inputs, batch) \
-            if uncond_inputs is not None and self.cfg_batch else None
+            if uncond_inputs is not None and self.cfg_batch and not cfg_parallel else None
         scale_input = getattr(self.scheduler, "scale_model_input", None) if self.scale_model_input else None
 
         latents = req.latents
@@ -163,7 +200,11 @@ class DenoisingStage(PipelineStage):
             timestep = timestep_input(t, req, self.settings)
             model_input = latent_input(scale_input(latents, t) if scale_input is not None else latents,
                                        req, self.settings)
-            if joined is not None:
+            if cfg_parallel:
+                mine = cond_inputs if state.index("cfg") == 0 else uncond_inputs
+                cond, uncond = self.cfg_parallel_predictions(self.predict(model_input, timestep, mine), state)
+                noise_pred = combine(cond, uncond, req.cfg_scale)
+            elif joined is not None:
                 per_sample = isinstance(timestep, torch.Tensor) and timestep.dim() and timestep.shape[0] == batch
                 both_t = torch.cat([timestep, timestep]) if per_sample else timestep
                 cond, uncond = self.predict(torch.cat([model_input, model_input]), both_t, joined).chunk(2)

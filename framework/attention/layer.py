@@ -18,4 +18,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise DiffstageError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share "
                              "batch, heads and head_dim, and k and v their sequence length")
+    from ..distributed import sequence
+
+    if sequence.active() is not None:  # inside a sequence-parallel model call: each rank has its own tokens
+        return sequence.parallel_attention(q, k, v, mask, backend)
     return get_backend(backend)(q, k, v, mask)

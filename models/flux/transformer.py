@@ -198,6 +198,11 @@ class FluxTransformer(NativeModel):
     arguments FLUX pipelines pass (no ControlNet residuals or joint_attention_kwargs)."""
 
     repeated_blocks = ("transformer_blocks", "single_transformer_blocks")
+    # Sequence parallelism (diffstage.distributed): the image and text tokens and their position ids are split
+    # over the ranks; every op but attention is per token, RoPE comes from each token's own ids, and the joint
+    # attention runs across the ranks. The prediction is gathered along the image tokens.
+    sequence_parallel_plan = {"hidden_states": 1, "encoder_hidden_states": 1, "img_ids": 0, "txt_ids": 0}
+    sequence_parallel_output = 1
 
     def __init__(self, patch_size: int = 1, in_channels: int = 64, out_channels: int | None = None,
                  num_layers: int = 19, num_single_layers: int = 38, attention_head_dim: int = 128,

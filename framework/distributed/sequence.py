@@ -1,0 +1,184 @@
+"""Sequence parallelism: a transformer's token sequence split over processes, attention computed across them.
+
+A native model declares its plan on the class (which inputs are split along which dimension, and along
+which dimension its output is gathered):
+
+    sequence_parallel_plan = {"hidden_states": 1, "encoder_hidden_states": 1, "img_ids": 0, "txt_ids": 0}
+    sequence_parallel_output = 1
+
+The denoising stage splits those inputs (`shard_inputs`), runs the model with `sequence_parallel()`
+active, and gathers the output (`gather_output`). Inside, every diffstage.attention() call sees only its
+rank's tokens and runs across the sequence group:
+
+- Ulysses: an all-to-all trades the sequence split for a head split, every rank attends over the whole
+  sequence for its heads, and a second all-to-all trades back.
+- Ring: each rank keeps its queries, the keys and values travel round the ring, and the partial results
+  are merged with the online-softmax rule (running log-sum-exp).
+- Both (USP): Ulysses inside each group of `ulysses` ranks, Ring across those groups.
+
+Splits need not be even (a rank may hold one token more), so any sequence length works, and there is no
+padding to mask. Per-token work (norms, MLPs, RoPE from each token's own position ids) needs nothing;
+a model whose attention calls take a mask is refused (masks are not split yet)."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DiffstageError
+from .state import ParallelState
+
+_ACTIVE: contextvars.ContextVar[ParallelState | None] = contextvars.ContextVar("diffstage_sequence_parallel",
+                                                                             default=None)
+TRAFFIC = {"bytes": 0}  # bytes this rank sent in sequence-parallel collectives (the benchmark reads it)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one tensor was split: along `dim`, with each rank's length."""
+
+    dim: int
+    lengths: tuple[int, ...]
+
+
+def split_lengths(n: int, parts: int) -> tuple[int, ...]:
+    """torch.tensor_split's sizes: the first n % parts parts get one more."""
+    return tuple(n // parts + (1 if i < n % parts else 0) for i in range(parts))
+
+
+def shard_inputs(kwargs: dict, plan: dict[str, int], state: ParallelState) -> tuple[dict, dict[str, Split]]:
+    """This rank's share of each planned input (the rest unchanged), and how each was split."""
+    index, parts = state.index("sequence"), state.sequence
+    out, splits = dict(kwargs), {}
+    for name, dim in plan.items():
+        value = kwargs.get(name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        lengths = split_lengths(value.shape[dim], parts)
+        if min(lengths) == 0:
+            raise DiffstageError(f"sequence parallelism over {parts} processes needs at least {parts} tokens in "
+                                 f"'{name}', which has {value.shape[dim]}; use fewer processes or a larger image")
+        out[name] = torch.tensor_split(value, parts, dim=dim)[index].contiguous()
+        splits[name] = Split(dim, lengths)
+    return out, splits
+
+
+def gather_output(local: torch.Tensor, dim: int, state: ParallelState) -> torch.Tensor:
+    """The whole output from every rank's share along `dim` (shares may differ by one in length)."""
+    length = torch.tensor([local.shape[dim]], device=local.device)
+    lengths = [torch.zeros_like(length) for _ in range(state.sequence)]
+    dist.all_gather(lengths, length, group=state.groups["sequence"])
+    lengths = [int(n) for n in lengths]
+    pad = list(local.shape)
+    pad[dim] = max(lengths) - local.shape[dim]
+    padded = torch.cat([local, local.new_zeros(pad)], dim=dim) if pad[dim] else local.contiguous()
+    pieces = [torch.empty_like(padded) for _ in range(state.sequence)]
+    dist.all_gather(pieces, padded, group=state.groups["sequence"])
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, lengths)], dim=dim)
+
+
+@contextlib.contextmanager
+def sequence_parallel(state: ParallelState) -> Iterator[None]:
+    """Within this block, diffstage.attention() runs across the sequence group of `state`."""
+    token = _ACTIVE.set(state)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> ParallelState | None:
+    return _ACTIVE.get()
+
+
+def _lengths(n: int, state: ParallelState, mode: str) -> list[int]:
+    """Every member's local sequence length in the `mode` group."""
+    mine = torch.tensor([n])
+    out = [torch.zeros_like(mine) for _ in state.ranks[mode]]
+    dist.all_gather(out, mine, group=state.groups[mode])
+    return [int(x) for x in out]
+
+
+def _ulysses_to_heads(x: torch.Tensor, lengths: list[int], state: ParallelState) -> torch.Tensor:
+    """[B, L_mine, H, D] with the group's sequence split -> [B, sum(L), H / P, D] with the heads split."""
+    p = len(lengths)
+    b, n, h, d = x.shape
+    send = x.reshape(b, n, p, h // p, d).permute(2, 0, 1, 3, 4).contiguous()  # [P, B, L_mine, H/P, D]
+    recv = x.new_empty(b * sum(lengths) * (h // p) * d)
+    chunk = b * (h // p) * d
+    dist.all_to_all_single(recv, send.reshape(-1), output_split_sizes=[chunk * n_j for n_j in lengths],
+                           input_split_sizes=[chunk * n] * p, group=state.groups["ulysses"])
+    TRAFFIC["bytes"] += send.numel() * send.element_size() * (p - 1) // p
+    pieces = torch.split(recv, [chunk * n_j for n_j in lengths])
+    return torch.cat([piece.reshape(b, n_j, h // p, d) for piece, n_j in zip(pieces, lengths)], dim=1)
+
+
+def _ulysses_to_sequence(x: torch.Tensor, lengths: list[int], state: ParallelState) -> torch.Tensor:
+    """The inverse: [B, sum(L), H / P, D] -> [B, L_mine, H, D]."""
+    p = len(lengths)
+    me = state.index("ulysses")
+    b, _, hp, d = x.shape
+    send = torch.cat([piece.reshape(-1) for piece in torch.split(x, lengths, dim=1)])
+    n = lengths[me]
+    recv = x.new_empty(p * b * n * hp * d)
+    dist.all_to_all_single(recv, send, output_split_sizes=[b * n * hp * d] * p,
+                           input_split_sizes=[b * n_j * hp * d for n_j in lengths], group=state.groups["ulysses"])
+    TRAFFIC["bytes"] += send.numel() * send.element_size() * (p - 1) // p
+    return recv.reshape(p, b, n, hp, d).permute(1, 2, 0, 3, 4).reshape(b, n, p * hp, d)
+
+
+def _block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over one key/value block in float32: (output [B, H, Lq, D], log-sum-exp [B, H, Lq, 1])."""
+    qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
+    scores = qh @ kh.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.exp(scores - lse) @ vh, lse
+
+
+def _ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """Ring attention: keys and values go round the ring group; partial results merge by log-sum-exp."""
+    ranks = state.ranks["ring"]
+    p, me = len(ranks), state.index("ring")
+    lengths = _lengths(k.shape[1], state, "ring")
+    kv = torch.stack([k, v]).contiguous()
+    out, lse = _block(q, k, v)
+    for step in range(1, p):
+        source = (me - step) % p  # whose keys arrive now
+        incoming = kv.new_empty((2, kv.shape[1], lengths[source], *kv.shape[3:]))
+        ops = [dist.P2POp(dist.isend, kv, ranks[(me + 1) % p], group=state.groups["ring"]),
+               dist.P2POp(dist.irecv, incoming, ranks[(me - 1) % p], group=state.groups["ring"])]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        TRAFFIC["bytes"] += kv.numel() * kv.element_size()
+        kv = incoming
+        block_out, block_lse = _block(q, kv[0], kv[1])
+        merged = torch.logaddexp(lse, block_lse)
+        out = out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged)
+        lse = merged
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend) -> torch.Tensor:
+    """attention() over the whole sequence of the active group, each rank holding its own tokens."""
+    state = _ACTIVE.get()
+    if mask is not None:
+        raise DiffstageError("sequence parallelism (parallel.ulysses / parallel.ring) does not split attention "
+                             "masks yet; this model's attention takes one: run it with parallel.cfg only")
+    if state.ulysses > 1:
+        if q.shape[2] % state.ulysses:
+            raise DiffstageError(f"parallel.ulysses={state.ulysses} splits the attention heads, but this model "
+                                 f"has {q.shape[2]}; use a degree that divides {q.shape[2]} (or parallel.ring)")
+        lengths = _lengths(q.shape[1], state, "ulysses")
+        q, k, v = (_ulysses_to_heads(t, lengths, state) for t in (q, k, v))
+    if state.ring > 1:
+        out = _ring(q, k, v, state)
+    else:
+        from ..attention.backends import get_backend
+
+        out = get_backend(backend)(q, k, v, None)
+    return _ulysses_to_sequence(out, lengths, state) if state.ulysses > 1 else out

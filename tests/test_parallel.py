@@ -1,0 +1,109 @@
+"""Ulysses, Ring and CFG parallelism on 2 (and 4) gloo processes give the image one process gives."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from test_cli import run
+from diffstage import DiffstageError, build_pipeline
+
+TOL = 1e-4
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+REQUEST = dict(prompt="a red fox", negative_prompt="blurry", true_cfg_scale=4.0, seed=3, num_inference_steps=2)
+SIZES = {"even": dict(height=32, width=32, max_sequence_length=16),  # 4 image tokens, 16 text tokens
+         "odd": dict(height=48, width=48, max_sequence_length=15)}  # 9 and 15: not divisible by 2
+
+
+def launch(checkpoint, out_dir, cases, processes=2, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DIFFSTAGE_DIST_TIMEOUT": "120"}
+    r = subprocess.run([str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}",
+                        str(REPO / "tests" / "parallel_worker.py"), str(checkpoint), str(out_dir), json.dumps(cases)],
+                       capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def reference(checkpoint, size):
+    pipe = build_pipeline("flux", model_path=checkpoint, overrides=["reuse.enabled=false"])
+    return pipe(**REQUEST, **SIZES[size], output_type="np").images
+
+
+def test_two_processes_match_one(tiny_flux_dev, tmp_path):
+    cases = [{"name": f"{mode}-{size}", "parallel": {mode: 2}, "request": {**REQUEST, **SIZES[size]}}
+             for mode in ("ulysses", "ring", "cfg") for size in SIZES]
+    launch(tiny_flux_dev, tmp_path, cases)
+    for size in SIZES:
+        expected = reference(tiny_flux_dev, size)
+        for mode in ("ulysses", "ring", "cfg"):
+            ours = np.load(tmp_path / f"{mode}-{size}.npy")
+            diff = float(np.abs(ours - expected).max())
+            print(f"{mode}=2 {size}: max|Δ| = {diff:.3g}")
+            assert ours.shape == expected.shape and diff <= TOL, (mode, size, diff)
+            assert json.loads((tmp_path / f"{mode}-{size}.json").read_text())["bytes_sent"] > 0  # it communicated
+
+
+def test_four_processes_ulysses_times_ring(tiny_flux_dev, tmp_path):
+    launch(tiny_flux_dev, tmp_path, [{"name": "usp", "parallel": {"ulysses": 2, "ring": 2},
+                                      "request": {**REQUEST, **SIZES["odd"]}}], processes=4)
+    diff = float(np.abs(np.load(tmp_path / "usp.npy") - reference(tiny_flux_dev, "odd")).max())
+    print(f"ulysses=2 x ring=2: max|Δ| = {diff:.3g}")
+    assert diff <= TOL
+
+
+def test_torchrun_cfg_parallel_writes_one_png_equal_to_one_process(tmp_path):
+    """The README's command, on the default digits model."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DIFFSTAGE_DIST_TIMEOUT": "120"}
+    r = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "diffstage", "generate",
+                        "prompt=a handwritten digit three", "parallel.cfg=2", f"hydra.run.dir={tmp_path / 'two'}"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [line for line in r.stdout.splitlines() if line.endswith(".png")] == [str(tmp_path / "two" / "image.png")]
+    one = run("generate", "prompt=a handwritten digit three", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(tmp_path / d / "image.png")) for d in ("two", "one"))
+    assert np.array_equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".hydra", "diffstage.log", "image.png"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["parallel.cfg=2"], "parallel.cfg=2 runs on 2 processes: launch it with torchrun, e.g. torchrun "
+                         "--nproc-per-node=2 -m diffstage generate ... parallel.cfg=2"),
+    (["parallel.ring=0"], "parallel.ring must be a positive integer, got 0"),
+    (["+parallel.tensor=2"], "unknown key 'parallel.tensor'"),
+])
+def test_misconfigurations_without_torchrun(args, message):
+    r = run("generate", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["parallel.ulysses=2", "parallel.ring=2"], "the parallel degrees multiply to 4 (cfg 1 x ulysses 2 x ring 2), "
+                                               "but torchrun started 2 processes"),
+    (["model=pixart_sigma", "parallel.ulysses=2"],
+     "model 'pixart_sigma' needs model_path"),
+])
+def test_misconfigurations_under_torchrun_fail_on_every_rank_without_hanging(args, message, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DIFFSTAGE_DIST_TIMEOUT": "60"}
+    r = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "diffstage", "generate", *args,
+                        f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.count(message) == 2, r.stderr[-3000:]  # each rank says why
+
+
+def test_ulysses_degree_must_divide_the_heads(tiny_flux_dev, monkeypatch):
+    from diffstage.distributed import state
+
+    monkeypatch.setattr(state, "_STATE", state.ParallelState(ulysses=3, rank=0, world_size=3))
+    monkeypatch.setattr(state, "init_parallel", lambda options, device: state._STATE)
+    from diffstage import builder
+
+    monkeypatch.setattr(builder, "init_parallel", lambda options, device: state._STATE)
+    with pytest.raises(DiffstageError, match="parallel.ulysses=3 splits the attention heads, but FluxTransformer "
+                                             "has 2; use a Ulysses degree that divides 2"):
+        build_pipeline("flux", model_path=tiny_flux_dev)
