@@ -107,3 +107,15 @@ def test_ulysses_degree_must_divide_the_heads(tiny_flux_dev, monkeypatch):
     with pytest.raises(DiffstageError, match="parallel.ulysses=3 splits the attention heads, but FluxTransformer "
                                              "has 2; use a Ulysses degree that divides 2"):
         build_pipeline("flux", model_path=tiny_flux_dev)
+
+
+def test_heads_the_ulysses_degree_does_not_divide_fail_on_every_rank(tiny_flux_dev, tmp_path):
+    """Three processes, ulysses=3, a transformer with 2 heads: every rank says so and exits 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DIFFSTAGE_DIST_TIMEOUT": "60"}
+    r = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node=3", "-m", "diffstage", "generate",
+                        "model=flux", f"model_path={tiny_flux_dev}", "parallel.ulysses=3", f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert r.returncode != 0
+    message = "parallel.ulysses=3 splits the attention heads, but FluxTransformer has 2"
+    assert r.stderr.count(message) == 3, r.stderr[-3000:]
+    assert "exitcode  : 2" in r.stderr
