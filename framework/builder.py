@@ -26,7 +26,7 @@ from .kernels import resolve_kernels
 from .models_dir import model_yaml
 from .pipeline import Pipeline, make_request, request_problems
 from .req import FieldSpec, Req
-from .resolve import DEFAULT_ALLOWLIST, given_object, resolve
+from .resolve import DEFAULT_ALLOWLIST, callback_allowlist, given_object, resolve
 from .reuse import DEFAULT_MAX_BYTES, SHARED, StageCache
 from .run_config import check_sampling_keys, plain_run_config
 from .spec import ModelSpec, validate_spec
@@ -138,7 +138,8 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
     stage.declared = planned.contract
     pc = checked.spec.pipeline_config
     group = pc.callbacks.get(planned.cls.callback_group(), {})
-    stage.bind({name: resolve(path, checked.allowlist) for name, path in group.items()}, pc.settings, sources=group)
+    callbacks = callback_allowlist(checked.allowlist)  # not diffusers./transformers./torch. functions
+    stage.bind({name: resolve(path, callbacks) for name, path in group.items()}, pc.settings, sources=group)
     return stage
 
 

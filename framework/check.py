@@ -19,7 +19,7 @@ from .callbacks import declared_reads
 from .errors import DiffstageError, DisallowedPathError, Problem, shown
 from .loader import module_kind
 from .req import Req
-from .resolve import ALLOWLIST_HINT, disallowed, is_allowed, resolve
+from .resolve import ALLOWLIST_HINT, CALLBACK_HINT, callback_allowlist, disallowed, is_allowed, resolve
 from .spec import did_you_mean
 from .stage import Contract, PipelineStage, accepts_positional
 from .yaml_lines import LineMap, format_key
@@ -304,10 +304,11 @@ class _Checker:
         out = []
         for spec in contract.callbacks:
             target = entries.get(spec.name)
-            if not isinstance(target, str) or not is_allowed(target, self.allowlist):
+            callbacks = callback_allowlist(self.allowlist)
+            if not isinstance(target, str) or not is_allowed(target, callbacks):
                 continue  # reported by the callback checks
             try:
-                fn = resolve(target, self.allowlist)
+                fn = resolve(target, callbacks)
             except DiffstageError:
                 continue  # reported by the callback checks
             needed, optional = declared_reads(fn)
@@ -366,6 +367,10 @@ class _Checker:
 
     def _check_callback_target(self, path: tuple, spec, stage_name: str, target: Any) -> None:
         if not isinstance(target, str):
+            return
+        callbacks = callback_allowlist(self.allowlist)
+        if is_allowed(target, self.allowlist) and not is_allowed(target, callbacks):
+            self.add(path, f"{shown(target)} cannot be a callback: {CALLBACK_HINT}")
             return
         fn = self._resolve(path, target, "cannot resolve callback")
         if fn is None:

@@ -44,10 +44,48 @@ def given_object(path: Any) -> Any:
     return _GIVEN.get().get(path) if isinstance(path, str) else None
 
 
+# Reached through an allowed prefix, these load pickles, fetch or run remote code, or write files: no dotted
+# path may name them (nor anything inside them), whatever name it reaches them by (see `resolve`).
+REFUSED = ("torch.hub", "torch.load", "torch.save", "torch.serialization", "torch.jit.load", "torch.jit.save",
+           "torch.package", "torch.utils.model_zoo", "torch.utils.cpp_extension", "torch.distributed.rpc",
+           "torch.multiprocessing", "torch.compiler.load_cache_artifacts", "diffusers.utils.hub_utils",
+           "diffusers.utils.dynamic_modules_utils", "diffusers.utils.loading_utils", "diffusers.utils.export_utils",
+           "transformers.dynamic_module_utils", "transformers.utils.hub", "transformers.pipelines",
+           "diffusers.loaders", "transformers.hf_argparser", "transformers.trainer")
+# ...and, in the libraries, the methods that load or save by themselves (a YAML names classes; the loader
+# calls their from_pretrained, checked)
+REFUSED_NAMES = ("from_pretrained", "from_single_file", "from_config", "save_pretrained", "push_to_hub",
+                 "load_state_dict", "save_config", "load_image", "load_video", "export_to_video", "export_to_gif",
+                 "load_lora_weights", "load_ip_adapter", "load_textual_inversion")
+# Packages that provide classes (modules, schedulers, stages' building blocks), not callbacks.
+LIBRARIES = ("diffusers.", "transformers.", "torch.")
+CALLBACK_HINT = ("callbacks come from diffstage. or your own allowlisted packages; to use a library function, "
+                 "call it from a function of your own")
+
+
+def refusal(path: str) -> str | None:
+    """Why `path` (a dotted path, or the home.qualname it resolved to) is refused outright, or None."""
+    if not isinstance(path, str):
+        return None
+    for bad in REFUSED:
+        if path == bad or path.startswith(bad + "."):
+            return (f"{shown(path)} is refused: {bad} loads pickles, fetches or runs remote code, or writes files, "
+                    "which nothing in a model YAML may do")
+    if _under(path, LIBRARIES) and path.rsplit(".", 1)[-1] in REFUSED_NAMES:
+        return f"{shown(path)} is refused: it loads or saves by itself, which nothing in a model YAML may do"
+    return None
+
+
+def callback_allowlist(allowlist: Iterable[str]) -> tuple[str, ...]:
+    """The prefixes callbacks may come from: the allowlist without the libraries (diffusers., transformers.,
+    torch.), whose functions are building blocks, not callbacks."""
+    return tuple(p for p in allowlist if (p if p.endswith(".") else p + ".") not in LIBRARIES)
+
+
 def is_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> bool:
     if given_object(path) is not None:
         return True
-    if not is_dotted_path(path):
+    if not is_dotted_path(path) or refusal(path):
         return False
     if any(part.startswith("_") for part in path.split(".")):
         return False  # private names and __main__ modules (importing one runs a program)
@@ -70,6 +108,8 @@ def disallowed(path: str, allowlist: Iterable[str]) -> tuple[str, str | None]:
     """(why `path` is refused, a hint or None): not a dotted path at all, or outside the allowlist."""
     if not is_dotted_path(path):
         return f"{shown(path)} is not a dotted Python path (package.module.name, at most {MAX_PATH} characters)", None
+    if refusal(path):
+        return refusal(path), None
     return f"{shown(path)} is outside the import allowlist {list(allowlist)}; refused without importing it", \
         ALLOWLIST_HINT
 
@@ -139,6 +179,10 @@ def resolve(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> Any:
                 raise DiffstageError(f"cannot resolve {shown(path)}: module '{module_name}' has no attribute "
                                      f"'{'.'.join(parts[split:split + i + 1])}'") from None
             home = _home(obj)
+            qualname = getattr(obj, "__qualname__", None)
+            canonical = f"{home}.{qualname}" if home and isinstance(qualname, str) else home
+            if canonical and refusal(canonical):  # an alias of a refused function ('torch.functional.load', ...)
+                raise DisallowedPathError(f"{shown(path)} reaches '{canonical}': {refusal(canonical)}")
             if home is not None and not _under(home + ".", allowlist):
                 where = home if isinstance(obj, types.ModuleType) else f"{home}.{getattr(obj, '__qualname__', attr)}"
                 raise DisallowedPathError(f"{shown(path)} reaches '{where}', which is outside the import allowlist "

@@ -80,11 +80,11 @@ def test_custom_stage_contract_errors(flux_yaml_variant, tmp_path, monkeypatch):
         "        super().__init__(vae)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     path = flux_yaml_variant(("diffstage.stages.DecodingStage", "odd_stages.NeedsThing"),
-                             ("callbacks.unpack", "callbacks.unpack\n      denormalize: torch.float32"))
+                             ("callbacks.unpack", "callbacks.unpack\n      denormalize: diffstage.resolve.MAX_PATH"))
     messages = {p.message: p for p in problems_of(path, allowlist=["odd_stages"])}
     assert messages["missing required argument 'thing'"].stage == "NeedsThing"
     assert messages["reads 'latentz', which is not a Req field"].hint == "did you mean 'latents'?"
-    assert messages["'torch.float32' is not callable"].line == line_of(path, "denormalize: torch.float32")
+    assert messages["'diffstage.resolve.MAX_PATH' is not callable"].line == line_of(path, "denormalize: diffstage")
 
 
 def test_stage_init_failure_points_at_the_stage(flux_yaml_variant, tmp_path, monkeypatch, tiny_flux_dev):

@@ -483,10 +483,12 @@ def test_failures_at_run_time_name_the_stage_or_callback(flux_yaml_variant, tiny
     pipe = build_pipeline(str(path), model_path=tiny_flux_dev, overrides=["sampling.height=32", "sampling.width=32"])
     with pytest.raises(StageError, match=r"^stages\[1\] TextEncodingStage failed: AttributeError: .*no_such_output"):
         pipe("a fox", seed=0, num_inference_steps=1)
-    path = flux_yaml_variant(("mu: diffstage.models.flux.callbacks.mu", "mu: torch.Tensor.tolist"), name="cb.yaml")
+    # a callback of the right arity that does not fit: it takes an image where mu gets the request
+    wrong = "diffstage.models.qwen_image.edit_callbacks.image_size"
+    path = flux_yaml_variant(("mu: diffstage.models.flux.callbacks.mu", f"mu: {wrong}"), name="cb.yaml")
     pipe = build_pipeline(str(path), model_path=tiny_flux_dev, overrides=["sampling.height=32", "sampling.width=32"])
     with pytest.raises(StageError, match=r"^TimestepPreparationStage: callback 'timestep_preparation.mu' "
-                                         r"\(torch.Tensor.tolist\) failed: TypeError"):
+                                         rf"\({wrong}\) failed: AttributeError"):
         pipe("a fox", seed=0, num_inference_steps=1)
 
 
@@ -555,3 +557,39 @@ def test_mp4_without_the_video_extra_says_how_to_get_it(monkeypatch, tmp_path):
     with pytest.raises(OutputError, match=r"writing MP4 needs the `video` extra: pip install 'diffstage\[video\]'"):
         save_mp4(np.zeros((2, 8, 8, 3)), tmp_path / "v.mp4", {})
     assert not list(tmp_path.iterdir())
+
+
+DANGEROUS = ["torch.hub.load", "torch.save", "torch.load",
+             "diffstage.models.flux.transformer.torch.load"]  # torch.load reached through an allowed module
+
+
+@pytest.mark.parametrize("target", DANGEROUS)
+@pytest.mark.parametrize("where", ["callback", "stage", "module"])
+def test_dangerous_callables_are_refused_everywhere(target, where, flux_yaml_variant):
+    """Functions that unpickle, download or write files, under an allowed prefix: refused by validate (exit 2),
+    at the key's line, whether a callback, a stage _target_ or a module _target_ names them."""
+    swaps = {"callback": ("unpack: diffstage.models.flux.callbacks.unpack", f"unpack: {target}"),
+             "stage": ("_target_: diffstage.stages.DecodingStage", f"_target_: {target}"),
+             "module": ("  scheduler:\n", f"  scheduler: {{_target_: {target}}}\n")}
+    old, new = swaps[where]
+    path = flux_yaml_variant((old, new), name=f"{where}.yaml")
+    r = run("validate", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = line_of(path, target)
+    assert f"{path}:{line}:" in r.stderr and "is refused" in r.stderr, r.stderr
+    assert "loads pickles, fetches or runs remote code, or writes files" in r.stderr
+
+
+def test_library_functions_are_not_callbacks(flux_yaml_variant):
+    path = flux_yaml_variant(("mu: diffstage.models.flux.callbacks.mu", "mu: torch.Tensor.tolist"))
+    problems = problems_of(path)
+    assert [p.message for p in problems] == [
+        "'torch.Tensor.tolist' cannot be a callback: callbacks come from diffstage. or your own allowlisted "
+        "packages; to use a library function, call it from a function of your own"]
+
+
+def test_loading_methods_of_library_classes_are_refused(flux_yaml_variant):
+    path = flux_yaml_variant(("_target_: diffstage.stages.DecodingStage",
+                              "_target_: diffusers.AutoencoderKL.from_pretrained"))
+    assert any("'diffusers.AutoencoderKL.from_pretrained' is refused: it loads or saves by itself" in p.message
+               for p in problems_of(path))
