@@ -115,19 +115,17 @@ def _generate_task(cfg):
     from .errors import DiffstageError
     from .sweep import job_result
 
-    if not _in_sweep():
-        try:
-            return _generate_one(cfg)
-        except DiffstageError as e:
-            _fail(e)
     try:
         return _generate_one(cfg)
-    except Exception as e:  # the sweep goes on; a bug still shows its traceback with DIFFSTAGE_DEBUG=1
-        if _debug() and not isinstance(e, DiffstageError):
+    except Exception as e:
+        user_error = isinstance(e, DiffstageError)
+        if not _in_sweep() and user_error:
+            _fail(e)
+        if not _in_sweep() or (_debug() and not user_error):  # a bug shows its traceback
             raise
-        message = f"{type(e).__name__}: {e}" if not isinstance(e, DiffstageError) else str(e)
+        message = str(e) if user_error else f"{type(e).__name__}: {e}"
         print(f"error: {message}", file=sys.stderr, flush=True)
-        return job_result(seed=cfg.get("seed"), error=message)
+        return job_result(seed=cfg.get("seed"), error=message)  # the sweep goes on
 
 
 def _generate_one(cfg):
@@ -179,6 +177,7 @@ def _sheet_task(cfg):
     from .builder import build_from_config, check_model
     from .errors import DiffstageError
     from .sheet import contact_sheet
+    from .sweep import job_result
 
     from .run_config import plain_run_config
 
@@ -206,8 +205,6 @@ def _sheet_task(cfg):
         return
     sheet = contact_sheet(images, labels, columns=len(images) // len(seeds))
     path = _save(sheet, base.name, pipe, "; ".join(p for _, p in entries), ",".join(map(str, seeds)))
-    from .sweep import job_result
-
     return job_result([str(path)], seeds)  # for the report of a sweep (-m)
 
 

@@ -81,9 +81,8 @@ class PipelineBuilder:
             raise SpecError(lines.problems)
         if not isinstance(data, dict):
             raise DiffstageError(f"{file}: a model YAML must be a mapping, got {shown(data)}")
-        builder = cls.__new__(cls)
-        builder.data, builder.allowlist, builder.objects, builder.source = _plain(data), (), {}, file
-        builder.allowlist = tuple([allowlist] if isinstance(allowlist, str) else allowlist)
+        builder = cls(str(data.get("name")), str(data.get("pipeline_name")), allowlist=allowlist)
+        builder.data, builder.source = _plain(data), file
         return builder
 
     @property

@@ -96,7 +96,6 @@ class StageCache:
         self._entries: OrderedDict[Any, tuple[dict[str, Any], int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     def signature(self, stage, req, module_keys: dict[int, str]) -> Any | None:
         """The stage's signature for this request, or None when it must run (not reusable, or an input
@@ -118,10 +117,8 @@ class StageCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                self.misses += 1
                 return None
             self._entries.move_to_end(key)
-            self.hits += 1
             return entry[0]
 
     def put(self, key: Any, outputs: dict[str, Any]) -> None:
@@ -131,16 +128,18 @@ class StageCache:
                 return
             self._entries[key] = (outputs, size)
             self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self._bytes -= dropped
+            self._evict()
 
     def resize(self, max_bytes: int) -> None:
         with self._lock:
             self.max_bytes = max_bytes
-            while self._entries and self._bytes > self.max_bytes:
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self._bytes -= dropped
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries until the cache fits its budget (the lock is held)."""
+        while self._entries and self._bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self._bytes -= dropped
 
     def clear(self) -> None:
         with self._lock:

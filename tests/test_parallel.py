@@ -1,6 +1,7 @@
 """Ulysses, Ring and CFG parallelism on 2 (and 4) gloo processes give the image one process gives."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,46 @@ def test_heads_the_ulysses_degree_does_not_divide_fail_on_every_rank(tiny_flux_d
     message = "parallel.ulysses=3 splits the attention heads, but FluxTransformer has 2"
     assert r.stderr.count(message) == 3, r.stderr[-3000:]
     assert "exitcode  : 2" in r.stderr
+
+
+@pytest.mark.parametrize("options, world, message", [
+    ({"ulysses": 2}, 4, "the parallel degrees multiply to 2 (cfg 1 x ulysses 2 x ring 1), but torchrun started 4 "
+                        "processes; make them match (--nproc-per-node=2, or degrees whose product is 4)"),
+    ({"cfg": 3}, 3, "parallel.cfg is 3: CFG has two branches, so it is 1 or 2"),
+    ({"ring": True}, 1, "parallel.ring must be a positive integer, got True"),
+])
+def test_layout_errors(options, world, message, monkeypatch):
+    from diffstage.distributed import check_layout
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(DiffstageError, match=re.escape(message)):
+        check_layout(options)
+
+
+def test_sequence_parallel_refusals():
+    import torch
+
+    from diffstage.attention import attention
+    from diffstage.distributed import ParallelState, sequence_parallel, shard_inputs
+
+    state = ParallelState(ulysses=2, rank=0, world_size=2, ranks={"sequence": [0, 1]})
+    with pytest.raises(DiffstageError, match="sequence parallelism over 2 processes needs at least 2 tokens in "
+                                             "'hidden_states', which has 1; use fewer processes or a larger image"):
+        shard_inputs({"hidden_states": torch.zeros(1, 1, 4)}, {"hidden_states": 1}, state)
+    q = torch.zeros(1, 2, 2, 4)
+    with sequence_parallel(state), pytest.raises(DiffstageError, match=r"does not split attention masks yet; this "
+                                                                       r"model's attention takes one"):
+        attention(q, q, q, mask=torch.ones(1, 1, 2, 2, dtype=torch.bool))
+
+
+def test_sequence_parallel_needs_a_plan(monkeypatch):
+    import torch
+
+    from diffstage.distributed import ParallelState, state
+    from diffstage.stages import DenoisingStage
+
+    monkeypatch.setattr(state, "_STATE", ParallelState(ring=2, rank=0, world_size=2))
+    with pytest.raises(ValueError, match="parallel.ulysses / parallel.ring split the transformer's sequence, but "
+                                         "Linear declares no sequence_parallel_plan"):
+        DenoisingStage(torch.nn.Linear(2, 2), None)

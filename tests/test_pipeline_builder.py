@@ -170,3 +170,18 @@ def test_a_named_stage_round_trips_and_the_schema_accepts_it(tmp_path):
     bad.write_text(yaml.safe_dump(data))
     assert "a stage name must be a Python identifier, got 'not a name'" in str(
         pytest.raises(SpecError, check_model, bad, allowlist=["test_pipeline_builder"]).value)
+
+
+def test_edit_arguments_are_checked():
+    b = PipelineBuilder.from_yaml("digits")
+    with pytest.raises(DiffstageError, match="set_args cannot set '_target_'; use replace\\(\\) for another class"):
+        b.set_args("decoding", _target_="x.Y")
+    with pytest.raises(DiffstageError, match=r"set\(stages=...\): use the builder's methods for stages"):
+        b.set(stages=[])
+    with pytest.raises(DiffstageError, match="set_callback: the callback group must be an identifier, got 'de-noising'"):
+        b.set_callback("de-noising", "mu", "diffstage.models.flux.callbacks.mu")
+    with pytest.raises(DiffstageError, match="a callback must be callable or a dotted path, got 42"):
+        b.set_callback("denoising", "combine_cfg", 42)
+    with pytest.raises(DiffstageError, match="a stage name must be a Python identifier, got 'not a name'"):
+        b.append(DecodingStage, name="not a name")
+    assert b.stage_names() == DIGITS_STAGES  # nothing was changed by the refused edits
