@@ -28,6 +28,7 @@ from .pipeline import Pipeline, make_request, request_problems
 from .req import FieldSpec, Req
 from .resolve import DEFAULT_ALLOWLIST, callback_allowlist, given_object, resolve
 from .reuse import DEFAULT_MAX_BYTES, SHARED, StageCache
+from .step_cache import StepCache, make_step_cache
 from .run_config import check_sampling_keys, plain_run_config
 from .spec import ModelSpec, validate_spec
 from .stage import PipelineStage
@@ -183,6 +184,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     if not model_path:
         hint = f" (the YAML suggests: {', '.join(spec.hf_model_paths)})" if spec.hf_model_paths else ""
         raise DiffstageError(f"model '{spec.name}' needs model_path=DIR_OR_REPO_ID{hint}")
+    step_cache = make_step_cache(plain.get("cache"), spec.step_cache)  # settings checked before weights load
     runtime = plain.get("runtime") or {}
     dtype = parse_dtype(runtime.get("dtype", "float32"))
     device = parse_device(runtime.get("device", "cpu"))
@@ -193,6 +195,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
                                   allowlist=checked.allowlist, execution=execution_options(plain, spec, device),
                                   keys=keys)
     stages = [early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
+    attach_step_cache(stages, step_cache, checked)
     run_config = {k: v for k, v in plain.items() if k != "hydra"}
     pipeline = Pipeline(spec, stages, modules, defaults=defaults, source=str(checked.file),
                         config={"run": run_config, "model": checked.data}, checkpoint=str(model_path), device=device,
@@ -200,6 +203,22 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     pipeline.module_keys = {id(module): keys[name] for name, module in modules.items()}
     pipeline.reuse = reuse_cache(plain.get("reuse") or {})
     return pipeline
+
+
+def attach_step_cache(stages: list, cache: StepCache | None, checked: CheckedModel) -> None:
+    """Give the step cache to the stages that take one (each DenoisingStage gets its own copy)."""
+    if cache is None:
+        return
+    takers = [(i, s) for i, s in enumerate(stages) if hasattr(s, "set_step_cache")]
+    if not takers:
+        raise DiffstageError(f"cache={cache.kind}: model '{checked.spec.name}' has no stage that takes a step cache "
+                             "(DenoisingStage does); use cache=none")
+    for i, stage in takers:
+        try:
+            stage.set_step_cache(copy.deepcopy(cache))
+        except ValueError as e:
+            file, line = checked.lines.where(("stages", i))
+            raise DiffstageError(f"{file}:{line}: stages[{i}] {type(stage).__name__}: {e}") from None
 
 
 def reuse_cache(options: dict[str, Any]) -> StageCache | None:

@@ -148,15 +148,29 @@ def _generate_one(cfg):
     out = pipe(**request)
     from .distributed import is_main_process
 
+    _log_reports(out.reports)
     if not is_main_process():  # with torchrun, rank 0 writes the files and prints their paths
-        return job_result([], out.req.seed, out.timings, out.reused)
+        return job_result([], out.req.seed, out.timings, out.reused, reports=out.reports)
     paths = []
     for i, item in enumerate(out.images):
         # a video from a pipeline whose YAML says image (the Diffusers fallback runs any pipeline) is still an MP4
         name = base.with_suffix(".mp4") if isinstance(item, list) and base.suffix == ".png" else base
         paths.append(_save(item, name.name if i == 0 else f"{name.stem}_{i}{name.suffix}", pipe, str(cfg.prompt),
                            out.req.seed))
-    return job_result([str(p) for p in paths], out.req.seed, out.timings, out.reused)
+    return job_result([str(p) for p in paths], out.req.seed, out.timings, out.reused, reports=out.reports)
+
+
+def _log_reports(reports: dict) -> None:
+    """One line per step cache: how many transformer calls it spared."""
+    import logging
+
+    for label, report in reports.items():
+        stats = report.get("step_cache")
+        if stats:
+            total = stats["computed"] + stats["cached"]
+            logging.getLogger("diffstage").info(
+                "%s: step cache %s (threshold %g): %d of %d transformer calls taken from the cache", label,
+                stats["kind"], stats["threshold"], stats["cached"], total)
 
 
 def _sheet_entries(plain: dict, examples) -> list[tuple[str, str]]:

@@ -47,6 +47,7 @@ class PipelineOutput:
     peak_memory: dict[str, int] = field(default_factory=dict)  # stage label -> bytes (CUDA only)
     req: Req | None = None
     reused: list[str] = field(default_factory=list)  # labels of the stages whose outputs came from the reuse cache
+    reports: dict[str, dict] = field(default_factory=dict)  # stage label -> its report() (step cache counts)
 
     @property
     def frames(self) -> Any:
@@ -143,7 +144,10 @@ class Pipeline:
                 torch.cuda.synchronize()
                 memory[label] = torch.cuda.max_memory_allocated()
             timings[label] = time.perf_counter() - start
-        return PipelineOutput(images=req.output, timings=timings, peak_memory=memory, req=req, reused=reused)
+        reports = {label: r for label, stage in zip(self.stage_labels(), self.stages)
+                   if label not in reused and (r := stage.report()) is not None}
+        return PipelineOutput(images=req.output, timings=timings, peak_memory=memory, req=req, reused=reused,
+                              reports=reports)
 
     def graph(self) -> list[tuple[str, str, str]]:
         """Data-flow edges (producer, consumer, field) derived from declared reads/writes."""

@@ -10,9 +10,10 @@ from typing import Any
 from .errors import DiffstageError, shown
 from .req import Req
 from .spec import did_you_mean
+from .step_cache import settings_problems
 
 TOP_LEVEL = ("model", "model_path", "prompt", "seed", "image", "sampling", "runtime", "attention", "allowlist",
-             "allow_pickle", "output", "reuse", "parallel", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
+             "allow_pickle", "output", "reuse", "parallel", "cache", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
 RUNTIME = ("device", "dtype", "kernels", "compile", "matmul_dtype")
 ATTENTION = ("backend",)
 OUTPUT = ("filename",)
@@ -47,6 +48,10 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
             continue
         if known is not None:  # sampling keys are checked against the model's request fields
             problems += _unknown(section, known, f"{name}.")
+    if isinstance(cfg.get("cache"), dict):
+        problems += settings_problems(cfg["cache"], "cache")
+    elif cfg.get("cache") is not None:
+        problems.append(f"'cache' must be a mapping (cache=none|first_block|teacache), got {shown(cfg['cache'])}")
     runtime = cfg.get("runtime") if isinstance(cfg.get("runtime"), dict) else {}
     reuse = cfg.get("reuse") if isinstance(cfg.get("reuse"), dict) else {}
     for key, value in (("allow_pickle", cfg.get("allow_pickle", False)), ("runtime.compile", runtime.get("compile", False)),

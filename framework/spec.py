@@ -111,11 +111,31 @@ class ModelSpec(_Strict):
     attention: str | None = Field(
         None, description="attention backend for this model's native modules; `attention=NAME` on the command "
                           "line wins; default: sdpa")
+    step_cache: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="settings per step cache kind (first_block, teacache) for this model, "
+                                          "under the run's `cache.*`; the run's `cache=KIND` turns one on")
     pipeline_config: PipelineConfigSpec = Field(default_factory=PipelineConfigSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     request_fields: dict[str, RequestFieldSpec] = Field(
         default_factory=dict, description="extra request fields this model takes, by name")
     stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("step_cache")
+    @classmethod
+    def _step_cache_settings(cls, value: dict) -> dict:
+        from .step_cache import KINDS, settings_problems
+
+        problems = []
+        for kind, settings in value.items():
+            if kind not in KINDS[1:]:
+                problems.append(f"unknown step cache kind {shown(kind)}; known: {', '.join(KINDS[1:])}")
+            elif "kind" in settings:
+                problems.append(f"step_cache.{kind}: 'kind' is the section's name; drop the key")
+            else:
+                problems += settings_problems(settings, f"step_cache.{kind}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @field_validator("request_fields")
     @classmethod

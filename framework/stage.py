@@ -196,6 +196,11 @@ class PipelineStage:
         refuses a request whose stages' estimates add up to more than is free (default: nothing)."""
         return {}
 
+    def report(self) -> dict[str, Any] | None:
+        """What this stage has to say about its last run beside the timings (DenoisingStage: the step
+        cache's counts); collected into PipelineOutput.reports (default: nothing)."""
+        return None
+
     def __call__(self, req: Req) -> Req:
         name = type(self).__name__
         for f in self.required_reads():

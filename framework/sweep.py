@@ -37,10 +37,11 @@ STATE = SweepState()
 
 
 def job_result(images: list[str] | None = None, seed: Any = None, timings: dict | None = None,
-               reused: list[str] | None = None, error: str | None = None) -> dict[str, Any]:
+               reused: list[str] | None = None, error: str | None = None,
+               reports: dict | None = None) -> dict[str, Any]:
     """What a sweep job returns to the report (the task function's return value)."""
     return {"seed": seed, "images": list(images or []), "timings": dict(timings or {}),
-            "reused": list(reused or []), "error": error}
+            "reused": list(reused or []), "reports": dict(reports or {}), "error": error}
 
 
 def varying(rows: list[dict[str, Any]]) -> list[str]:

@@ -12,6 +12,7 @@ from diffstage.distributed.sequence import TRAFFIC
 from diffstage.errors import RequestError
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
+from diffstage.step_cache import StepCache
 
 # Signature of a step hook: hook(stage, req, step_index, t, noise_pred) -> noise_pred | None.
 # Hooks run after the model call and before the scheduler step; step caches plug in here.
@@ -32,6 +33,9 @@ class DenoisingStage(PipelineStage):
         scale_model_input: call the scheduler's `scale_model_input` on the model's
             input when it has one (Euler, DPM: as Diffusers' UNet pipelines do).
         progress: show a tqdm progress bar.
+
+    A step cache (`set_step_cache`, or `cache=...` in the run config) lets the transformer skip its
+    blocks on steps where its input barely changed; `report()` counts the calls computed and cached.
 
     The noise is scaled by the scheduler's `init_noise_sigma` first (1 for flow matching).
     """
@@ -71,7 +75,22 @@ class DenoisingStage(PipelineStage):
         self.scale_model_input = scale_model_input
         self.progress = progress
         self.step_hooks: list[StepHook] = []
+        self.step_cache: StepCache | None = None
+        self.last_cache_stats: dict | None = None
         self._check_parallel()
+
+    def set_step_cache(self, cache: StepCache | None) -> None:
+        """Run with `cache` (None: without). The transformer must support step caches."""
+        if cache is not None and not hasattr(self.transformer, "step_cache"):
+            name = type(self.transformer).__name__
+            raise ValueError(f"cache={cache.kind}: {name} does not support step caches (diffstage's native "
+                             "transformers that do have a `step_cache` attribute and route their blocks through "
+                             "it); use cache=none")
+        self.step_cache = cache
+
+    def report(self) -> dict | None:
+        """The step cache's counts for the last run: model calls computed and taken from the cache."""
+        return {"step_cache": self.last_cache_stats} if self.last_cache_stats is not None else None
 
     def _check_parallel(self) -> None:
         """Sequence parallelism needs a transformer that says how to split its inputs (a native model's plan)."""
@@ -175,10 +194,6 @@ class DenoisingStage(PipelineStage):
         model_inputs = self.callback("model_inputs")
         cond_inputs = model_inputs(req, self.settings, self.transformer, False)
         uncond_inputs = model_inputs(req, self.settings, self.transformer, True) if req.do_cfg else None
-        timestep_input = self.callback("timestep_input")
-        latent_input = self.callback("latent_input")
-        combine = self.callback("combine_cfg")
-        postprocess = self.callback("postprocess_prediction")
         step_kwargs = self.callback("step_kwargs")(req, self.settings, self.scheduler)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
@@ -187,12 +202,33 @@ class DenoisingStage(PipelineStage):
         cfg_parallel = state.cfg > 1 and uncond_inputs is not None  # a rank per branch
         joined = self.joined_inputs(cond_inputs, uncond_inputs, batch) \
             if uncond_inputs is not None and self.cfg_batch and not cfg_parallel else None
-        scale_input = getattr(self.scheduler, "scale_model_input", None) if self.scale_model_input else None
 
         latents = req.latents
         init_sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
         if not (isinstance(init_sigma, (int, float)) and init_sigma == 1.0):  # Euler, DPM: noise at the top sigma
             latents = latents * init_sigma
+        cache = self.step_cache
+        self.last_cache_stats = None
+        if cache is not None:
+            cache.begin(len(req.timesteps))
+            self.transformer.step_cache = cache
+        try:
+            latents = self._loop(req, latents, cond_inputs, uncond_inputs, joined, cfg_parallel, batch, step_kwargs)
+        finally:
+            if cache is not None:
+                self.transformer.step_cache = None
+                self.last_cache_stats = cache.stats()
+        req.latents = latents
+        return req
+
+    def _loop(self, req, latents, cond_inputs, uncond_inputs, joined, cfg_parallel, batch, step_kwargs):
+        timestep_input = self.callback("timestep_input")
+        latent_input = self.callback("latent_input")
+        combine = self.callback("combine_cfg")
+        postprocess = self.callback("postprocess_prediction")
+        scale_input = getattr(self.scheduler, "scale_model_input", None) if self.scale_model_input else None
+        state, cache = current(), self.step_cache
+        branch = (lambda i, name: cache.at(i, name)) if cache is not None else (lambda i, name: None)
         # disable=None: no bar when stderr is not a terminal (logs, CI, subprocesses)
         bar = tqdm(req.timesteps, disable=None if self.progress else True, desc="denoising", leave=False)
         for i, t in enumerate(bar):
@@ -201,17 +237,22 @@ class DenoisingStage(PipelineStage):
             model_input = latent_input(scale_input(latents, t) if scale_input is not None else latents,
                                        req, self.settings)
             if cfg_parallel:
-                mine = cond_inputs if state.index("cfg") == 0 else uncond_inputs
+                first = state.index("cfg") == 0
+                branch(i, "cond" if first else "uncond")
+                mine = cond_inputs if first else uncond_inputs
                 cond, uncond = self.cfg_parallel_predictions(self.predict(model_input, timestep, mine), state)
                 noise_pred = combine(cond, uncond, req.cfg_scale)
             elif joined is not None:
                 per_sample = isinstance(timestep, torch.Tensor) and timestep.dim() and timestep.shape[0] == batch
                 both_t = torch.cat([timestep, timestep]) if per_sample else timestep
+                branch(i, "both")
                 cond, uncond = self.predict(torch.cat([model_input, model_input]), both_t, joined).chunk(2)
                 noise_pred = combine(cond, uncond, req.cfg_scale)
             else:
+                branch(i, "cond")
                 noise_pred = self.predict(model_input, timestep, cond_inputs)
                 if uncond_inputs is not None:
+                    branch(i, "uncond")
                     uncond = self.predict(model_input, timestep, uncond_inputs)
                     noise_pred = combine(noise_pred, uncond, req.cfg_scale)
             noise_pred = postprocess(noise_pred, req, self.settings)
@@ -224,5 +265,4 @@ class DenoisingStage(PipelineStage):
                 raise RequestError(f"{type(self).__name__}: the latents became NaN or infinite at step {i + 1} of "
                                    f"{len(req.timesteps)} (timestep {float(t):g}); the model diverged: try a lower "
                                    "guidance scale, float32 (runtime.dtype), or another seed")
-        req.latents = latents
-        return req
+        return latents

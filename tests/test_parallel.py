@@ -55,6 +55,26 @@ def test_four_processes_ulysses_times_ring(tiny_flux_dev, tmp_path):
     assert diff <= TOL
 
 
+def test_step_caches_take_one_decision_on_every_rank(tiny_flux_dev, tmp_path):
+    """With cache=..., the change is summed over the ranks: both ranks skip the same steps, and the image is
+    the one process's cached image (CFG parallel: that of the batched branches, measured over both)."""
+    caches = {"teacache": ["cache=teacache", "cache.threshold=0.2"],
+              "first_block": ["cache=first_block", "cache.threshold=0.3"]}
+    request = {**REQUEST, **SIZES["odd"], "num_inference_steps": 8}
+    cases = [{"name": f"{mode}-{kind}", "parallel": {mode: 2}, "overrides": overrides, "request": request}
+             for mode in ("ulysses", "cfg") for kind, overrides in caches.items()]
+    launch(tiny_flux_dev, tmp_path, cases)
+    for kind, overrides in caches.items():
+        one = build_pipeline("flux", model_path=tiny_flux_dev, overrides=["reuse.enabled=false", *overrides])
+        out = one(**request, output_type="np")
+        for mode in ("ulysses", "cfg"):
+            reports = [json.loads((tmp_path / f"{mode}-{kind}-rank{r}-reports.json").read_text()) for r in (0, 1)]
+            diff = float(np.abs(np.load(tmp_path / f"{mode}-{kind}.npy") - out.images).max())
+            print(f"{mode}=2 cache={kind}: {reports[0]}, max|Δ| vs one process = {diff:.3g}")
+            assert reports[0] == reports[1] == out.reports
+            assert out.reports["4:DenoisingStage"]["step_cache"]["cached"] > 0 and diff <= TOL
+
+
 def test_torchrun_cfg_parallel_writes_one_png_equal_to_one_process(tmp_path):
     """The README's command, on the default digits model."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DIFFSTAGE_DIST_TIMEOUT": "120"}

@@ -203,6 +203,7 @@ class FluxTransformer(NativeModel):
     # attention runs across the ranks. The prediction is gathered along the image tokens.
     sequence_parallel_plan = {"hidden_states": 1, "encoder_hidden_states": 1, "img_ids": 0, "txt_ids": 0}
     sequence_parallel_output = 1
+    step_cache = None  # a diffstage.step_cache.StepCache while DenoisingStage runs with one
 
     def __init__(self, patch_size: int = 1, in_channels: int = 64, out_channels: int | None = None,
                  num_layers: int = 19, num_single_layers: int = 38, attention_head_dim: int = 128,
@@ -243,10 +244,29 @@ class FluxTransformer(NativeModel):
         txt = self.context_embedder(encoder_hidden_states)
         rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)
 
-        for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, rope, ops, backend)
-        x = torch.cat([txt, img], dim=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, temb, rope, ops, backend)
-        out = self.proj_out(self.norm_out(x[:, txt.shape[1]:], temb, ops))
+        blocks = len(self.transformer_blocks) + len(self.single_transformer_blocks)
+        if self.step_cache is None:
+            img, txt = self.run_blocks(img, txt, 0, blocks, temb, rope)
+        else:  # the cache may add a remembered residual instead of running (most of) the blocks
+            img, txt = self.step_cache(lambda h, c, start, stop: self.run_blocks(h, c, start, stop, temb, rope),
+                                       img, txt, blocks, probe=lambda x=img: self.cache_probe(x, temb))
+        out = self.proj_out(self.norm_out(img, temb, ops))
         return {"sample": out} if return_dict else (out,)
+
+    def run_blocks(self, img, txt, start: int, stop: int, temb, rope):
+        """Blocks [start, stop) of the double-stream blocks followed by the single-stream ones."""
+        ops, backend, doubles = self.ops, self.attention_backend, len(self.transformer_blocks)
+        for block in self.transformer_blocks[start:stop]:
+            img, txt = block(img, txt, temb, rope, ops, backend)
+        if stop > doubles:
+            x = torch.cat([txt, img], dim=1)
+            for block in self.single_transformer_blocks[max(start - doubles, 0):stop - doubles]:
+                x = block(x, temb, rope, ops, backend)
+            txt, img = x[:, :txt.shape[1]], x[:, txt.shape[1]:]
+        return img, txt
+
+    def cache_probe(self, img, temb):
+        """TeaCache's measure: the first block's modulated image input."""
+        first = self.transformer_blocks[0] if len(self.transformer_blocks) else self.single_transformer_blocks[0]
+        mod = first.norm1(temb) if isinstance(first, DoubleStreamBlock) else first.norm(temb)
+        return self.ops.modulate(img, mod[0], mod[1])
