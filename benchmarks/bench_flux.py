@@ -27,12 +27,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a red fox in the snow"
 # name -> (library, dtype, diffstage overrides)
+F32 = ["runtime.matmul_dtype=null", "runtime.compile=false"]  # float32 throughout, whatever `auto` would pick
 VARIANTS = {
     "diffusers": ("diffusers", torch.float32, None),            # the baseline
     "diffusers_bf16": ("diffusers", torch.bfloat16, None),      # Diffusers' own low-precision option
-    "diffstage": ("diffstage", torch.float32, []),              # native transformer, sdpa, reference kernels
-    "diffstage_compiled_kernels": ("diffstage", torch.float32, ["runtime.kernels=compiled"]),
-    "diffstage_bf16_matmul": ("diffstage", torch.float32, ["runtime.matmul_dtype=bfloat16"]),
+    "diffstage": ("diffstage", torch.float32, F32),             # native transformer, sdpa, reference kernels
+    "diffstage_default": ("diffstage", torch.float32, []),      # runtime auto: what a plain run gets here
+    "diffstage_compiled_kernels": ("diffstage", torch.float32, [*F32, "runtime.kernels=compiled"]),
+    "diffstage_compile": ("diffstage", torch.float32, ["runtime.matmul_dtype=null", "runtime.compile=true"]),
+    "diffstage_teacache": ("diffstage", torch.float32, [*F32, "cache=teacache"]),  # flux.yaml's threshold
+    "diffstage_bf16_matmul": ("diffstage", torch.float32, ["runtime.matmul_dtype=bfloat16", "runtime.compile=false"]),
     "diffstage_bf16_matmul_compile": ("diffstage", torch.float32,
                                       ["runtime.matmul_dtype=bfloat16", "runtime.compile=true"]),
 }
@@ -106,12 +110,12 @@ def measure_memory(args) -> None:
     print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
 
 
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+def linear_dtype(pipe) -> str:
+    from diffstage.native import Linear
+
+    module = pipe.transformer if hasattr(pipe, "transformer") else pipe.modules["transformer"]
+    return ",".join(sorted({str(m.weight.dtype)[6:] for m in module.modules()
+                            if isinstance(m, (Linear, torch.nn.Linear))}))
 
 
 def main(argv=None) -> None:
@@ -132,6 +136,7 @@ def main(argv=None) -> None:
     if args.memory_of:
         return measure_memory(args)
 
+    from diffstage.hardware import cpu_info
     from diffstage.models.flux.tiny import build_tiny_flux
 
     build_tiny_flux(args.ckpt, variant="dev", size="bench")
@@ -178,6 +183,7 @@ def main(argv=None) -> None:
             "wall_s_all": [round(x, 4) for x in runs[name]["wall"]],
             "speedup_vs_diffusers": round(base / wall, 3),
             "warmup_s": round(warmup[name], 2),
+            "linear_weights": linear_dtype(pipes[name]),  # what runtime auto (or the overrides) chose
             "denoise_step_s": round(step, 4),
             "transformer_per_step_s": round(step_tr, 4),
             "other_per_step_s": round(other, 5),
@@ -194,7 +200,7 @@ def main(argv=None) -> None:
         "benchmark": "FLUX.1 [dev] architecture, random weights ('bench' size), end to end, one image",
         "settings": {"size": args.size, "steps": args.steps, "max_sequence_length": args.text_len,
                      "reps": args.reps, "seed": args.seed, "prompt": PROMPT},
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
+        "machine": {**cpu_info(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "device": "cpu"},
         "results": results,

@@ -144,28 +144,32 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
     return stage
 
 
-def execution_options(cfg: dict, spec: ModelSpec, device: torch.device) -> dict[str, Any]:
+def execution_options(cfg: dict, spec: ModelSpec, device: torch.device, planned_images: int | None = 1) -> dict[str, Any]:
     """How native modules run: attention backend (command line, else model YAML, else sdpa),
-    kernels, regional compilation and matmul dtype; checked here so a typo fails before weights load."""
+    kernels, regional compilation and matmul dtype; checked here so a typo fails before weights load.
+    `auto` compile and matmul dtype are decided per model when it loads (NativeModel.resolve_runtime);
+    `planned_images` (how many images this run will make; None: several, a sweep) informs the compile choice."""
     runtime = cfg.get("runtime") or {}
     backend = (cfg.get("attention") or {}).get("backend") or spec.attention or DEFAULT_BACKEND
     get_backend(backend)
     kernels = str(runtime.get("kernels") or "auto")
     resolve_kernels(kernels, device)
     matmul_dtype = runtime.get("matmul_dtype")
-    if matmul_dtype is not None:
+    if matmul_dtype not in (None, "auto"):
         parse_dtype(matmul_dtype)
     return {"attention": backend, "kernels": kernels, "compile": runtime.get("compile", False),
-            "matmul_dtype": matmul_dtype}
+            "matmul_dtype": matmul_dtype, "planned_images": planned_images}
 
 
 def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = None,
-                      checked: CheckedModel | None = None) -> Pipeline:
+                      checked: CheckedModel | None = None, planned_images: int | None = 1) -> Pipeline:
     """Build a Pipeline from a composed run config (see conf/config.yaml).
 
     With `request` (the arguments the pipeline will be called with), stages that need
     no weights check it first, so a request out of range fails before anything loads.
-    `checked` passes a check_model() result for cfg.model the caller already has."""
+    `checked` passes a check_model() result for cfg.model the caller already has.
+    `planned_images`: how many images the caller will make (None: several, count unknown), for
+    `runtime.compile=auto`."""
     plain = plain_run_config(cfg)
     checked = checked or check_model(plain["model"], allowlist=plain.get("allowlist") or ())
     spec = checked.spec
@@ -192,7 +196,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     keys: dict[str, str] = {}
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
                                   allow_pickle=plain.get("allow_pickle", False),
-                                  allowlist=checked.allowlist, execution=execution_options(plain, spec, device),
+                                  allowlist=checked.allowlist, execution=execution_options(plain, spec, device, planned_images),
                                   keys=keys)
     stages = [early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
     attach_step_cache(stages, step_cache, checked)

@@ -144,7 +144,8 @@ def _generate_one(cfg):
             raise DiffstageError(f"model '{checked.spec.name}' takes no input image (its YAML declares no "
                                  "`image` request field); drop image=...")
         request["image"] = plain["image"]
-    pipe = build_from_config(cfg, request=request, checked=checked)
+    # a sweep makes many images in this process (the modules, compiled or not, are shared by its jobs)
+    pipe = build_from_config(cfg, request=request, checked=checked, planned_images=None if _in_sweep() else 1)
     out = pipe(**request)
     from .distributed import is_main_process
 
@@ -205,7 +206,8 @@ def _sheet_task(cfg):
                                  "(use diffstage generate)")
         entries = _sheet_entries(plain, checked.spec.examples)
         seeds = plain.get("seeds") or [cfg.seed]
-        pipe = build_from_config(cfg, request={"prompt": [p for _, p in entries], "seed": seeds[0]}, checked=checked)
+        pipe = build_from_config(cfg, request={"prompt": [p for _, p in entries], "seed": seeds[0]}, checked=checked,
+                                 planned_images=len(entries) * len(seeds))
         images, labels = [], []
         for seed in seeds:
             for label, prompt in entries:

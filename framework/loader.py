@@ -209,6 +209,14 @@ def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, 
     return module
 
 
+def _runtime_for(cls: type, folder: Path, execution: dict[str, Any], dtype: torch.dtype, device) -> dict[str, Any]:
+    """The module's runtime options with `auto` choices made (native models decide them from their config)."""
+    if hasattr(cls, "resolve_runtime") and folder.is_dir():
+        return cls.resolve_runtime(folder, execution, dtype, torch.device(device))
+    return {k: (None if v == "auto" and k == "matmul_dtype" else False if v == "auto" and k == "compile" else v)
+            for k, v in execution.items() if k != "planned_images"}
+
+
 def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu", allow_pickle: bool = False,
                  allowlist: Iterable[str] = DEFAULT_ALLOWLIST,
@@ -236,9 +244,16 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         mdtype = parse_dtype(spec.module_spec(name).dtype or dtype)
         is_torch = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
         configurable = execution is not None and hasattr(cls, "configure_runtime")
+        try:
+            options = _runtime_for(cls, root / sub, execution, mdtype, device) if configurable else None
+        except DiffstageError:
+            raise
+        except Exception as e:  # the config does not build the model: the load below would say the same
+            raise LoadError(f"module '{name}': {cls.__name__} cannot be built from '{root / sub / 'config.json'}': "
+                            f"{type(e).__name__}: {e}") from None
         key = CacheKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
                        str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
-                       repr(sorted(execution.items())) if configurable else "-")
+                       repr(sorted(options.items())) if configurable else "-")
         if keys is not None:
             keys[name] = repr(key)
         if key in _CACHE:
@@ -251,7 +266,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         check_module_folder(folder)
         check_safetensors(folder, name, allow_pickle)
         try:
-            module = _from_pretrained(cls, root, sub, mdtype, allow_pickle, execution)
+            module = _from_pretrained(cls, root, sub, mdtype, allow_pickle, options)
         except DiffstageError:
             raise
         except Exception as e:  # corrupt weights, config/weight mismatch, wrong class: all about the files
@@ -261,7 +276,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         if is_torch:
             module = module.to(device).eval().requires_grad_(False)
         if configurable:
-            module.configure_runtime(**execution)
+            module.configure_runtime(**options)
         load_count += 1
         log.info("loaded %s (%s) from %s", name, cls.__name__, folder)
         _CACHE[key] = module

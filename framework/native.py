@@ -163,6 +163,38 @@ class NativeModel(torch.nn.Module):
         model.load_strict(state, source=str(folder))
         return model
 
+    @classmethod
+    def linear_parameters(cls, folder: str | Path) -> int:
+        """How many weights the model's Linear layers hold, from its config alone (built on the meta device)."""
+        config = read_json_object(Path(folder) / "config.json")
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        with torch.device("meta"):
+            model = cls(**{k: v for k, v in config.items() if k in accepted})
+        return sum(p.numel() for m in model.modules() if isinstance(m, Linear) for p in m.parameters())
+
+    @classmethod
+    def resolve_runtime(cls, folder: str | Path, execution: dict[str, Any], dtype: torch.dtype,
+                        device: torch.device) -> dict[str, Any]:
+        """`execution` with `auto` matmul_dtype and compile decided for this model and machine (see
+        diffstage.hardware), logged in one line; `planned_images` (how many images the run will make, None:
+        several) informs the compile choice and is dropped."""
+        from .hardware import auto_compile, auto_matmul_dtype
+
+        resolved = {k: v for k, v in execution.items() if k != "planned_images"}
+        if resolved.get("matmul_dtype") != "auto" and resolved.get("compile") != "auto":
+            return resolved
+        params = cls.linear_parameters(folder)
+        reasons = []
+        if resolved.get("matmul_dtype") == "auto":
+            choice, why = auto_matmul_dtype(dtype, device, params)
+            resolved["matmul_dtype"] = str(choice)[6:] if choice is not None else None
+            reasons.append(f"matmul_dtype={resolved['matmul_dtype'] or str(dtype)[6:]} ({why})")
+        if resolved.get("compile") == "auto":
+            resolved["compile"], why = auto_compile(execution.get("planned_images", 1), params)
+            reasons.append(f"compile={str(resolved['compile']).lower()} ({why})")
+        log.info("%s: runtime auto chose %s", cls.__name__, "; ".join(reasons))
+        return resolved
+
     def load_strict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load every parameter from `state`, refusing missing, unexpected or misshapen tensors."""
         own = self.state_dict(keep_vars=True)

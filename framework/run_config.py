@@ -56,8 +56,9 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
     reuse = cfg.get("reuse") if isinstance(cfg.get("reuse"), dict) else {}
     for key, value in (("allow_pickle", cfg.get("allow_pickle", False)), ("runtime.compile", runtime.get("compile", False)),
                        ("reuse.enabled", reuse.get("enabled", True))):
-        if not isinstance(value, bool):
-            problems.append(f"{key} must be true or false, got {shown(value)} ({type(value).__name__})")
+        if not isinstance(value, bool) and not (key == "runtime.compile" and value == "auto"):
+            also = " (or auto)" if key == "runtime.compile" else ""
+            problems.append(f"{key} must be true or false{also}, got {shown(value)} ({type(value).__name__})")
     max_mb = reuse.get("max_mb", 0)
     if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not 0 <= max_mb <= 2 ** 40:
         problems.append(f"reuse.max_mb must be a number of megabytes in [0, 2**40], got {shown(max_mb)}")

@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 os.environ.setdefault("TQDM_DISABLE", "1")
 # Triton kernels run through the interpreter on the CPU; read when triton.jit decorates them.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# runtime.matmul_dtype=auto picks bf16 for large models on CPUs with native bf16: the tests compare float32
+# runs with Diffusers on every machine alike, so they pin the detection (tests/test_runtime_auto.py sets it).
+os.environ["DIFFSTAGE_NATIVE_BF16"] = "0"
 
 REPO = Path(__file__).resolve().parents[1]
 FLUX_YAML = REPO / "pipelines_yaml" / "flux.yaml"

@@ -61,7 +61,7 @@ def test_allow_pickle_takes_only_booleans(pickled_vae_ckpt, tmp_path, value):
 
 
 def test_boolean_strings_refused_from_python_too(pickled_vae_ckpt):
-    with pytest.raises(DiffstageError, match=r"runtime.compile must be true or false, got 'no' \(str\)"):
+    with pytest.raises(DiffstageError, match=r"runtime.compile must be true or false \(or auto\), got 'no' \(str\)"):
         build_pipeline("flux", model_path=pickled_vae_ckpt, overrides=["runtime.compile=no"])
     spec = check_model("flux").spec
     loader.clear_cache()
