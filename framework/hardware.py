@@ -48,7 +48,7 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
 
 
 # Below this many Linear parameters a transformer's step is dominated by small ops and Python, not matmuls:
-# bf16 matmuls and compiled blocks gain little there (the 0.8M-parameter digits model), while a compile costs
+# bf16 matmuls and compiled blocks gain little there (a model of under a million), while a compile costs
 # tens of seconds. See README "Runtime choices".
 LARGE_MODEL_LINEAR_PARAMS = 10_000_000
 # `compile: auto` compiles when the run will make at least this many images (compiling costs tens of seconds

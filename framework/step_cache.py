@@ -37,7 +37,7 @@ RunBlocks = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor,
 
 
 class Cacheable(Protocol):
-    """What a transformer offers a step cache (diffstage's native FLUX transformer does)."""
+    """What a transformer offers a step cache (a native transformer that routes its blocks through it)."""
 
     step_cache: "StepCache | None"
 
