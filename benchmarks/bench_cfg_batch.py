@@ -27,18 +27,6 @@ PROMPT = "a handwritten digit seven"
 VARIANTS = ("diffusers", "diffstage_two_calls", "diffstage_cfg_batch")
 
 
-def cpu_info() -> dict:
-    """CPU model and the flags that decide bf16/float32 speed (AVX-512, AVX512-BF16, AMX)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return {"cpu": platform.processor() or platform.machine(), "flags": []}
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"cpu": name, "flags": [f for f in wanted if f in flags]}
-
-
 def load(variant: str):
     if variant == "diffusers":
         from diffusers import FluxPipeline
@@ -73,6 +61,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from diffstage import check_model
+    from diffstage.hardware import cpu_info
 
     sampling = check_model("digits").spec.sampling.model_dump()
     pipes = {name: load(name) for name in VARIANTS}

@@ -213,8 +213,12 @@ def _runtime_for(cls: type, folder: Path, execution: dict[str, Any], dtype: torc
     """The module's runtime options with `auto` choices made (native models decide them from their config)."""
     if hasattr(cls, "resolve_runtime") and folder.is_dir():
         return cls.resolve_runtime(folder, execution, dtype, torch.device(device))
-    return {k: (None if v == "auto" and k == "matmul_dtype" else False if v == "auto" and k == "compile" else v)
-            for k, v in execution.items() if k != "planned_images"}
+    options = {k: v for k, v in execution.items() if k != "planned_images"}
+    if options.get("matmul_dtype") == "auto":
+        options["matmul_dtype"] = None
+    if options.get("compile") == "auto":
+        options["compile"] = False
+    return options
 
 
 def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",

@@ -15,7 +15,7 @@ from diffstage.stage import CallbackSpec, Contract, PipelineStage
 from diffstage.step_cache import StepCache
 
 # Signature of a step hook: hook(stage, req, step_index, t, noise_pred) -> noise_pred | None.
-# Hooks run after the model call and before the scheduler step; step caches plug in here.
+# Hooks run after the model call and before the scheduler step (step caches act inside the transformer).
 StepHook = Callable[..., "torch.Tensor | None"]
 
 

@@ -102,6 +102,15 @@ def test_a_transformer_without_step_cache_support_is_refused(tiny_flux_dev, flux
         build_pipeline(yaml, model_path=tiny_flux_dev, overrides=["cache=teacache"])
 
 
+def test_a_model_without_a_stage_that_takes_a_cache_is_refused():
+    from diffstage import check_model
+    from diffstage.builder import attach_step_cache
+
+    with pytest.raises(DiffstageError, match="cache=teacache: model 'digits' has no stage that takes a step cache "
+                                             r"\(DenoisingStage does\); use cache=none"):
+        attach_step_cache([], make_step_cache({"kind": "teacache"}), check_model("digits"))
+
+
 def test_model_yaml_step_cache_section_is_checked(tmp_path):
     yaml = tmp_path / "m.yaml"
     text = (REPO / "pipelines_yaml" / "digits.yaml").read_text().split("step_cache:")[0]
