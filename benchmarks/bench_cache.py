@@ -38,6 +38,7 @@ DIGITS_SETTINGS = {  # name -> diffstage overrides
     "teacache 0.2": ["cache=teacache", "cache.threshold=0.2"],
     "teacache 0.3": ["cache=teacache", "cache.threshold=0.3"],
     "teacache 0.3 extrapolate": ["cache=teacache", "cache.threshold=0.3", "cache.extrapolate=true"],
+    "teacache 0.4": ["cache=teacache", "cache.threshold=0.4"],
     "first_block 0.1": ["cache=first_block", "cache.threshold=0.1"],
     "first_block 0.2": ["cache=first_block", "cache.threshold=0.2"],
     "first_block 0.3": ["cache=first_block", "cache.threshold=0.3"],

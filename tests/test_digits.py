@@ -1,4 +1,6 @@
 """The embedded `digits` model: its outputs show the prompted digit, and match Diffusers'."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,12 @@ def test_default_model_and_checkpoint_are_shipped(pipe):
     assert len(check_model("digits").spec.examples) == 10
 
 
+def test_checkpoint_stays_small(pipe):
+    """The model card promises a checkpoint of at most 10 MB (it ships inside the package)."""
+    size = sum(f.stat().st_size for f in Path(pipe.checkpoint).rglob("*") if f.is_file())
+    assert size <= 10 * 1024 * 1024, f"digits checkpoint is {size / 1024 ** 2:.1f} MiB"
+
+
 def test_the_judge_recognises_real_digits_it_has_not_seen():
     from sklearn.svm import SVC
 
@@ -32,10 +40,10 @@ def test_the_judge_recognises_real_digits_it_has_not_seen():
 
 
 def test_quality_gate(pipe):
-    """100 generated digits (10 per digit, distinct seeds, the YAML's default sampling): >= 95% recognised."""
-    accuracy, confusion = generate_and_score(pipe, per_digit=10)
+    """200 generated digits (20 per digit, seeds 1000-1199, the YAML's default sampling): >= 97% recognised."""
+    accuracy, confusion = generate_and_score(pipe, per_digit=20, seed_base=1000)
     print(f"digits quality gate: accuracy {accuracy:.2%}\n{confusion}")
-    assert accuracy >= 0.95, f"accuracy {accuracy:.2%}\n{confusion}"
+    assert accuracy >= 0.97, f"accuracy {accuracy:.2%}\n{confusion}"
 
 
 def test_gate_fails_for_an_untrained_transformer(pipe, tmp_path):

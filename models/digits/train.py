@@ -56,7 +56,7 @@ def make_transformer():
 
     return FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
         axes_dims_rope=(8, 12, 12),
     )
 
@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train the embedded digits model (tiny FLUX architecture).")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--transformer-steps", type=int, default=14000)
+    p.add_argument("--transformer-steps", type=int, default=10000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
