@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cfg_batch import CKPT, cpu_info  # noqa: E402  (the same machine description)
+from bench_cfg_batch import CKPT  # noqa: E402
+
+from diffstage.hardware import cpu_info  # noqa: E402  (the machine description every benchmark records)
 
 PROMPT = "a handwritten digit seven"
 SEEDS, SCALES = (0, 1, 2), (2.0, 4.0, 6.0)

@@ -293,6 +293,14 @@ def test_huge_image_from_the_cli(tmp_path):
     clean_exit_2(r, "this request needs about", "lower height/width")
 
 
+def test_image_beyond_the_size_limit_from_the_cli(tmp_path):
+    """The request issue 12 measured as an allocation-failure traceback: refused by the range check, both sides."""
+    r = run("generate", "sampling.height=100000", "sampling.width=100000", f"hydra.run.dir={tmp_path}")
+    clean_exit_2(r, "height must be a positive multiple of 16 (at most 65536), got 100000",
+                 "width must be a positive multiple of 16 (at most 65536), got 100000")
+    assert not pngs(tmp_path)
+
+
 def test_nan_during_denoising_names_the_step_and_stage(digits_pipe):
     denoise = next(s for s in digits_pipe.stages if type(s).__name__ == "DenoisingStage")
     denoise.add_step_hook(lambda stage, req, i, t, pred: pred * float("nan") if i == 1 else None)
