@@ -48,15 +48,18 @@ def given_object(path: Any) -> Any:
 # path may name them (nor anything inside them), whatever name it reaches them by (see `resolve`).
 REFUSED = ("torch.hub", "torch.load", "torch.save", "torch.serialization", "torch.jit.load", "torch.jit.save",
            "torch.package", "torch.utils.model_zoo", "torch.utils.cpp_extension", "torch.distributed.rpc",
-           "torch.multiprocessing", "torch.compiler.load_cache_artifacts", "diffusers.utils.hub_utils",
-           "diffusers.utils.dynamic_modules_utils", "diffusers.utils.loading_utils", "diffusers.utils.export_utils",
+           "torch.distributed.checkpoint", "torch.export", "torch.onnx", "torch.multiprocessing",
+           "torch.compiler.load_cache_artifacts", "torch.utils.collect_env", "torch.utils.benchmark",
+           "diffusers.utils.hub_utils", "diffusers.utils.dynamic_modules_utils", "diffusers.utils.loading_utils",
+           "diffusers.utils.export_utils", "diffusers.utils.testing_utils", "diffusers.utils.remote_utils",
+           "diffusers.pipelines.stable_diffusion.convert_from_ckpt", "diffusers.loaders",
            "transformers.dynamic_module_utils", "transformers.utils.hub", "transformers.pipelines",
-           "diffusers.loaders", "transformers.hf_argparser", "transformers.trainer")
-# ...and, in the libraries, the methods that load or save by themselves (a YAML names classes; the loader
-# calls their from_pretrained, checked)
+           "transformers.hf_argparser", "transformers.trainer", "transformers.testing_utils")
+# ...and, in the libraries, the methods that load, save or download by themselves (a YAML names classes; the
+# loader calls their from_pretrained, checked), and torch.ops/torch.classes.load_library (a native library)
 REFUSED_NAMES = ("from_pretrained", "from_single_file", "from_config", "save_pretrained", "push_to_hub",
                  "load_state_dict", "save_config", "load_image", "load_video", "export_to_video", "export_to_gif",
-                 "load_lora_weights", "load_ip_adapter", "load_textual_inversion")
+                 "load_lora_weights", "load_ip_adapter", "load_textual_inversion", "download", "load_library")
 # Packages that provide classes (modules, schedulers, stages' building blocks), not callbacks.
 LIBRARIES = ("diffusers.", "transformers.", "torch.")
 CALLBACK_HINT = ("callbacks come from diffstage. or your own allowlisted packages; to use a library function, "
@@ -72,14 +75,16 @@ def refusal(path: str) -> str | None:
             return (f"{shown(path)} is refused: {bad} loads pickles, fetches or runs remote code, or writes files, "
                     "which nothing in a model YAML may do")
     if _under(path, LIBRARIES) and path.rsplit(".", 1)[-1] in REFUSED_NAMES:
-        return f"{shown(path)} is refused: it loads or saves by itself, which nothing in a model YAML may do"
+        return (f"{shown(path)} is refused: it loads, saves or downloads by itself, which nothing in a model "
+                "YAML may do")
     return None
 
 
 def callback_allowlist(allowlist: Iterable[str]) -> tuple[str, ...]:
     """The prefixes callbacks may come from: the allowlist without the libraries (diffusers., transformers.,
-    torch.), whose functions are building blocks, not callbacks."""
-    return tuple(p for p in allowlist if (p if p.endswith(".") else p + ".") not in LIBRARIES)
+    torch.) and anything inside them (allowlist=[torch.utils] adds no callbacks): their functions are building
+    blocks, not callbacks."""
+    return tuple(p for p in allowlist if not _under(p if p.endswith(".") else p + ".", LIBRARIES))
 
 
 def is_allowed(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> bool:

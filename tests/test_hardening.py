@@ -17,7 +17,8 @@ from test_cli import EXE, run
 from diffstage import (DiffstageError, LoadError, RequestError, SpecError, UnsafeCheckpointError, build_pipeline,
                        check_model)
 from diffstage import loader, memory
-from diffstage.errors import ConcurrentUseError, shown
+from diffstage.errors import ConcurrentUseError, DisallowedPathError, shown
+from diffstage.resolve import REFUSED, callback_allowlist, is_allowed, resolve
 
 DIGITS = REPO / "pipelines_yaml" / "digits.yaml"
 FAST = ["sampling.num_inference_steps=2"]
@@ -599,5 +600,29 @@ def test_library_functions_are_not_callbacks(flux_yaml_variant):
 def test_loading_methods_of_library_classes_are_refused(flux_yaml_variant):
     path = flux_yaml_variant(("_target_: diffstage.stages.DecodingStage",
                               "_target_: diffusers.AutoencoderKL.from_pretrained"))
-    assert any("'diffusers.AutoencoderKL.from_pretrained' is refused: it loads or saves by itself" in p.message
+    assert any("'diffusers.AutoencoderKL.from_pretrained' is refused: it loads, saves or downloads by itself" in p.message
                for p in problems_of(path))
+
+
+@pytest.mark.parametrize("entry", REFUSED)
+def test_every_entry_of_the_refusal_list_is_refused_with_what_it_does(entry):
+    """The whole list, not only the paths above: the entry itself and a name inside it, before any import."""
+    for path in (entry, entry + ".anything"):
+        assert not is_allowed(path)
+        with pytest.raises(DisallowedPathError, match="loads pickles, fetches or runs remote code, or writes files"):
+            resolve(path)
+
+
+@pytest.mark.parametrize("path", ["torch.ops.load_library", "torch.classes.load_library",
+                                  "diffusers.DiffusionPipeline.download", "torch.distributed.checkpoint.load",
+                                  "torch.export.save", "torch.onnx.export", "torch.utils.collect_env.run",
+                                  "diffusers.utils.testing_utils.load_pt"])
+def test_functions_found_by_review_are_refused(path):
+    with pytest.raises(DisallowedPathError, match="is refused"):
+        resolve(path)
+
+
+def test_allowlisting_part_of_a_library_adds_no_callbacks():
+    """allowlist=[torch.utils] must not make torch.utils.* functions callbacks (a library stays a library)."""
+    assert callback_allowlist(["diffstage.", "torch.utils", "diffusers.utils.", "torch", "my_pkg"]) == \
+        ("diffstage.", "my_pkg")
