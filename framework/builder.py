@@ -148,7 +148,7 @@ def execution_options(cfg: dict, spec: ModelSpec, device: torch.device, planned_
     """How native modules run: attention backend (command line, else model YAML, else sdpa),
     kernels, regional compilation and matmul dtype; checked here so a typo fails before weights load.
     `auto` compile and matmul dtype are decided per model when it loads (NativeModel.resolve_runtime);
-    `planned_images` (how many images this run will make; None: several, a sweep) informs the compile choice."""
+    `planned_images` (how many images this run will make; None: unknown) informs the compile choice."""
     runtime = cfg.get("runtime") or {}
     backend = (cfg.get("attention") or {}).get("backend") or spec.attention or DEFAULT_BACKEND
     get_backend(backend)
@@ -168,7 +168,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     With `request` (the arguments the pipeline will be called with), stages that need
     no weights check it first, so a request out of range fails before anything loads.
     `checked` passes a check_model() result for cfg.model the caller already has.
-    `planned_images`: how many images the caller will make (None: several, count unknown), for
+    `planned_images`: how many images the caller will make (None: unknown), for
     `runtime.compile=auto`."""
     plain = plain_run_config(cfg)
     checked = checked or check_model(plain["model"], allowlist=plain.get("allowlist") or ())

@@ -109,6 +109,22 @@ def _in_sweep() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _sweep_jobs() -> int | None:
+    """How many jobs this `-m` sweep runs: the product of the sweeps on the command line (None when Hydra
+    cannot tell without running it, e.g. glob())."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    jobs = 1
+    try:
+        for override in OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a and
+                                                                   not a.startswith("-")]):
+            if override.is_sweep_override():
+                jobs *= sum(1 for _ in override.sweep_string_iterator())
+    except Exception:  # noqa: BLE001 - a sweep Hydra expands later: count unknown
+        return None
+    return jobs
+
+
 def _generate_task(cfg):
     """One image (or video). In a sweep (-m) a failing job is reported and returned to the sweep report
     instead of ending the sweep; the command exits non-zero once every job has run."""
@@ -145,7 +161,7 @@ def _generate_one(cfg):
                                  "`image` request field); drop image=...")
         request["image"] = plain["image"]
     # a sweep makes many images in this process (the modules, compiled or not, are shared by its jobs)
-    pipe = build_from_config(cfg, request=request, checked=checked, planned_images=None if _in_sweep() else 1)
+    pipe = build_from_config(cfg, request=request, checked=checked, planned_images=_sweep_jobs() if _in_sweep() else 1)
     out = pipe(**request)
     from .distributed import is_main_process
 

@@ -177,7 +177,7 @@ class NativeModel(torch.nn.Module):
                         device: torch.device) -> dict[str, Any]:
         """`execution` with `auto` matmul_dtype and compile decided for this model and machine (see
         diffstage.hardware), logged in one line; `planned_images` (how many images the run will make, None:
-        several) informs the compile choice and is dropped."""
+        unknown) informs the compile choice and is dropped."""
         from .hardware import auto_compile, auto_matmul_dtype
 
         resolved = {k: v for k, v in execution.items() if k != "planned_images"}

@@ -19,6 +19,7 @@ the same decision (sequence and CFG parallelism stay in step).
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +29,15 @@ import torch
 
 from .errors import DiffstageError, shown
 
+log = logging.getLogger(__name__)
+
 KINDS = ("none", "first_block", "teacache")
 # Keys of the run config's `cache:` section and of a model YAML's `step_cache.<kind>:` sections.
 SETTINGS = ("kind", "threshold", "warmup", "final", "max_in_row", "compute_first", "extrapolate", "coefficients")
+
+# The settings each kind reads (the others would be silently ignored: make_step_cache warns).
+USED_BY = {"none": (), "first_block": tuple(k for k in SETTINGS if k not in ("kind", "coefficients")),
+           "teacache": tuple(k for k in SETTINGS if k not in ("kind", "compute_first"))}
 
 # RunBlocks(hidden, context, start, stop) -> (hidden, context): blocks [start, stop) of the model.
 RunBlocks = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -102,6 +109,10 @@ class StepCache:
     def begin(self, steps: int) -> None:
         """A new denoising run of `steps` steps: forget the last run's residuals and counts."""
         self.steps, self.computed, self.cached = steps, 0, 0
+        self._branches = {}
+
+    def end(self) -> None:
+        """The run is over: drop its residuals and measures (the counts stay for `stats`)."""
         self._branches = {}
 
     def at(self, step_index: int, branch: str) -> None:
@@ -204,6 +215,11 @@ def make_step_cache(options: dict[str, Any] | None, model_settings: dict[str, An
     kind = options.get("kind", "none")
     if problems:
         raise DiffstageError("invalid step cache settings:\n" + "\n".join(f"  - {p}" for p in problems))
+    ignored = [k for k in options if k != "kind" and k not in USED_BY[kind]]
+    if ignored:
+        log.warning("%s: %s", ", ".join(f"cache.{k}={shown(options[k])}" for k in ignored),
+                    "no step cache is chosen, so they do nothing (add cache=teacache or cache=first_block)"
+                    if kind == "none" else f"cache={kind} does not use {'it' if len(ignored) == 1 else 'them'}")
     if kind == "none":
         return None
     merged = {**((model_settings or {}).get(kind) or {}), **options, "kind": kind}

@@ -9,7 +9,7 @@ import numpy as np
 from .errors import OutputError
 from .output_files import write_new
 
-FPS = 16  # Wan2.1's frame rate
+FPS = 16  # a common frame rate of current video diffusion models
 
 
 def _ffmpeg():

@@ -218,6 +218,7 @@ class DenoisingStage(PipelineStage):
             if cache is not None:
                 self.transformer.step_cache = None
                 self.last_cache_stats = cache.stats()
+                cache.end()  # an idle pipeline holds no residuals (hundreds of MB at 1024x1024)
         req.latents = latents
         return req
 

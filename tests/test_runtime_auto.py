@@ -1,5 +1,6 @@
 """runtime.matmul_dtype=auto and runtime.compile=auto: what they choose, on which facts, and the line they log."""
 import logging
+import sys
 
 import pytest
 import torch
@@ -44,8 +45,8 @@ def test_matmul_auto_keeps_float32_for_small_models_and_other_dtypes(monkeypatch
 
 
 @pytest.mark.parametrize("planned, params, compiles", [
-    (1, BIG, False), (10, BIG, False), (hardware.COMPILE_MIN_IMAGES, BIG, True), (None, BIG, True),
-    (None, BIG - 1, False),
+    (1, BIG, False), (10, BIG, False), (hardware.COMPILE_MIN_IMAGES - 1, BIG, False),
+    (hardware.COMPILE_MIN_IMAGES, BIG, True), (None, BIG, False), (10_000, BIG - 1, False),
 ])
 def test_compile_auto_only_for_many_images_of_a_large_model(planned, params, compiles):
     assert hardware.auto_compile(planned, params)[0] is compiles
@@ -84,3 +85,15 @@ def test_explicit_settings_win_over_auto(tiny_flux_dev, monkeypatch):
 def test_compile_takes_true_false_or_auto():
     r = run("generate", "runtime.compile=sometimes")
     assert r.returncode == 2 and "runtime.compile must be true or false (or auto), got 'sometimes'" in r.stderr
+
+
+@pytest.mark.parametrize("argv, jobs", [
+    (["generate", "-m", "seed=0,1,2", "sampling.true_cfg_scale=2,4,6", "prompt='a, b'"], 9),
+    (["generate", "--multirun", "seed=range(0,100)", "cache=none,teacache", "hydra.sweep.dir=x"], 200),
+    (["generate", "-m", "seed=glob(*)"], None),  # Hydra expands it against the config: unknown here
+])
+def test_a_sweep_counts_its_jobs_for_compile_auto(monkeypatch, argv, jobs):
+    from diffstage import cli
+
+    monkeypatch.setattr(sys, "argv", ["diffstage", *argv])
+    assert cli._sweep_jobs() == jobs
