@@ -52,7 +52,7 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
 # tens of seconds. See README "Runtime choices".
 LARGE_MODEL_LINEAR_PARAMS = 10_000_000
 # `compile: auto` compiles when the run will make at least this many images. Measured (bench_flux, 2-core
-# CPUs, an 80M-Linear-parameter FLUX at 256x256): compiling the blocks costs 12-16 s on the first image and
+# CPUs, an 80M-Linear-parameter transformer at 256x256): compiling the blocks costs 12-16 s on the first image and
 # saves 0.035-0.054 s on each later one, so it pays from about 300 images.
 COMPILE_MIN_IMAGES = 300
 
