@@ -217,9 +217,10 @@ def make_step_cache(options: dict[str, Any] | None, model_settings: dict[str, An
         raise DiffstageError("invalid step cache settings:\n" + "\n".join(f"  - {p}" for p in problems))
     ignored = [k for k in options if k != "kind" and k not in USED_BY[kind]]
     if ignored:
+        one = len(ignored) == 1
         log.warning("%s: %s", ", ".join(f"cache.{k}={shown(options[k])}" for k in ignored),
-                    "no step cache is chosen, so they do nothing (add cache=teacache or cache=first_block)"
-                    if kind == "none" else f"cache={kind} does not use {'it' if len(ignored) == 1 else 'them'}")
+                    f"no step cache is chosen, so {'it does' if one else 'they do'} nothing (add cache=teacache or "
+                    "cache=first_block)" if kind == "none" else f"cache={kind} does not use {'it' if one else 'them'}")
     if kind == "none":
         return None
     merged = {**((model_settings or {}).get(kind) or {}), **options, "kind": kind}

@@ -52,6 +52,13 @@ def test_compile_auto_only_for_many_images_of_a_large_model(planned, params, com
     assert hardware.auto_compile(planned, params)[0] is compiles
 
 
+def test_compile_auto_says_why_it_did_not_compile():
+    assert hardware.auto_compile(None, BIG) == (
+        False, "the number of images this run makes is unknown (runtime.compile=true to compile anyway)")
+    assert hardware.auto_compile(3, BIG) == (
+        False, "this run makes 3 images (compiling pays from about 300; runtime.compile=true to compile anyway)")
+
+
 def test_the_default_run_logs_what_auto_chose_and_why(tiny_flux_dev, caplog):
     with caplog.at_level(logging.INFO, logger="diffstage"):
         pipe = build_pipeline("flux", model_path=tiny_flux_dev)

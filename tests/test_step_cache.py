@@ -96,10 +96,13 @@ def test_each_run_starts_afresh_and_a_pipeline_without_cache_reports_nothing(tin
 def test_settings_that_do_nothing_are_named_in_a_warning(caplog):
     with caplog.at_level("WARNING", logger="diffstage.step_cache"):
         assert make_step_cache({"kind": "none", "threshold": 0.2}) is None
+        make_step_cache({"kind": "none", "threshold": 0.2, "warmup": 3})
         make_step_cache({"kind": "first_block", "coefficients": [1, 0]})
         make_step_cache({"kind": "teacache", "compute_first": 2, "threshold": 0.1})
     assert [r.getMessage() for r in caplog.records] == [
-        "cache.threshold=0.2: no step cache is chosen, so they do nothing (add cache=teacache or cache=first_block)",
+        "cache.threshold=0.2: no step cache is chosen, so it does nothing (add cache=teacache or cache=first_block)",
+        "cache.threshold=0.2, cache.warmup=3: no step cache is chosen, so they do nothing (add cache=teacache or "
+        "cache=first_block)",
         "cache.coefficients=[1, 0]: cache=first_block does not use it",
         "cache.compute_first=2: cache=teacache does not use it"]
 
