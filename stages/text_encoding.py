@@ -50,14 +50,27 @@ class EncoderConfig(BaseModel):
         return self
 
 
-def length_limit(enc: dict) -> int | None:
-    """Most tokens an encoder takes: its tokenizer's limit and its position table, where known
-    (None before modules are bound, as when the builder checks a request early)."""
-    limits = [getattr(enc.get("tokenizer"), "model_max_length", None),
-              getattr(getattr(enc.get("text_encoder"), "config", None), "max_position_embeddings", None)]
+POSITION_KEYS = ("max_position_embeddings", "n_positions")  # sizes of an encoder's position table
+
+
+def _known(n) -> int | None:
     # tokenizers without a limit report a huge sentinel (1e30)
-    known = [int(n) for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10 ** 7]
-    return min(known) if known else None
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10 ** 7 else None
+
+
+def length_limit(enc: dict) -> tuple[int, str] | None:
+    """Most tokens an encoder takes, and where that comes from (None before modules are bound, as when the
+    builder checks a request early). The encoder's position table is the limit; a tokenizer's model_max_length
+    is advice (Qwen-Image runs 1024 + 34 template tokens through a tokenizer advising 1024), used only for
+    encoders without a position table (relative positions, as T5's) to keep a length bound at all."""
+    config = getattr(enc.get("text_encoder"), "config", None)
+    configs = [config, *([config.get_text_config()] if hasattr(config, "get_text_config") else [])]
+    for key in POSITION_KEYS:
+        for c in configs:
+            if (n := _known(getattr(c, key, None))) is not None:
+                return n, f"its {key}"
+    n = _known(getattr(enc.get("tokenizer"), "model_max_length", None))
+    return (n, "its tokenizer's model_max_length; the encoder has no position table") if n is not None else None
 
 
 def enc_name(enc: dict) -> str:
@@ -89,16 +102,18 @@ class TextEncodingStage(PipelineStage):
         self.encoders = [{**defaults, **(e if isinstance(e, dict) else e.model_dump())} for e in encoders]
         for i, enc in enumerate(self.encoders):
             limit, fixed = length_limit(enc), enc.get("max_length")
-            if fixed is not None and limit is not None and fixed > limit:
-                raise ValueError(f"encoders[{i}].max_length is {fixed}, but this encoder handles at most {limit} tokens")
+            if fixed is not None and limit is not None and fixed > limit[0]:
+                raise ValueError(f"encoders[{i}].max_length is {fixed}, but this encoder handles at most {limit[0]} "
+                                 f"tokens ({limit[1]})")
 
     def request_problems(self, req: Req) -> list[str]:
         problems = []
         for enc in self.encoders:
             name, limit = enc.get("max_length_field"), length_limit(enc)
             value = getattr(req, name) if name else None
-            if isinstance(value, int) and limit is not None and value > limit:
-                problems.append(f"{name} is {value}, but text encoder '{enc_name(enc)}' handles at most {limit} tokens")
+            if isinstance(value, int) and limit is not None and value > limit[0]:
+                problems.append(f"{name} is {value}, but text encoder '{enc_name(enc)}' handles at most {limit[0]} "
+                                f"tokens ({limit[1]})")
         return problems
 
     @classmethod

@@ -478,7 +478,8 @@ def test_encoder_max_length_beyond_the_encoder(flux_yaml_variant, tiny_flux_dev)
     path = flux_yaml_variant(("        max_length_field: max_sequence_length\n", "        max_length: 100000000\n"))
     start = time.monotonic()
     with pytest.raises(DiffstageError, match=r"stages\[1\]: TextEncodingStage could not be created: ValueError: "
-                                             r"encoders\[1\].max_length is 100000000, but this encoder handles at most"):
+                                             r"encoders\[1\].max_length is 100000000, but this encoder handles at most 512 "
+                                             r"tokens \(its tokenizer's model_max_length"):
         build_pipeline(str(path), model_path=tiny_flux_dev)
     assert time.monotonic() - start < 30
 
