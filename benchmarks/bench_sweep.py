@@ -63,7 +63,7 @@ def in_process(rounds: int) -> dict:
     from diffusers import FluxPipeline
 
     from diffstage import build_pipeline
-    from diffstage.reuse import SHARED
+    from diffstage.session import default_session
 
     ref = FluxPipeline.from_pretrained(CKPT, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
@@ -84,7 +84,7 @@ def in_process(rounds: int) -> dict:
         loop(pipe, [])
     for _ in range(rounds):
         for name, (pipe, loop) in variants.items():
-            SHARED.clear()  # every round starts cold: what a new sweep would see
+            default_session().reuse.clear()  # every round starts cold: what a new sweep would see
             calls["n"], counter = 0, []
             start = time.perf_counter()
             images[name] = loop(pipe, counter)

@@ -27,7 +27,8 @@ from .models_dir import model_yaml
 from .pipeline import Pipeline, make_request, request_problems
 from .req import FieldSpec, Req
 from .resolve import DEFAULT_ALLOWLIST, callback_allowlist, given_object, resolve
-from .reuse import DEFAULT_MAX_BYTES, SHARED, StageCache
+from .reuse import DEFAULT_MAX_BYTES
+from .session import Session, default_session
 from .step_cache import StepCache, make_step_cache
 from .run_config import check_sampling_keys, plain_run_config
 from .spec import ModelSpec, validate_spec
@@ -162,14 +163,16 @@ def execution_options(cfg: dict, spec: ModelSpec, device: torch.device, planned_
 
 
 def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = None,
-                      checked: CheckedModel | None = None, planned_images: int | None = 1) -> Pipeline:
+                      checked: CheckedModel | None = None, planned_images: int | None = 1,
+                      session: Session | None = None) -> Pipeline:
     """Build a Pipeline from a composed run config (see conf/config.yaml).
 
     With `request` (the arguments the pipeline will be called with), stages that need
     no weights check it first, so a request out of range fails before anything loads.
     `checked` passes a check_model() result for cfg.model the caller already has.
     `planned_images`: how many images the caller will make (None: unknown), for
-    `runtime.compile=auto`."""
+    `runtime.compile=auto`. `session` owns the module and reuse caches (default: the process's)."""
+    session = session if session is not None else default_session()
     plain = plain_run_config(cfg)
     checked = checked or check_model(plain["model"], allowlist=plain.get("allowlist") or ())
     spec = checked.spec
@@ -197,7 +200,7 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
                                   allow_pickle=plain.get("allow_pickle", False),
                                   allowlist=checked.allowlist, execution=execution_options(plain, spec, device, planned_images),
-                                  keys=keys)
+                                  keys=keys, cache=session.modules)
     stages = [early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
     attach_step_cache(stages, step_cache, checked)
     run_config = {k: v for k, v in plain.items() if k != "hydra"}
@@ -205,7 +208,9 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
                         config={"run": run_config, "model": checked.data}, checkpoint=str(model_path), device=device,
                         req_cls=checked.req_cls)
     pipeline.module_keys = {id(module): keys[name] for name, module in modules.items()}
-    pipeline.reuse = reuse_cache(plain.get("reuse") or {})
+    reuse = plain.get("reuse") or {}
+    pipeline.reuse = session.reuse if reuse.get("enabled", True) else None
+    pipeline.reuse_max_bytes = int(reuse.get("max_mb", DEFAULT_MAX_BYTES // 2 ** 20) * 2 ** 20)
     return pipeline
 
 
@@ -225,25 +230,18 @@ def attach_step_cache(stages: list, cache: StepCache | None, checked: CheckedMod
             raise DiffstageError(f"{file}:{line}: stages[{i}] {type(stage).__name__}: {e}") from None
 
 
-def reuse_cache(options: dict[str, Any]) -> StageCache | None:
-    """The process's shared stage-output cache sized by `reuse.max_mb`, or None with `reuse.enabled=false`."""
-    if not options.get("enabled", True):
-        return None
-    max_mb = options.get("max_mb", DEFAULT_MAX_BYTES // 2 ** 20)
-    SHARED.resize(int(max_mb * 2 ** 20))
-    return SHARED
-
-
 def build_pipeline(model: str | Path | None = None, *, model_path: str | Path | None = None,
-                   overrides: Sequence[str] = ()) -> Pipeline:
+                   overrides: Sequence[str] = (), session: Session | None = None) -> Pipeline:
     """Build a pipeline from a model name (or YAML path) and Hydra-style overrides.
 
         pipe = build_pipeline("my_model", model_path="ckpt/", overrides=["sampling.height=512"])
         image = pipe(prompt="a red fox", seed=0).images[0]
+
+    `session`: where loaded modules and reused outputs are kept (default: the process's, see session.py).
     """
     args = list(overrides)
     if model is not None:
         args.append(f"model={model}")
     if model_path is not None:
         args.append(f"model_path={model_path}")
-    return build_from_config(compose_config(args))
+    return build_from_config(compose_config(args), session=session)

@@ -3,8 +3,8 @@
 A checkpoint is a directory with model_index.json and one subfolder per module,
 or a Hugging Face repo id (fetched with snapshot_download, which honours
 HF_HUB_OFFLINE and the local cache). Weights load from safetensors only unless
-the user allows pickle. Loaded modules are cached in-process, so building the
-same model twice loads nothing the second time."""
+the user allows pickle. Loaded modules are cached in the session (session.py), keyed by
+their files' identity, so building the same model twice loads nothing the second time."""
 from __future__ import annotations
 
 import copy
@@ -21,7 +21,9 @@ import torch
 from .checkpoint_files import check_module_folder, read_json_object
 from .errors import DiffstageError, DisallowedPathError, LoadError, UnsafeCheckpointError, shown, strict_bool
 from .models_dir import looks_like_repo_id
+from .module_cache import ModuleCache, folder_identity
 from .resolve import DEFAULT_ALLOWLIST, resolve
+from .session import default_session
 from .spec import ModelSpec
 from .torch_utils import parse_dtype
 
@@ -31,21 +33,21 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
-class CacheKey:
+class ModuleKey:
+    """What a loaded module is: the same key means the same weights (see module_cache.py)."""
+
     path: str
     subfolder: str
     cls: str
     dtype: str
     device: str
     execution: str = "-"  # native modules: their attention/kernels/compile settings
-
-
-_CACHE: dict[CacheKey, Any] = {}
-load_count = 0  # modules actually loaded from disk (the cache tests read it)
+    files: str = ""  # the identity and modification of the module folder's files (folder_identity)
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    """Forget the default session's loaded modules."""
+    default_session().modules.clear()
 
 
 ANY_PIPELINE = "*"  # a model YAML's pipeline_name that serves any checkpoint (all its modules are loaded)
@@ -224,11 +226,12 @@ def _runtime_for(cls: type, folder: Path, execution: dict[str, Any], dtype: torc
 def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu", allow_pickle: bool = False,
                  allowlist: Iterable[str] = DEFAULT_ALLOWLIST,
-                 execution: dict[str, Any] | None = None, keys: dict[str, str] | None = None) -> dict[str, Any]:
-    """Load (or fetch from the cache) every module the spec lists. Modules with a
-    `configure_runtime` method (native models) are configured with `execution`. `keys`, when given,
-    receives each module's cache key (where it came from: the same key means the same weights)."""
-    global load_count
+                 execution: dict[str, Any] | None = None, keys: dict[str, str] | None = None,
+                 cache: ModuleCache | None = None) -> dict[str, Any]:
+    """Load (or fetch from `cache`, by default the default session's) every module the spec lists. Modules
+    with a `configure_runtime` method (native models) are configured with `execution`. `keys`, when given,
+    receives each module's key (where it came from and which files: the same key means the same weights)."""
+    cache = cache if cache is not None else default_session().modules
     allow_pickle = strict_bool(allow_pickle, "allow_pickle")
     allowlist = tuple(allowlist)
     subfolders = {n: spec.module_spec(n).subfolder or n for n in spec.modules}
@@ -255,20 +258,21 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         except Exception as e:  # the config does not build the model: the load below would say the same
             raise LoadError(f"module '{name}': {cls.__name__} cannot be built from '{root / sub / 'config.json'}': "
                             f"{type(e).__name__}: {e}") from None
-        key = CacheKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
-                       str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
-                       repr(sorted(options.items())) if configurable else "-")
-        if keys is not None:
-            keys[name] = repr(key)
-        if key in _CACHE:
-            # Weights are shared; stateful helpers (schedulers keep their timesteps) are not.
-            modules[name] = _CACHE[key] if is_torch else copy.deepcopy(_CACHE[key])
-            continue
         folder = root / sub
         if not folder.is_dir():
             raise LoadError(f"module '{name}': folder '{folder}' does not exist in the checkpoint")
-        check_module_folder(folder)
+        check_module_folder(folder)  # checked on every build, cached or not: the files may have changed
         check_safetensors(folder, name, allow_pickle)
+        key = ModuleKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
+                        str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
+                        repr(sorted(options.items())) if configurable else "-", folder_identity(folder))
+        if keys is not None:
+            keys[name] = repr(key)
+        cached = cache.get(key)
+        if cached is not None:
+            # Weights are shared; stateful helpers (schedulers keep their timesteps) are not.
+            modules[name] = cached if is_torch else copy.deepcopy(cached)
+            continue
         try:
             module = _from_pretrained(cls, root, sub, mdtype, allow_pickle, options)
         except DiffstageError:
@@ -281,8 +285,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
             module = module.to(device).eval().requires_grad_(False)
         if configurable:
             module.configure_runtime(**options)
-        load_count += 1
         log.info("loaded %s (%s) from %s", name, cls.__name__, folder)
-        _CACHE[key] = module
+        cache.put(key, module)
         modules[name] = module
     return modules

@@ -11,7 +11,7 @@ import torch
 from .errors import ConcurrentUseError, DiffstageError, RequestError, StageError, clipped
 from .memory import check_fits
 from .req import Req
-from .reuse import StageCache
+from .reuse import DEFAULT_MAX_BYTES, StageCache
 from .spec import ModelSpec, did_you_mean
 from .stage import PipelineStage
 
@@ -69,8 +69,10 @@ class Pipeline:
         self.checkpoint = checkpoint  # where the modules were loaded from
         self.device = torch.device(device)  # where the stages allocate (for the memory check)
         self.req_cls = req_cls  # Req with the fields this model's YAML and stages declare
-        # Stage-output reuse (see reuse.py): the cache, or None (off); module ids -> where they were loaded from.
+        # Stage-output reuse (see reuse.py): the session's cache, or None (off); the most this pipeline's
+        # entries may hold (reuse.max_mb); module ids -> where they were loaded from.
         self.reuse: StageCache | None = None
+        self.reuse_max_bytes = DEFAULT_MAX_BYTES
         self.module_keys: dict[int, str] = {}
         # Stages share stateful modules (a scheduler keeps its timesteps): one run at a time.
         self._lock = threading.Lock()
@@ -134,7 +136,8 @@ class Pipeline:
                 req = stage(req)
                 if key is not None:
                     contract = stage.declared
-                    self.reuse.put(key, {f: getattr(req, f) for f in sorted(contract.writes | contract.optional_writes)})
+                    self.reuse.put(key, {f: getattr(req, f) for f in sorted(contract.writes | contract.optional_writes)},
+                                   self.reuse_max_bytes)
             except DiffstageError:
                 raise
             except Exception as e:  # name the stage; the original error (and traceback) is the cause

@@ -198,8 +198,9 @@ class PipelineBuilder:
             return e.problems
         return []
 
-    def build(self, model_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()):
-        """The Pipeline, as build_pipeline makes it from a YAML (refused while check() finds problems)."""
+    def build(self, model_path: str | os.PathLike | None = None, overrides: Sequence[str] = (), session=None):
+        """The Pipeline, as build_pipeline makes it from a YAML (refused while check() finds problems);
+        `session` as for build_pipeline."""
         from omegaconf import OmegaConf
 
         from .builder import build_from_config, compose_config
@@ -209,7 +210,7 @@ class PipelineBuilder:
         if model_path is not None:
             cfg["model_path"] = str(model_path)
         with given_objects(self.objects):
-            return build_from_config(cfg, checked=self._checked())
+            return build_from_config(cfg, checked=self._checked(), session=session)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as YAML data (a copy)."""

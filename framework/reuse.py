@@ -7,9 +7,12 @@ over seeds or guidance then encodes each prompt once. Only stages that say they 
 those inputs (`reusable = True`: text and image encoding) take part, and not when a bound callback that
 gets the request does not declare what it reads (it could depend on anything).
 
-The cache is shared by the pipelines of one process (a sweep builds one per job; the modules come from
-the loader's cache), holds stage outputs by reference (stages never change their inputs in place) and
-evicts the least recently used entries past its byte budget."""
+The cache is shared by the pipelines of one session (session.py: a sweep builds one pipeline per job; the
+modules come from the session's module cache), holds stage outputs by reference (stages never change their
+inputs in place) and evicts least recently used entries past the byte budget of the pipeline that stored
+them. Keys identify what they stand for: classes and callbacks by the objects themselves (the key holds
+them, so their ids cannot be recycled while it lives), modules by their loader key (files included), image
+files and PIL images by content."""
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +27,7 @@ import torch
 from .callbacks import READS
 
 DEFAULT_MAX_BYTES = 512 * 2 ** 20
+MAX_HASHED_FILE_BYTES = 256 * 2 ** 20  # a longer file named by a string is not hashed: the stage runs
 
 
 class Unhashable(Exception):
@@ -37,10 +41,11 @@ def fingerprint(value: Any, modules: dict[int, str] | None = None) -> Any:
         return ("module", modules[id(value)])
     if value is None or isinstance(value, (bool, int, float, complex)):
         return (type(value).__name__, value)
+    if isinstance(value, bytes):
+        return ("bytes", hashlib.sha1(value).hexdigest())
     if isinstance(value, str):
-        if len(value) < 4096 and os.path.isfile(value):  # an image path: its contents may change
-            stat = os.stat(value)
-            return ("file", value, stat.st_size, stat.st_mtime_ns)
+        if len(value) < 4096 and os.path.isfile(value):  # an image path: its contents may change, mtime not
+            return ("file", value, _file_digest(value))
         return ("str", value)
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(fingerprint(v, modules) for v in value))
@@ -54,14 +59,33 @@ def fingerprint(value: Any, modules: dict[int, str] | None = None) -> Any:
     from PIL import Image
 
     if isinstance(value, Image.Image):
-        return ("image", value.mode, value.size, hashlib.sha1(value.tobytes()).hexdigest())
+        # The pixels of a palette image are indices: the palette (and which index is transparent) decide
+        # what they decode to.
+        palette = (value.palette.mode, bytes(value.getpalette(None) or ())) if value.palette is not None else None
+        return ("image", value.mode, value.size, hashlib.sha1(value.tobytes()).hexdigest(), palette,
+                fingerprint(value.info.get("transparency")))
     raise Unhashable(type(value).__name__)
 
 
-def _callback_identity(fn: Any) -> Any:
+def _file_digest(path: str) -> str:
+    """sha1 of a file's bytes (size and mtime miss a rewrite within the clock's step, or with utime)."""
+    digest = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_HASHED_FILE_BYTES:
+                raise Unhashable(f"file over {MAX_HASHED_FILE_BYTES} bytes")
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:  # unreadable: the stage runs and says so itself
+        raise Unhashable(str(e)) from None
+    return digest.hexdigest()
+
+
+def callback_identity(fn: Any) -> Any:
+    """A callback as a key part: the function itself, so the key keeps it alive and a new function can
+    never share its identity (an id() can be recycled once the function is freed)."""
     fn = inspect.unwrap(fn)  # the bound callback is wrapped for error reporting
-    target = getattr(fn, "__func__", fn)
-    return (getattr(target, "__module__", None), getattr(target, "__qualname__", None), id(target))
+    return getattr(fn, "__func__", fn)
 
 
 def _undeclared_callbacks(stage) -> list[str]:
@@ -89,11 +113,14 @@ def _nbytes(value: Any) -> int:
 
 
 class StageCache:
-    """Least recently used stage outputs, within `max_bytes`."""
+    """Least recently used stage outputs. Each entry has the byte budget of the pipeline that stored it
+    (`put`'s max_bytes, else the cache's `max_bytes`) and is dropped once it and the entries used after it
+    take more than that budget: with one budget this is a plain LRU cache of that size, and a pipeline with
+    a small budget (reuse.max_mb=0 stores nothing) never shortens what another pipeline's entries keep."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Any, tuple[dict[str, Any], int]] = OrderedDict()
+        self._entries: OrderedDict[Any, tuple[dict[str, Any], int, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -109,9 +136,9 @@ class StageCache:
             settings = fingerprint(dict(stage.settings))
         except Unhashable:
             return None
-        callbacks = tuple((name, _callback_identity(fn)) for name, fn in sorted(stage._callbacks.items()) if fn)
-        return (f"{type(stage).__module__}.{type(stage).__qualname__}", args, callbacks, settings,
-                tuple(reads.items()))
+        callbacks = tuple((name, callback_identity(fn)) for name, fn in sorted(stage._callbacks.items()) if fn)
+        # The class object, not its name: a class redefined under the same name is another class.
+        return (type(stage), args, callbacks, settings, tuple(reads.items()))
 
     def get(self, key: Any) -> dict[str, Any] | None:
         with self._lock:
@@ -121,25 +148,26 @@ class StageCache:
             self._entries.move_to_end(key)
             return entry[0]
 
-    def put(self, key: Any, outputs: dict[str, Any]) -> None:
+    def put(self, key: Any, outputs: dict[str, Any], max_bytes: int | None = None) -> None:
+        budget = self.max_bytes if max_bytes is None else max_bytes
         size = _nbytes(outputs)
         with self._lock:
-            if size > self.max_bytes or key in self._entries:
+            if size > budget or key in self._entries:
                 return
-            self._entries[key] = (outputs, size)
+            self._entries[key] = (outputs, size, budget)
             self._bytes += size
             self._evict()
 
-    def resize(self, max_bytes: int) -> None:
-        with self._lock:
-            self.max_bytes = max_bytes
-            self._evict()
-
     def _evict(self) -> None:
-        """Drop the least recently used entries until the cache fits its budget (the lock is held)."""
-        while self._entries and self._bytes > self.max_bytes:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self._bytes -= dropped
+        """Drop each entry that, with the entries used after it, exceeds its budget (the lock is held)."""
+        newer = 0
+        for key in reversed(list(self._entries)):
+            _, size, budget = self._entries[key]
+            if newer + size > budget:
+                del self._entries[key]
+                self._bytes -= size
+            else:
+                newer += size
 
     def clear(self) -> None:
         with self._lock:
@@ -149,5 +177,3 @@ class StageCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-
-SHARED = StageCache()  # the pipelines of one process share it (see build_from_config)

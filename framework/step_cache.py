@@ -11,18 +11,22 @@ instead of running the blocks. Two ways to measure it:
   rescaled by a per-model polynomial and accumulated over the skipped steps, decides whether
   any block runs; a skipped step costs one modulation, not a block.
 
-A transformer takes part by having a `step_cache` attribute and routing its blocks through
-`run_blocks` (see `Cacheable`); DenoisingStage sets the cache for the run and names the
-branch (cond, uncond, or both in one batch). Each branch keeps its own state. Under
+A transformer takes part by taking a `step_cache` argument in its forward call and routing its
+blocks through it (see `Cacheable`). DenoisingStage makes a cache of its own for each run
+(`for_run`), passes it with every transformer call and names the branch (cond, uncond, or both
+in one batch); each branch keeps its own state. The cache is an argument, not an attribute of
+the transformer, because pipelines share their loaded transformer: a cache set on it by one
+pipeline's run would be used by another's running at the same time in another thread. Under
 torchrun the change is summed over all ranks before the comparison, so every rank takes
 the same decision (sequence and CFG parallelism stay in step).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -44,12 +48,19 @@ RunBlocks = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor,
 
 
 class Cacheable(Protocol):
-    """What a transformer offers a step cache (a native transformer that routes its blocks through it)."""
-
-    step_cache: "StepCache | None"
+    """What a transformer offers a step cache (a native transformer that routes its blocks through it):
+    `forward(..., step_cache=None)` runs its blocks through the cache when given one."""
 
     def cache_probe(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """The first block's timestep-modulated input (TeaCache's measure)."""
+
+
+def takes_step_cache(transformer: Any) -> bool:
+    """Whether a transformer's forward takes the `step_cache` argument (see Cacheable)."""
+    try:
+        return "step_cache" in inspect.signature(transformer.forward).parameters
+    except (AttributeError, TypeError, ValueError):  # no forward, or one without a readable signature
+        return False
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
@@ -105,6 +116,12 @@ class StepCache:
     computed: int = 0
     cached: int = 0
     _branches: dict[str, _Branch] = field(default_factory=dict)
+
+    def for_run(self, steps: int) -> "StepCache":
+        """A cache with these settings and a fresh state, for one denoising run of `steps` steps."""
+        run = replace(self, _branches={})
+        run.begin(steps)
+        return run
 
     def begin(self, steps: int) -> None:
         """A new denoising run of `steps` steps: forget the last run's residuals and counts."""

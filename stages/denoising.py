@@ -12,7 +12,7 @@ from diffstage.distributed.sequence import TRAFFIC
 from diffstage.errors import RequestError
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
-from diffstage.step_cache import StepCache
+from diffstage.step_cache import StepCache, takes_step_cache
 
 # Signature of a step hook: hook(stage, req, step_index, t, noise_pred) -> noise_pred | None.
 # Hooks run after the model call and before the scheduler step (step caches act inside the transformer).
@@ -80,11 +80,12 @@ class DenoisingStage(PipelineStage):
         self._check_parallel()
 
     def set_step_cache(self, cache: StepCache | None) -> None:
-        """Run with `cache` (None: without). The transformer must support step caches."""
-        if cache is not None and not hasattr(self.transformer, "step_cache"):
+        """Run with `cache` (None: without): its settings; each run gets a cache of its own (for_run).
+        The transformer must support step caches."""
+        if cache is not None and not takes_step_cache(self.transformer):
             name = type(self.transformer).__name__
             raise ValueError(f"cache={cache.kind}: {name} does not support step caches (diffstage's native "
-                             "transformers that do have a `step_cache` attribute and route their blocks through "
+                             "transformers that do take a `step_cache` argument and route their blocks through "
                              "it); use cache=none")
         self.step_cache = cache
 
@@ -148,8 +149,10 @@ class DenoisingStage(PipelineStage):
     def add_step_hook(self, hook: StepHook) -> None:
         self.step_hooks.append(hook)
 
-    def predict(self, latents, timestep, inputs: dict) -> torch.Tensor:
+    def predict(self, latents, timestep, inputs: dict, cache: StepCache | None = None) -> torch.Tensor:
         kwargs = {self.latents_arg: latents, self.timestep_arg: timestep, **inputs}
+        if cache is not None:  # this run's cache, passed with the call: the transformer is shared
+            kwargs["step_cache"] = cache
         state = current()
         if state.sequence == 1:
             return self.transformer(**kwargs, return_dict=False)[0]
@@ -207,28 +210,26 @@ class DenoisingStage(PipelineStage):
         init_sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
         if not (isinstance(init_sigma, (int, float)) and init_sigma == 1.0):  # Euler, DPM: noise at the top sigma
             latents = latents * init_sigma
-        cache = self.step_cache
+        cache = self.step_cache.for_run(len(req.timesteps)) if self.step_cache is not None else None
         self.last_cache_stats = None
-        if cache is not None:
-            cache.begin(len(req.timesteps))
-            self.transformer.step_cache = cache
         try:
-            latents = self._loop(req, latents, cond_inputs, uncond_inputs, joined, cfg_parallel, batch, step_kwargs)
+            latents = self._loop(req, latents, cond_inputs, uncond_inputs, joined, cfg_parallel, batch, step_kwargs,
+                                 cache)
         finally:
             if cache is not None:
-                self.transformer.step_cache = None
                 self.last_cache_stats = cache.stats()
                 cache.end()  # an idle pipeline holds no residuals (hundreds of MB at 1024x1024)
         req.latents = latents
         return req
 
-    def _loop(self, req, latents, cond_inputs, uncond_inputs, joined, cfg_parallel, batch, step_kwargs):
+    def _loop(self, req, latents, cond_inputs, uncond_inputs, joined, cfg_parallel, batch, step_kwargs,
+              cache: StepCache | None):
         timestep_input = self.callback("timestep_input")
         latent_input = self.callback("latent_input")
         combine = self.callback("combine_cfg")
         postprocess = self.callback("postprocess_prediction")
         scale_input = getattr(self.scheduler, "scale_model_input", None) if self.scale_model_input else None
-        state, cache = current(), self.step_cache
+        state = current()
         branch = (lambda i, name: cache.at(i, name)) if cache is not None else (lambda i, name: None)
         # disable=None: no bar when stderr is not a terminal (logs, CI, subprocesses)
         bar = tqdm(req.timesteps, disable=None if self.progress else True, desc="denoising", leave=False)
@@ -241,20 +242,20 @@ class DenoisingStage(PipelineStage):
                 first = state.index("cfg") == 0
                 branch(i, "cond" if first else "uncond")
                 mine = cond_inputs if first else uncond_inputs
-                cond, uncond = self.cfg_parallel_predictions(self.predict(model_input, timestep, mine), state)
+                cond, uncond = self.cfg_parallel_predictions(self.predict(model_input, timestep, mine, cache), state)
                 noise_pred = combine(cond, uncond, req.cfg_scale)
             elif joined is not None:
                 per_sample = isinstance(timestep, torch.Tensor) and timestep.dim() and timestep.shape[0] == batch
                 both_t = torch.cat([timestep, timestep]) if per_sample else timestep
                 branch(i, "both")
-                cond, uncond = self.predict(torch.cat([model_input, model_input]), both_t, joined).chunk(2)
+                cond, uncond = self.predict(torch.cat([model_input, model_input]), both_t, joined, cache).chunk(2)
                 noise_pred = combine(cond, uncond, req.cfg_scale)
             else:
                 branch(i, "cond")
-                noise_pred = self.predict(model_input, timestep, cond_inputs)
+                noise_pred = self.predict(model_input, timestep, cond_inputs, cache)
                 if uncond_inputs is not None:
                     branch(i, "uncond")
-                    uncond = self.predict(model_input, timestep, uncond_inputs)
+                    uncond = self.predict(model_input, timestep, uncond_inputs, cache)
                     noise_pred = combine(noise_pred, uncond, req.cfg_scale)
             noise_pred = postprocess(noise_pred, req, self.settings)
             for hook in self.step_hooks:

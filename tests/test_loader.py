@@ -7,6 +7,7 @@ import torch
 
 from diffstage import LoadError, UnsafeCheckpointError, build_pipeline, check_model
 from diffstage import loader
+from diffstage.session import default_session
 
 
 def edited_copy(src, dst, file: str, edit) -> object:
@@ -36,18 +37,19 @@ def test_loads_listed_modules_with_dtype(tiny_flux_dev, flux_spec):
 
 def test_cache_loads_nothing_the_second_time(tiny_flux_dev):
     loader.clear_cache()
-    before = loader.load_count
+    modules = default_session().modules
+    before = modules.load_count
     first = build_pipeline("flux", model_path=tiny_flux_dev)
-    assert loader.load_count - before == 7
+    assert modules.load_count - before == 7
     second = build_pipeline("flux", model_path=tiny_flux_dev)
-    assert loader.load_count - before == 7  # nothing new loaded
+    assert modules.load_count - before == 7  # nothing new loaded
     assert second.modules["transformer"] is first.modules["transformer"]
     # a different dtype is a different cache entry (only torch modules reload)
     build_pipeline("flux", model_path=tiny_flux_dev, overrides=["runtime.dtype=bfloat16"])
-    assert loader.load_count - before == 7 + 4
+    assert modules.load_count - before == 7 + 4
     # other execution settings reconfigure a separate copy of the native transformer only
     other = build_pipeline("flux", model_path=tiny_flux_dev, overrides=["attention=reference"])
-    assert loader.load_count - before == 7 + 4 + 1
+    assert modules.load_count - before == 7 + 4 + 1
     assert other.modules["transformer"].attention_backend == "reference"
     assert first.modules["transformer"].attention_backend == "sdpa"
 

@@ -18,9 +18,9 @@ def python_block(section: str) -> str:
 
 @pytest.mark.parametrize("section", SECTIONS)
 def test_readme_example_runs(section, tmp_path, monkeypatch):
-    from diffstage.reuse import SHARED
+    from diffstage.session import default_session
 
-    SHARED.clear()  # the reuse example starts from a new process's cache
+    default_session().reuse.clear()  # the reuse example starts from a new process's cache
     monkeypatch.chdir(tmp_path)
     exec(compile(python_block(section), f"README.md ({section})", "exec"), {})
     if section == SECTIONS[0]:

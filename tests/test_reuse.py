@@ -6,16 +6,17 @@ import torch
 
 from diffstage import DiffstageError, build_pipeline
 from diffstage.callbacks import reads
-from diffstage.reuse import SHARED, StageCache, Unhashable, fingerprint
+from diffstage.reuse import StageCache, Unhashable, fingerprint
+from diffstage.session import default_session
 
 PROMPT = "a handwritten digit four"
 
 
 @pytest.fixture(autouse=True)
 def empty_cache():
-    SHARED.clear()
+    default_session().reuse.clear()
     yield
-    SHARED.clear()
+    default_session().reuse.clear()
 
 
 def test_a_seed_sweep_encodes_the_prompt_once_and_changes_nothing():

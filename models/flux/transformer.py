@@ -203,7 +203,6 @@ class FluxTransformer(NativeModel):
     # attention runs across the ranks. The prediction is gathered along the image tokens.
     sequence_parallel_plan = {"hidden_states": 1, "encoder_hidden_states": 1, "img_ids": 0, "txt_ids": 0}
     sequence_parallel_output = 1
-    step_cache = None  # a diffstage.step_cache.StepCache while DenoisingStage runs with one
 
     def __init__(self, patch_size: int = 1, in_channels: int = 64, out_channels: int | None = None,
                  num_layers: int = 19, num_single_layers: int = 38, attention_head_dim: int = 128,
@@ -232,9 +231,12 @@ class FluxTransformer(NativeModel):
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
-                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None, return_dict: bool = True):
+                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None, return_dict: bool = True,
+                step_cache=None):
         """timestep and guidance in [0, 1] per batch item (scaled by 1000 inside, as in Diffusers);
-        img_ids / txt_ids: [seq, 3] position ids. Returns ([B, N, out_channels],) when not return_dict."""
+        img_ids / txt_ids: [seq, 3] position ids; step_cache: this run's diffstage.step_cache.StepCache
+        (an argument, as the module is shared by pipelines). Returns ([B, N, out_channels],) when not
+        return_dict."""
         ops, backend = self.ops, self.attention_backend
         if guidance is None and self.config.guidance_embeds:
             raise ValueError("this FLUX transformer embeds the guidance scale: pass `guidance`")
@@ -245,10 +247,10 @@ class FluxTransformer(NativeModel):
         rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)
 
         blocks = len(self.transformer_blocks) + len(self.single_transformer_blocks)
-        if self.step_cache is None:
+        if step_cache is None:
             img, txt = self.run_blocks(img, txt, 0, blocks, temb, rope)
         else:  # the cache may add a remembered residual instead of running (most of) the blocks
-            img, txt = self.step_cache(lambda h, c, start, stop: self.run_blocks(h, c, start, stop, temb, rope),
+            img, txt = step_cache(lambda h, c, start, stop: self.run_blocks(h, c, start, stop, temb, rope),
                                        img, txt, blocks, probe=lambda x=img: self.cache_probe(x, temb))
         out = self.proj_out(self.norm_out(img, temb, ops))
         return {"sample": out} if return_dict else (out,)
