@@ -24,6 +24,7 @@ from .distributed import init_parallel
 from .errors import DiffstageError, RequestError, SpecError, clipped, shown
 from .kernels import resolve_kernels
 from .models_dir import model_yaml
+from .overrides import prepare_overrides
 from .pipeline import Pipeline, make_request, request_problems
 from .req import FieldSpec, Req
 from .resolve import DEFAULT_ALLOWLIST, callback_allowlist, given_object, resolve
@@ -98,6 +99,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     overrides = [overrides] if isinstance(overrides, str) else list(overrides)
     if not all(isinstance(o, str) for o in overrides):
         raise DiffstageError(f"overrides must be a list of strings such as ['seed=3'], got {shown(overrides)}")
+    overrides = prepare_overrides(overrides)  # a model's request fields without `+`; typos with a did-you-mean
     try:
         if GlobalHydra.instance().is_initialized():
             return compose("config", overrides=list(overrides))

@@ -246,6 +246,7 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from .errors import DiffstageError, OutputError, shown
+    from .overrides import prepare_argv
 
     if any(a == "--experimental-rerun" or a.startswith("--experimental-rerun=") for a in argv):
         # it unpickles the file it is given: pickle can run code, and nothing in diffstage needs it
@@ -259,6 +260,10 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
 
     job.__module__, job.__name__ = task.__module__, task.__name__  # Hydra names the job from these
     app = hydra.main(version_base=None, config_path="pkg://diffstage.conf", config_name=config_name)(job)
+    try:  # typos get a did-you-mean, a model's request fields their `+` (see overrides.py)
+        argv = prepare_argv(argv)
+    except DiffstageError as e:
+        _fail(e)
     sys.argv = [f"diffstage {command}"] + argv
     # Hydra prints a traceback for errors outside the task (a run directory it cannot create);
     # HYDRA_FULL_ERROR makes it raise them instead, so they get one clear line here.

@@ -36,10 +36,21 @@ def _unknown(section: dict, known, prefix: str, no_match: str | None = None) -> 
     return out
 
 
+SECTIONS = {"sampling": None, "runtime": RUNTIME, "attention": ATTENTION, "output": OUTPUT, "reuse": REUSE,
+            "parallel": PARALLEL}  # None: sampling keys are checked against the model's request fields
+
+
+def key_problems(key: list[str]) -> list[str]:
+    """An unknown key of a command-line override (split at the dots), before Hydra composes anything."""
+    if key[0] not in TOP_LEVEL:
+        return _unknown({key[0]: None}, TOP_LEVEL, "")
+    known = SECTIONS.get(key[0])
+    return _unknown({key[1]: None}, known, f"{key[0]}.") if known is not None and len(key) == 2 else []
+
+
 def run_config_problems(cfg: dict[str, Any]) -> list[str]:
     problems = _unknown(cfg, TOP_LEVEL, "")
-    for name, known in (("sampling", None), ("runtime", RUNTIME), ("attention", ATTENTION), ("output", OUTPUT),
-                        ("reuse", REUSE), ("parallel", PARALLEL)):
+    for name, known in SECTIONS.items():
         section = cfg.get(name)
         if section is None:
             continue

@@ -49,3 +49,57 @@ def test_fixed_max_length_beyond_the_encoders_position_table_is_refused(qwen_sho
     with pytest.raises(DiffstageError, match=r"encoders\[0\]\.max_length is 1058, but this encoder handles at most "
                                              r"1000 tokens \(its max_position_embeddings\)"):
         build_pipeline("qwen_image", model_path=ckpt)
+
+
+# --- 13 and 16: command-line keys --------------------------------------------------------------------------
+
+from test_cli import run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    from diffstage.models.wan.tiny import build_tiny_wan
+
+    return build_tiny_wan(tmp_path_factory.mktemp("ckpt") / "tiny-wan")
+
+
+def test_a_models_request_field_is_set_like_the_standard_ones(tiny_wan, tmp_path):
+    from diffstage.video import read_mp4
+
+    r = run("generate", "model=wan_t2v", f"model_path={tiny_wan}", "sampling.num_frames=9", f"hydra.run.dir={tmp_path}",
+            "sampling.num_inference_steps=2", "sampling.height=32", "sampling.width=32",
+            "sampling.max_sequence_length=16")
+    assert r.returncode == 0, r.stderr
+    frames, _ = read_mp4(tmp_path / "video.mp4")
+    assert frames.shape == (9, 32, 32, 3)
+
+
+def test_a_model_field_from_python_overrides_too(tiny_wan):
+    pipe = build_pipeline("wan_t2v", model_path=tiny_wan, overrides=["sampling.num_frames=9"])
+    assert pipe.defaults["num_frames"] == 9
+
+
+def test_an_unknown_sampling_key_is_still_refused_with_a_did_you_mean(tmp_path):
+    r = run("generate", "sampling.num_inference_stesp=2", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("unknown key 'sampling.num_inference_stesp' (did you mean 'num_inference_steps'?)"
+            in r.stderr)
+    with pytest.raises(DiffstageError, match=r"unknown key 'sampling.heigth' \(did you mean 'height'\?\)"):
+        build_pipeline("digits", overrides=["sampling.heigth=32"])
+
+
+@pytest.mark.parametrize("command", ["generate", "sheet"])
+def test_a_key_typo_gets_the_did_you_mean_the_first_time(command, tmp_path):
+    r = run(command, "promt=a handwritten digit four", "runtime.devcie=cpu", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "unknown key 'promt' (did you mean 'prompt'?)" in r.stderr
+    assert "unknown key 'runtime.devcie' (did you mean 'device'?)" in r.stderr
+    assert "+promt" not in r.stderr and "To append" not in r.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_a_prompt_without_a_key_gets_a_hint(tmp_path):
+    r = run("generate", "a handwritten digit four", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "LexerNoViableAlt" not in r.stderr
+    assert ("error: 'a handwritten digit four' is not an override (KEY=VALUE); to set the prompt, write "
+            "prompt=\"a handwritten digit four\"") in r.stderr
