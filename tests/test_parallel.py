@@ -87,8 +87,11 @@ def test_torchrun_cfg_parallel_writes_one_png_equal_to_one_process(tmp_path):
     assert one.returncode == 0, one.stderr
     from PIL import Image
 
-    a, b = (np.asarray(Image.open(tmp_path / d / "image.png")) for d in ("two", "one"))
-    assert np.array_equal(a, b)
+    a, b = (np.asarray(Image.open(tmp_path / d / "image.png")).astype(int) for d in ("two", "one"))
+    # Not bit for bit: one process batches both CFG branches in one call, two ranks run one each, and matmuls of
+    # other shapes round differently (on a 2-core AMD EPYC one of 3,072 values moved by 1/255). What holds is
+    # float rounding (the arrays above agree within TOL), so a pixel within one 8-bit step (1/255).
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".hydra", "diffstage.log", "image.png"]
 
 
