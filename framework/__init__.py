@@ -6,6 +6,7 @@ from .errors import (ConcurrentUseError, DiffstageError, DisallowedPathError, Lo
 from .pipeline import Pipeline, PipelineOutput
 from .pipeline_builder import PipelineBuilder
 from .req import FieldSpec, Req
+from .session import Session, default_session
 from .stage import CallbackSpec, Contract, PipelineStage
 
 __version__ = "0.1.0"
@@ -14,5 +15,5 @@ __all__ = [
     "build_pipeline", "build_from_config", "check_model", "PipelineBuilder", "Pipeline", "PipelineOutput", "Req", "FieldSpec", "reads",
     "PipelineStage", "CallbackSpec", "Contract", "DiffstageError", "SpecError", "Problem",
     "DisallowedPathError", "LoadError", "RequestError", "UnsafeCheckpointError", "StageError", "OutputError",
-    "ConcurrentUseError",
+    "ConcurrentUseError", "Session", "default_session",
 ]

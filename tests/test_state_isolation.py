@@ -173,3 +173,32 @@ def test_a_new_session_shares_nothing_with_the_default_one():
     assert pipe(PROMPT, seed=1, **FAST).reused == []
     assert session.modules.load_count == 7 and len(session.reuse) == 1
     assert default_session() is default_session()
+
+
+def test_a_rewritten_module_replaces_its_old_version_in_the_cache(tmp_path):
+    """Only the rewritten module loads again, and the old weights are not kept beside the new ones."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(DIGITS, ckpt)
+    session = Session()
+    first = build_pipeline("digits", model_path=ckpt, session=session)
+    for file in (ckpt / "vae").glob("*.safetensors"):
+        perturb_in_place(file, 2)
+    second = build_pipeline("digits", model_path=ckpt, session=session)
+    assert session.modules.load_count == 7 + 1 and len(session.modules) == 7
+    assert second.modules["vae"] is not first.modules["vae"]
+    assert second.modules["transformer"] is first.modules["transformer"]
+
+
+def test_each_entry_keeps_to_the_budget_of_the_pipeline_that_stored_it():
+    from diffstage.reuse import StageCache
+
+    cache = StageCache(max_bytes=3 * 400)
+    cache.put("a", {"x": torch.zeros(100)})  # 400 bytes, the default budget (1200)
+    cache.put("small", {"x": torch.zeros(100)}, max_bytes=400)
+    cache.put("none", {"x": torch.zeros(1)}, max_bytes=0)  # a budget of 0 stores nothing
+    assert cache.get("none") is None and len(cache) == 2
+    cache.put("b", {"x": torch.zeros(100)})  # 400 bytes used after "small": past its budget, not past a's
+    assert cache.get("small") is None and cache.get("a") is not None and cache.get("b") is not None
+    for i in range(3):
+        cache.put(i, {"x": torch.zeros(100)})  # a plain LRU of 1200 bytes for entries of one budget
+    assert len(cache) == 3 and cache.get("a") is None and cache.get(2) is not None
