@@ -11,15 +11,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 
-def folder_identity(folder: Path) -> str:
+def folder_identity(folder: Path, files: Iterable[Path] | None = None) -> str:
     """A digest of the name, size, mtime, ctime, inode and device of every file under `folder` (symlinks
-    followed, as the Hugging Face cache links files to blobs). Call it after the folder's checks."""
+    followed, as the Hugging Face cache links files to blobs), or of `files` when the folder's checks
+    already listed them. Call it after those checks."""
     rows = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    listed = files if files is not None else (p for p in folder.rglob("*") if p.is_file())
+    for path in sorted(listed):
         st = path.stat()
         rows.append((path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                      st.st_dev))
