@@ -85,7 +85,12 @@ def callback_identity(fn: Any) -> Any:
     """A callback as a key part: the function itself, so the key keeps it alive and a new function can
     never share its identity (an id() can be recycled once the function is freed)."""
     fn = inspect.unwrap(fn)  # the bound callback is wrapped for error reporting
-    return getattr(fn, "__func__", fn)
+    target = getattr(fn, "__func__", fn)
+    try:
+        hash(target)
+    except TypeError:  # a callable object that defines __eq__ without __hash__
+        raise Unhashable(type(target).__name__) from None
+    return target
 
 
 def _undeclared_callbacks(stage) -> list[str]:
@@ -134,9 +139,9 @@ class StageCache:
             args = fingerprint(stage.init_args, module_keys)
             reads = {f: fingerprint(getattr(req, f)) for f in sorted(contract.reads | contract.optional_reads)}
             settings = fingerprint(dict(stage.settings))
+            callbacks = tuple((name, callback_identity(fn)) for name, fn in sorted(stage._callbacks.items()) if fn)
         except Unhashable:
             return None
-        callbacks = tuple((name, callback_identity(fn)) for name, fn in sorted(stage._callbacks.items()) if fn)
         # The class object, not its name: a class redefined under the same name is another class.
         return (type(stage), args, callbacks, settings, tuple(reads.items()))
 

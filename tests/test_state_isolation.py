@@ -202,3 +202,23 @@ def test_each_entry_keeps_to_the_budget_of_the_pipeline_that_stored_it():
     for i in range(3):
         cache.put(i, {"x": torch.zeros(100)})  # a plain LRU of 1200 bytes for entries of one budget
     assert len(cache) == 3 and cache.get("a") is None and cache.get(2) is not None
+
+
+def test_an_unhashable_callable_callback_makes_the_stage_run_not_fail():
+    from diffstage.callbacks import reads
+
+    class Combine:
+        __hash__ = None  # defines equality by value, so instances cannot be dict keys
+
+        def __eq__(self, other):
+            return isinstance(other, Combine)
+
+        def __call__(self, outputs, req, settings):
+            return {"prompt_embeds": outputs["prompt_embeds"]}
+
+    pipe = build_pipeline("digits")
+    combine = Combine()
+    reads()(combine)
+    pipe.stages[1].bind({"combine": combine}, dict(pipe.stages[1].settings))
+    pipe(PROMPT, seed=0, **FAST)
+    assert pipe(PROMPT, seed=1, **FAST).reused == []
