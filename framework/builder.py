@@ -198,6 +198,9 @@ def build_from_config(cfg: DictConfig | dict, request: dict[str, Any] | None = N
     dtype = parse_dtype(runtime.get("dtype", "float32"))
     device = parse_device(runtime.get("device", "cpu"))
     init_parallel(plain.get("parallel") or {}, device)  # before any weight loads: the layout is checked here
+    for planned in checked.plan:  # a stage that builds the checkpoint's own pipeline: its class is checked first
+        if planned.cls.takes_all_modules:
+            loader.pipeline_class(model_path, checked.allowlist)
     keys: dict[str, str] = {}
     modules = loader.load_modules(spec, model_path, dtype=dtype, device=device,
                                   allow_pickle=plain.get("allow_pickle", False),

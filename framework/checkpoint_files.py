@@ -3,10 +3,13 @@
 A downloaded checkpoint is untrusted input. Its shard index (`*.safetensors.index.json`) names
 the weight files by path, so it could point at '../../secret' or '/etc/passwd'; a FIFO in place
 of a weight file makes open() block forever. Both are refused before any loader reads them.
-(Symlinks are followed: the Hugging Face cache links every file to a blob outside the folder.)"""
+A folder linked to '/' would be walked whole: folders are checked before they are walked, and a walk
+stops at MAX_FOLDER_ENTRIES. (File links are followed: the Hugging Face cache links every file of a
+snapshot to a blob outside it; folder links may not leave the checkpoint.)"""
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 from pathlib import Path, PurePosixPath
@@ -67,23 +70,67 @@ def shard_files(index_file: Path) -> list[Path]:
     return files
 
 
-def check_module_folder(folder: Path) -> None:
-    """Refuse a module folder a loader could be tricked by: special files, escaping shard indexes."""
-    for path in sorted(folder.rglob("*")):
-        if not path.is_dir():
-            require_regular_file(path)
+MAX_FOLDER_ENTRIES = 10_000  # files and folders in one component; released ones hold a few to a few hundred
+
+
+def check_folder_link(folder: Path, root: Path) -> None:
+    """Refuse a folder that resolves outside the checkpoint `root` (a link to '/', to a home folder...)."""
+    target = folder.resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise LoadError(f"{folder} is a link to the folder '{target}', which is outside the checkpoint; refused "
+                        "(files may link outside, as in the Hugging Face cache, but folders may not)")
+
+
+def component_files(folder: Path, root: Path) -> list[Path]:
+    """Every file in a component folder and the folders inside it. Each folder is checked by
+    check_folder_link before it is walked, and the walk stops past MAX_FOLDER_ENTRIES entries."""
+    files: list[Path] = []
+    seen, pending, count = set(), [folder], 0
+    while pending:
+        current = pending.pop()
+        check_folder_link(current, root)
+        if current.resolve() in seen:  # a link back to a folder already walked
+            continue
+        seen.add(current.resolve())
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    count += 1
+                    if count > MAX_FOLDER_ENTRIES:
+                        raise LoadError(f"{folder} holds more than {MAX_FOLDER_ENTRIES:,} files and folders; a "
+                                        "checkpoint component holds at most a few hundred (is model_path right?)")
+                    path = Path(entry.path)
+                    (pending if entry.is_dir() else files).append(path)  # is_dir follows links: checked above
+        except OSError as e:
+            raise LoadError(f"cannot read the folder {current}: {e.strerror or e}") from None
+    return sorted(files)
+
+
+def check_module_folder(folder: Path, root: Path | None = None) -> list[Path]:
+    """Refuse a module folder a loader could be tricked by: folders linked out of the checkpoint `root`
+    (default: the folder's parent), too many files, special files, escaping shard indexes, absurd
+    config sizes. Returns the folder's files."""
+    files = component_files(folder, root or folder.parent)
+    for path in files:
+        require_regular_file(path)
     for index_file in sorted(folder.glob("*.index.json")):
         shard_files(index_file)
-    if (folder / "config.json").is_file():
-        check_config_sizes(folder / "config.json")
+    for name in ("config.json", "scheduler_config.json"):
+        if (folder / name).is_file():
+            check_config_sizes(folder / name)
+    return files
 
 
 MAX_LAYERS = 1000  # far above any released model; a config asking for more would only hang the build
 _LAYER_KEY = re.compile(r"(^|_)(layers|blocks|depth)$|^n_layer$")
+# Released schedulers train on 1000 timesteps; a scheduler builds tables this long when it is created,
+# so 2e8 took a minute and gave a black image. 100x the usual leaves room for any real schedule.
+MAX_TRAIN_TIMESTEPS = 100_000
+_LIMITS = ((_LAYER_KEY, MAX_LAYERS, "layers"), (re.compile(r"^num_train_timesteps$"), MAX_TRAIN_TIMESTEPS, "timesteps"))
 
 
 def check_config_sizes(config_file: Path) -> None:
-    """A config.json whose layer counts could not be real: refused before the model is built, since
+    """A config whose layer or timestep counts could not be real: refused before the model is built, since
     building (then failing strict loading) would take hours. Larger sizes fail strict loading quickly."""
     config = read_json_file(config_file)
     stack = [config]
@@ -93,9 +140,10 @@ def check_config_sizes(config_file: Path) -> None:
             for key, value in node.items():
                 if isinstance(value, (dict, list)):
                     stack.append(value)
-                elif isinstance(key, str) and _LAYER_KEY.search(key) and isinstance(value, (int, float)) \
-                        and not isinstance(value, bool) and value > MAX_LAYERS:
-                    raise LoadError(f"{config_file}: {key} is {shown(value)}; at most {MAX_LAYERS} layers are "
-                                    "supported (is this config.json damaged?)")
+                elif isinstance(key, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    for pattern, limit, unit in _LIMITS:
+                        if pattern.search(key) and value > limit:
+                            raise LoadError(f"{config_file}: {key} is {shown(value)}; at most {limit} {unit} are "
+                                            f"supported (is this {config_file.name} damaged?)")
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))

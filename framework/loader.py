@@ -19,17 +19,16 @@ from typing import Any
 import torch
 
 from .checkpoint_files import check_module_folder, read_json_object
-from .errors import DiffstageError, DisallowedPathError, LoadError, UnsafeCheckpointError, shown, strict_bool
+from .errors import DiffstageError, DisallowedPathError, LoadError, shown, strict_bool
 from .models_dir import looks_like_repo_id
 from .module_cache import ModuleCache, folder_identity
 from .resolve import DEFAULT_ALLOWLIST, resolve
 from .session import default_session
 from .spec import ModelSpec
 from .torch_utils import parse_dtype
+from .weight_files import check_pickle_free, check_safetensors_headers, require_safe_torch_load
 
 log = logging.getLogger(__name__)
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -60,15 +59,23 @@ def index_modules(index: dict) -> list[str]:
 
 
 def pipeline_class(model_path: str | os.PathLike, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> type:
-    """The Diffusers pipeline class a checkpoint's model_index.json names, through the allowlist."""
+    """The Diffusers pipeline class a checkpoint's model_index.json names, through the allowlist. Only a
+    DiffusionPipeline subclass: the fallback calls the class with every loaded module, and any other name
+    (a function, a model class that builds a default 12B-parameter model) would run as it likes."""
     index = read_json_object(resolve_checkpoint(model_path, ()) / "model_index.json")
     name = index.get("_class_name")
     if not isinstance(name, str) or not name.isidentifier():
         raise LoadError(f"model_index.json of '{model_path}' names no pipeline class (_class_name: {shown(name)})")
     try:
-        return resolve(f"diffusers.{name}", allowlist)
+        cls = resolve(f"diffusers.{name}", allowlist)
     except DiffstageError as e:
         raise LoadError(f"the checkpoint's pipeline class 'diffusers.{name}' cannot be loaded: {e}") from None
+    from diffusers import DiffusionPipeline
+
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
+        raise LoadError(f"model_index.json of '{model_path}' names _class_name '{name}', which is not a Diffusers "
+                        "pipeline (a subclass of diffusers.DiffusionPipeline); refused")
+    return cls
 
 
 def resolve_checkpoint(model_path: str | os.PathLike, subfolders: Iterable[str]) -> Path:
@@ -94,18 +101,14 @@ def resolve_checkpoint(model_path: str | os.PathLike, subfolders: Iterable[str])
                         f"{why}") from None
 
 
-def check_safetensors(folder: Path, module: str, allow_pickle: bool) -> None:
-    """Refuse a module whose weights exist only as pickle files, unless allowed."""
-    if allow_pickle or not folder.is_dir():
+def check_safetensors(folder: Path, module: str, allow_pickle: bool, files: list[Path]) -> None:
+    """Without allow_pickle, refuse a module whose weights the loaders would unpickle (see weight_files);
+    with it, refuse a torch whose pickle guard has a known bypass. `files`: the folder's files."""
+    if allow_pickle:
+        require_safe_torch_load()
         return
-    files = [f for f in folder.rglob("*") if f.is_file()]
-    if any(f.suffix == ".safetensors" for f in files):
-        return
-    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise UnsafeCheckpointError(
-            f"module '{module}': {pickles[0]} is a pickle checkpoint, and loading pickle can run "
-            "arbitrary code; convert it to safetensors, or set allow_pickle=true if you trust its source")
+    check_pickle_free(folder, module, files)
+    check_safetensors_headers(folder, module)
 
 
 def module_class(spec: ModelSpec, name: str, index: dict, allowlist: Iterable[str]) -> type:
@@ -261,8 +264,8 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         folder = root / sub
         if not folder.is_dir():
             raise LoadError(f"module '{name}': folder '{folder}' does not exist in the checkpoint")
-        check_module_folder(folder)  # checked on every build, cached or not: the files may have changed
-        check_safetensors(folder, name, allow_pickle)
+        files = check_module_folder(folder, root)  # checked on every build, cached or not: the files may have changed
+        check_safetensors(folder, name, allow_pickle, files)
         key = ModuleKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
                         str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
                         repr(sorted(options.items())) if configurable else "-", folder_identity(folder))

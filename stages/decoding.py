@@ -20,6 +20,14 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def check_finite_decoded(image, stage: str, also: str = "") -> None:
+    """Refuse decoded pixels (a tensor or array) with NaN or Inf: clamping or 8-bit conversion would turn them
+    into a black image, silently."""
+    if not bool(torch.isfinite(torch.as_tensor(image)).all()):
+        raise StageError(f"{stage}: the VAE decoded NaN or infinite values; check the VAE's config.json "
+                         f"(scaling_factor, shift_factor){' ' + also if also else ''}")
+
+
 class DecodingStage(PipelineStage):
     reads = ("latents",)
     optional_reads = ("raw_latent_shape", "height", "width")
@@ -82,9 +90,7 @@ class DecodingStage(PipelineStage):
         latents = self.callback("denormalize")(latents, self.settings, self.vae)
         latents = latents.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
         image = self.callback("postprocess_image")(self.vae.decode(latents, return_dict=False)[0], self.settings)
-        if not bool(torch.isfinite(image).all()):  # clamp would turn NaN into a black image, silently
-            raise StageError("DecodingStage: the VAE decoded NaN or infinite values; check the VAE's config.json "
-                             "(scaling_factor, shift_factor) and the model YAML's decoding callbacks")
+        check_finite_decoded(image, "DecodingStage", "and the model YAML's decoding callbacks")
         image = (image * 0.5 + 0.5).clamp(0, 1)
         req.decoded = image
         req.output = self.convert(image, req.output_type)

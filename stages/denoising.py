@@ -19,6 +19,14 @@ from diffstage.step_cache import StepCache, takes_step_cache
 StepHook = Callable[..., "torch.Tensor | None"]
 
 
+def check_finite_latents(latents: torch.Tensor, stage: str, step: int, steps: int, t) -> None:
+    """Refuse latents with NaN or Inf at the step they appear (one reduction a step; NaN never recovers)."""
+    if not bool(torch.isfinite(latents).all()):
+        raise RequestError(f"{stage}: the latents became NaN or infinite at step {step} of {steps} (timestep "
+                           f"{float(t):g}); the model diverged: try a lower guidance scale, float32 (runtime.dtype), "
+                           "or another seed")
+
+
 class DenoisingStage(PipelineStage):
     """Runs the transformer over the schedule.
 
@@ -263,8 +271,5 @@ class DenoisingStage(PipelineStage):
                 if out is not None:
                     noise_pred = out
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if not bool(torch.isfinite(latents).all()):  # one reduction a step; NaN never recovers
-                raise RequestError(f"{type(self).__name__}: the latents became NaN or infinite at step {i + 1} of "
-                                   f"{len(req.timesteps)} (timestep {float(t):g}); the model diverged: try a lower "
-                                   "guidance scale, float32 (runtime.dtype), or another seed")
+            check_finite_latents(latents, type(self).__name__, i + 1, len(req.timesteps), t)
         return latents

@@ -6,8 +6,13 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
+import torch
+
 from diffstage.req import Req
 from diffstage.stage import PipelineStage
+from diffstage.stages.decoding import check_finite_decoded, to_pil
+from diffstage.stages.denoising import check_finite_latents
 
 # Request fields handed to the pipeline's __call__ when it takes them (and they are set).
 PASSED = ("prompt", "prompt_2", "negative_prompt", "num_inference_steps", "height", "width", "guidance_scale",
@@ -43,11 +48,41 @@ class DiffusersPipelineStage(PipelineStage):
                       and (name in given or p.default is inspect.Parameter.empty)}
             self.pipe = pipeline_class(**kwargs)
             self.pipe.set_progress_bar_config(disable=None if progress else True)
-            accepted = inspect.signature(self.pipe.__call__).parameters
-            self.passed = [name for name in PASSED if name in accepted]  # the request fields its __call__ takes
+            self.accepted = set(inspect.signature(self.pipe.__call__).parameters)
+            self.passed = [name for name in PASSED if name in self.accepted]  # the request fields its __call__ takes
+
+    def step_check(self, steps: int) -> dict[str, Any]:
+        """The NaN/Inf check of the native denoising loop, as the step callback this pipeline's __call__ takes."""
+        name = type(self).__name__
+
+        def check(i, t, latents):
+            if isinstance(latents, torch.Tensor):
+                check_finite_latents(latents, name, i + 1, steps, t)
+
+        def on_step_end(pipe, i, t, callback_kwargs):
+            check(i, t, callback_kwargs.get("latents"))
+            return callback_kwargs
+
+        if "callback_on_step_end" in self.accepted:
+            extra = {"callback_on_step_end": on_step_end}
+        elif "callback" in self.accepted and "callback_steps" in self.accepted:  # the older form
+            extra = {"callback": check, "callback_steps": 1}
+        else:
+            extra = {}
+        return {k: v for k, v in extra.items() if k not in self.call_kwargs}
 
     def forward(self, req: Req) -> Req:
         kwargs = {name: getattr(req, name) for name in self.passed if getattr(req, name) is not None}
+        wanted = kwargs.get("output_type", "pil")
+        if wanted == "pil" and "output_type" in self.passed:
+            kwargs["output_type"] = "np"  # PIL conversion turns NaN into black: check the array, then convert
+        kwargs.update(self.step_check(req.num_inference_steps))
         out = self.pipe(**self.call_kwargs, **kwargs)
-        req.output = out.images if hasattr(out, "images") else out.frames
+        output = out.images if hasattr(out, "images") else out.frames
+        arrays = isinstance(output, (np.ndarray, torch.Tensor))
+        if wanted != "latent" and arrays:
+            check_finite_decoded(output, type(self).__name__)  # the check of the native DecodingStage
+        if kwargs.get("output_type", wanted) != wanted and arrays:  # as Diffusers converts: [B, H, W, C], videos 5-D
+            output = to_pil(output) if output.ndim == 4 else [to_pil(frames) for frames in output]
+        req.output = output
         return req
