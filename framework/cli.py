@@ -247,6 +247,9 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
 
     from .errors import DiffstageError, OutputError, shown
     from .overrides import prepare_argv
+    from .setting_use import plain_cli_warnings
+
+    plain_cli_warnings()
 
     if any(a == "--experimental-rerun" or a.startswith("--experimental-rerun=") for a in argv):
         # it unpickles the file it is given: pickle can run code, and nothing in diffstage needs it

@@ -10,7 +10,8 @@ import torch
 
 from .errors import ConcurrentUseError, DiffstageError, RequestError, StageError, clipped
 from .memory import check_fits
-from .req import Req
+from .req import Req, recording_reads
+from .setting_use import given_settings, ignored_settings, warn_ignored
 from .reuse import DEFAULT_MAX_BYTES, StageCache
 from .spec import ModelSpec, did_you_mean
 from .stage import PipelineStage
@@ -48,6 +49,7 @@ class PipelineOutput:
     req: Req | None = None
     reused: list[str] = field(default_factory=list)  # labels of the stages whose outputs came from the reuse cache
     reports: dict[str, dict] = field(default_factory=dict)  # stage label -> its report() (step cache counts)
+    ignored: dict[str, str] = field(default_factory=dict)  # setting -> why it had no effect (setting_use.py)
 
     @property
     def frames(self) -> Any:
@@ -112,9 +114,14 @@ class Pipeline:
             self._running_in = threading.get_ident()
             try:
                 self.check_request(req)
-                return self._run_stages(req)
+                given = given_settings(req, self.spec)
+                with recording_reads() as reads:  # which settings the stages and callbacks used
+                    out = self._run_stages(req)
             finally:
                 self._running_in = None
+        out.ignored = ignored_settings(given, reads, self.spec, self.stages)
+        warn_ignored(out.ignored)
+        return out
 
     @torch.inference_mode()
     def _run_stages(self, req: Req) -> PipelineOutput:

@@ -14,8 +14,37 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
+
+# The names read from any Req while a run records them (see recording_reads); per thread, so that runs of
+# other pipelines in other threads do not mix in.
+_READS: ContextVar[set[str] | None] = ContextVar("diffstage_req_reads", default=None)
+
+
+@contextmanager
+def recording_reads() -> Iterator[set[str]]:
+    """Collect the attribute names read from Req objects in this thread: what a run actually used."""
+    names: set[str] = set()
+    token = _READS.set(names)
+    try:
+        yield names
+    finally:
+        _READS.reset(token)
+
+
+@contextmanager
+def unrecorded() -> Iterator[None]:
+    """Reads that use nothing: validation looks at every setting."""
+    token = _READS.set(None)
+    try:
+        yield
+    finally:
+        _READS.reset(token)
+
 
 FIELD_TYPES = ("int", "float", "str", "text", "bool", "image", "any")  # text: a string or a list of strings
 
@@ -134,6 +163,12 @@ class Req:
         extra = [(s.name, Any, field(default=s.default, metadata={"role": s.role, "doc": s.doc, "spec": s}))
                  for s in specs]
         return make_dataclass("Req", extra, bases=(Req,), namespace={"__module__": Req.__module__})
+
+    def __getattribute__(self, name: str) -> Any:
+        reads = _READS.get()
+        if reads is not None:
+            reads.add(name)
+        return object.__getattribute__(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # a misspelt field would otherwise be set quietly and never read

@@ -7,7 +7,7 @@ import torch
 from pydantic import Field
 
 from diffstage.errors import RequestError, StageError, shown
-from diffstage.req import Req
+from diffstage.req import Req, unrecorded
 from diffstage.stage import CallbackSpec, PipelineStage
 
 CFG_SCALE_FIELDS = ("guidance_scale", "true_cfg_scale")
@@ -86,7 +86,8 @@ class InputValidationStage(PipelineStage):
 
     def forward(self, req: Req) -> Req:
         self.complete_request(req)  # a stage run on its own, outside a Pipeline
-        errors = self.request_problems(req)
+        with unrecorded():  # checking every setting is no use of any (setting_use.py)
+            errors = self.request_problems(req)
         if errors:
             raise RequestError("invalid request:\n" + "\n".join(f"  - {e}" for e in errors))
 

@@ -103,3 +103,36 @@ def test_a_prompt_without_a_key_gets_a_hint(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "LexerNoViableAlt" not in r.stderr
     assert ("error: 'a handwritten digit four' is not an override (KEY=VALUE); to set the prompt, write "
             "prompt=\"a handwritten digit four\"") in r.stderr
+
+
+# --- 15: a setting the model ignores says so ---------------------------------------------------------------
+
+IGNORED = ("sampling.guidance_scale has no effect on model 'digits': nothing in its pipeline reads it (its "
+           "classifier-free guidance scale is true_cfg_scale)")
+
+
+def test_a_setting_nothing_reads_is_named_with_the_reason():
+    from diffstage.setting_use import IgnoredSettingWarning
+
+    pipe = build_pipeline("digits", overrides=["sampling.num_inference_steps=2", "sampling.guidance_scale=4"])
+    with pytest.warns(IgnoredSettingWarning) as caught:
+        out = pipe("a handwritten digit four", seed=0)
+    assert [str(w.message) for w in caught] == [IGNORED]
+    assert out.ignored == {"guidance_scale": IGNORED}
+
+
+def test_settings_that_are_read_give_no_warning(tiny_flux_dev, recwarn):
+    pipe = build_pipeline("digits", overrides=["sampling.num_inference_steps=2", "sampling.true_cfg_scale=2"])
+    assert pipe("a handwritten digit four", seed=0, negative_prompt="blurry").ignored == {}
+    # FLUX.1-dev embeds guidance_scale in its transformer: read there
+    flux = build_pipeline("flux", model_path=tiny_flux_dev, overrides=[
+        "sampling.num_inference_steps=1", "sampling.height=32", "sampling.width=32", "sampling.max_sequence_length=16"])
+    assert flux("a red fox", seed=0, guidance_scale=2.5).ignored == {}
+    assert not [w for w in recwarn if "no effect" in str(w.message)]
+
+
+def test_a_sweep_over_an_ignored_setting_warns_once(tmp_path):
+    r = run("generate", "-m", "seed=0,1", "sampling.guidance_scale=2,4", "sampling.num_inference_steps=2",
+            f"hydra.sweep.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("has no effect") == 1 and f"warning: {IGNORED}\n" in r.stderr
