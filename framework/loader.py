@@ -253,6 +253,12 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         cls = module_class(spec, name, index, allowlist)
         mdtype = parse_dtype(spec.module_spec(name).dtype or dtype)
         is_torch = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+        folder = root / sub
+        if not folder.is_dir():
+            raise LoadError(f"module '{name}': folder '{folder}' does not exist in the checkpoint")
+        files = check_module_folder(folder, root)  # every build, cached or not (files change), before
+        # anything reads them (a native model's runtime options read its config)
+        check_safetensors(folder, name, allow_pickle, files)
         configurable = execution is not None and hasattr(cls, "configure_runtime")
         try:
             options = _runtime_for(cls, root / sub, execution, mdtype, device) if configurable else None
@@ -261,11 +267,6 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         except Exception as e:  # the config does not build the model: the load below would say the same
             raise LoadError(f"module '{name}': {cls.__name__} cannot be built from '{root / sub / 'config.json'}': "
                             f"{type(e).__name__}: {e}") from None
-        folder = root / sub
-        if not folder.is_dir():
-            raise LoadError(f"module '{name}': folder '{folder}' does not exist in the checkpoint")
-        files = check_module_folder(folder, root)  # checked on every build, cached or not: the files may have changed
-        check_safetensors(folder, name, allow_pickle, files)
         key = ModuleKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
                         str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
                         repr(sorted(options.items())) if configurable else "-", folder_identity(folder))

@@ -295,6 +295,21 @@ def test_a_folder_linked_outside_the_checkpoint_is_refused_before_walking_it(ckp
         loader.load_modules(check_model("pixart_sigma").spec, ckpt)
 
 
+def test_a_native_module_folder_linked_outside_is_refused_before_its_config_is_read(tiny_flux_dev, tmp_path):
+    """A native model reads its config.json to choose runtime options: the link is refused before that."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_flux_dev, ckpt)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text("{not json")
+    shutil.rmtree(ckpt / "transformer")
+    (ckpt / "transformer").symlink_to(outside, target_is_directory=True)
+    loader.clear_cache()
+    with pytest.raises(LoadError, match=r"transformer is a link to the folder '.*outside', which is outside the "
+                                        r"checkpoint; refused"):
+        loader.load_modules(check_model("flux").spec, ckpt, execution={"attention": "sdpa", "matmul_dtype": "auto"})
+
+
 def test_a_component_folder_with_too_many_files_is_refused(ckpt, monkeypatch):
     monkeypatch.setattr(checkpoint_files, "MAX_FOLDER_ENTRIES", 50)
     for i in range(60):
