@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from .console import say
+
 USAGE = """usage: diffstage <command> [args]
 
 commands:
@@ -87,7 +89,7 @@ def _save(item, name: str, pipe, prompt: str, seed) -> Path:
         path = save_png(item, wanted, meta)
     if path != wanted:  # another run (or a folder) has that name: nothing is overwritten
         print(f"note: {wanted} exists; wrote {path.name} beside it", file=sys.stderr)
-    print(path.resolve(), flush=True)
+    say(path.resolve())
     return path.resolve()
 
 
@@ -206,7 +208,7 @@ def _sheet_entries(plain: dict, examples) -> list[tuple[str, str]]:
 
 def _sheet_task(cfg):
     from .builder import build_from_config, check_model
-    from .errors import DiffstageError
+    from .errors import DiffstageError, OutputError
     from .sheet import contact_sheet
     from .sweep import job_result
 
@@ -235,8 +237,24 @@ def _sheet_task(cfg):
     except DiffstageError as e:
         _fail(e)
         return
-    sheet = contact_sheet(images, labels, columns=len(images) // len(seeds))
-    path = _save(sheet, base.name, pipe, "; ".join(p for _, p in entries), ",".join(map(str, seeds)))
+    from .distributed import is_main_process
+
+    if not is_main_process():  # with torchrun, rank 0 writes the sheet and prints its path
+        return job_result([], seeds)
+    prompts, seed_text = "; ".join(p for _, p in entries), ",".join(map(str, seeds))
+    try:
+        sheet = contact_sheet(images, labels, columns=len(images) // len(seeds))
+    except Exception as e:  # noqa: BLE001 - the images are made: keep them, then say what failed
+        kept = [_save(image, f"{base.stem}_{i}{base.suffix}", pipe, prompts, seed_text)
+                for i, image in enumerate(images)]
+        _fail(OutputError(f"cannot draw the contact sheet: {type(e).__name__}: {e} (its {len(kept)} images are "
+                          "saved one by one beside it)"))
+        return
+    try:
+        path = _save(sheet, base.name, pipe, prompts, seed_text)
+    except DiffstageError as e:
+        _fail(e)
+        return
     return job_result([str(path)], seeds)  # for the report of a sweep (-m)
 
 
@@ -272,15 +290,19 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     # HYDRA_FULL_ERROR makes it raise them instead, so they get one clear line here.
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    from .sweep import STATE
+    from .sweep import STATE, TABLE
 
-    STATE.rows = []
+    STATE.rows, STATE.report, STATE.report_error = [], [], None
     try:
         app()
+        problems = [f"the sweep report is incomplete: {STATE.report_error}"] if STATE.report_error else []
         if STATE.failed:  # a sweep ran every job; some failed (each said why when it ran)
-            where = f" (see {STATE.report[1]})" if STATE.report else ""
-            _fail(DiffstageError(f"{len(STATE.failed)} of {len(STATE.rows)} sweep jobs failed{where}: "
-                                 + "; ".join(f"job {r['job']}: {' '.join(r['error'].split())}" for r in STATE.failed[:3])))
+            table = [p for p in STATE.report if p.name == TABLE]
+            where = f" (see {table[0]})" if table else ""
+            problems.append(f"{len(STATE.failed)} of {len(STATE.rows)} sweep jobs failed{where}: " + "; ".join(
+                f"job {r['job']}: {' '.join(r['error'].split())}" for r in STATE.failed[:3]))
+        if problems:
+            _fail((OutputError if STATE.report_error else DiffstageError)("\n".join(problems)))
     except DiffstageError as e:
         _fail(e)
     except (HydraException, OmegaConfBaseException) as e:  # bad overrides, config composition
@@ -317,23 +339,36 @@ def _os_error_in(error: BaseException) -> OSError | None:
     return None
 
 
-def _quiet_rank(argv: list[str]) -> list[str]:
-    """Under torchrun, ranks other than 0 keep no run directory or log of their own: rank 0's is the run's."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        return argv
+def _rank_app(task, config_name: str, argv: list[str], command: str) -> None:
+    """_hydra_app, except that under torchrun ranks other than 0 keep no run directory or log of their own
+    (rank 0's is the run's): theirs is a scratch folder, removed when the command ends."""
+    import shutil
     import tempfile
 
+    from .distributed.state import launched_rank
+    from .errors import DiffstageError
+
+    try:
+        rank = launched_rank()
+    except DiffstageError as e:
+        _fail(e)
+    if rank == 0:
+        return _hydra_app(task, config_name, argv, command)
     scratch = tempfile.mkdtemp(prefix="diffstage-rank-")
-    return argv + ["hydra.output_subdir=null", f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}",
-                   "hydra.job_logging.root.level=ERROR", "hydra.hydra_logging.root.level=ERROR"]
+    try:
+        _hydra_app(task, config_name, argv + [
+            "hydra.output_subdir=null", f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}",
+            "hydra.job_logging.root.level=ERROR", "hydra.hydra_logging.root.level=ERROR"], command)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _generate(argv: list[str]) -> None:
-    _hydra_app(_generate_task, "config", _quiet_rank(argv), "generate")
+    _rank_app(_generate_task, "config", argv, "generate")
 
 
 def _sheet(argv: list[str]) -> None:
-    _hydra_app(_sheet_task, "sheet", argv, "sheet")
+    _rank_app(_sheet_task, "sheet", argv, "sheet")
 
 
 # --- validate / models -------------------------------------------------------------
@@ -355,10 +390,10 @@ def _validate(argv: list[str]) -> None:
         _fail(e)
         return
     spec = checked.spec
-    print(f"OK {checked.file}: model '{spec.name}' ({spec.pipeline_name}, {spec.task.value}), "
-          f"{len(spec.stages)} stages, {len(spec.modules)} modules")
-    for p in checked.plan:
-        print(f"  stages[{p.index}] {p.cls.__name__}: reads {sorted(p.contract.reads)} -> writes {sorted(p.contract.writes)}")
+    say(f"OK {checked.file}: model '{spec.name}' ({spec.pipeline_name}, {spec.task.value}), "
+        f"{len(spec.stages)} stages, {len(spec.modules)} modules\n" + "".join(
+            f"  stages[{p.index}] {p.cls.__name__}: reads {sorted(p.contract.reads)} -> writes "
+            f"{sorted(p.contract.writes)}\n" for p in checked.plan), end="")
 
 
 # --- graph / schema ------------------------------------------------------------------
@@ -378,13 +413,13 @@ def _graph(argv: list[str]) -> None:
     try:
         graph = stage_graph(check_model(args.model, allowlist=args.allow))
         if args.png is None:
-            print(to_mermaid(graph), end="")
+            say(to_mermaid(graph), end="")
             return
         path = _write_once(args.png, lambda: render_png(graph))
     except DiffstageError as e:
         _fail(e)
         return
-    print(path.resolve())
+    say(path.resolve())
 
 
 def _schema(argv: list[str]) -> None:
@@ -397,14 +432,14 @@ def _schema(argv: list[str]) -> None:
     args = p.parse_args(argv)
     text = model_schema_json()
     if args.output is None:
-        print(text, end="")
+        say(text, end="")
         return
     try:
         path = _write_once(args.output, text.encode)
     except DiffstageError as e:
         _fail(e)
         return
-    print(path.resolve())
+    say(path.resolve())
 
 
 def _write_once(path: str, make) -> Path:
@@ -422,8 +457,7 @@ def _models(argv: list[str]) -> None:
     p.parse_args(argv)
     rows = describe_models()
     width = max((len(n) for n, _, _ in rows), default=0)
-    for name, task, desc in rows:
-        print(f"{name.ljust(width)}  {task.ljust(4)}  {desc}")
+    say("".join(f"{name.ljust(width)}  {task.ljust(4)}  {desc}\n" for name, task, desc in rows), end="")
 
 
 COMMANDS = {"generate": _generate, "sheet": _sheet, "validate": _validate, "models": _models,
@@ -448,8 +482,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command '{argv[0]}'" + (f"; {hint}" if hint else "") + "\n\n" + USAGE,
               file=sys.stderr, end="")
         sys.exit(2)
+    from .errors import DiffstageError
+
     try:
         command(argv[1:])
+    except DiffstageError as e:  # a report that could not be written to stdout (console.say)
+        _fail(e)
     except BrokenPipeError:  # `diffstage models | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -32,6 +32,7 @@ from .resolve import DEFAULT_ALLOWLIST, given_objects, is_allowed
 from .spec import did_you_mean
 from .stage import PipelineStage, _snake
 from .yaml_lines import LineMap
+from .yaml_write import yaml_text
 
 UNSAVED = "python:"  # prefix of the names of objects that have no import path
 
@@ -191,12 +192,21 @@ class PipelineBuilder:
 
     # --- check, build, save ---------------------------------------------------------------------------------
     def check(self) -> list[Problem]:
-        """Every problem the YAML check would report, located in this builder instead of a file line."""
+        """Every problem the YAML check would report, located in this builder instead of a file line, with
+        those of writing it as YAML (values YAML cannot hold, the YAML reader's limits)."""
+        problems = []
+        try:
+            yaml_text(self.data, self.label)
+        except SpecError as e:
+            problems += e.problems
         try:
             self._checked()
         except SpecError as e:
-            return e.problems
-        return []
+            problems += e.problems
+        except RecursionError:  # data nested thousands deep: the YAML problems above already say where
+            if not problems:
+                raise
+        return problems
 
     def build(self, model_path: str | os.PathLike | None = None, overrides: Sequence[str] = (), session=None):
         """The Pipeline, as build_pipeline makes it from a YAML (refused while check() finds problems);
@@ -232,8 +242,8 @@ class PipelineBuilder:
         if outside:
             header += (f"# Its dotted paths need the allowlist: allowlist=[{', '.join(outside)}] "
                        f"(diffstage validate PATH {' '.join('--allow ' + o for o in outside)}).\n")
-        text = header + yaml.safe_dump(self.data, sort_keys=False, allow_unicode=True, width=120)
-        return write_new(path, lambda tmp: Path(tmp).write_text(text), numbered=False)
+        text = yaml_text(self.data, str(path), header)  # what `diffstage validate` would refuse is not written
+        return write_new(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), numbered=False)
 
     def __repr__(self) -> str:
         return f"PipelineBuilder({self.data.get('name')!r}, stages: {', '.join(self.stage_names())})"

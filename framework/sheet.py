@@ -1,9 +1,36 @@
 """Contact sheets: a labelled grid of images (used by `diffstage sheet`, reusable by sweep reports)."""
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+MAX_LABEL = 200  # characters measured at most: a 100,000-character prompt is clipped long before it is drawn
+LINE_BREAKS = ("\r\n", "\n", "\r", "\x85", "\u2028", "\u2029")
+
+
+def label_text(label: str) -> str:
+    """`label` as one line of plain text: line breaks shown as "⏎", tabs as spaces, other control and format
+    characters (bell, right-to-left overrides, zero-width marks) as "�", so a prompt is drawn as what it says
+    and cannot reorder or break the line it is drawn on."""
+    text = str(label)[: MAX_LABEL * 2]
+    for brk in LINE_BREAKS:
+        text = text.replace(brk, "⏎")
+    text = text.replace("\t", " ")
+    return "".join("�" if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in text)
+
+
+def fitted(text: str, width: float, measure) -> str:
+    """`text` clipped with "…" to fit `width` as `measure` measures it."""
+    text = text[:MAX_LABEL]
+    if measure(text) <= width:
+        return text
+    low, high = 0, len(text)  # the longest prefix that fits with its ellipsis
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if measure(text[:mid] + "…") <= width else (low, mid - 1)
+    return text[:low] + "…"
 
 
 def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str] | None = None, columns: int | None = None,
@@ -29,6 +56,6 @@ def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str] | None = 
         scale = cell / max(image.size)
         w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
         sheet.paste(image.convert("RGB").resize((w, h), Image.NEAREST), (x + (cell - w) // 2, y + (cell - h) // 2))
-        text = label if draw.textlength(label, font=font) <= cell else label[: max(1, cell // 7)] + "…"
+        text = fitted(label_text(label), cell, lambda t: draw.textlength(t, font=font))
         draw.text((x + cell / 2, y + cell + 1), text, fill="black", font=font, anchor="ma")
     return sheet

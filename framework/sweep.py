@@ -27,6 +27,7 @@ class SweepState:
         self.rows: list[dict[str, Any]] = []
         self.active = False
         self.report: list[Path] = []  # the grid and the table, once written
+        self.report_error: str | None = None  # what of the report could not be written, and why
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -54,17 +55,22 @@ def varying(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
 
 
-def write_report(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """Write the table and the grid of `rows` into `sweep_dir`; returns the paths written."""
-    from PIL import Image
-
+def write_table(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write the table of `rows` into `sweep_dir`; returns its path."""
     from .output_files import write_new
-    from .png import save_png
-    from .sheet import contact_sheet
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(row, default=str) + "\n" for row in rows)
-    table = write_new(sweep_dir / TABLE, lambda tmp: Path(tmp).write_text(text))
+    return write_new(sweep_dir / TABLE, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_grid(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """Draw the grid of `rows` (a gray cell for a job without a readable PNG) into `sweep_dir`; returns its path."""
+    from PIL import Image
+
+    from .png import save_png
+    from .sheet import contact_sheet
+
     keys = varying(rows)
     images, labels = [], []
     for row in rows:
@@ -81,7 +87,13 @@ def write_report(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
     columns = len({r["overrides"].get(last) for r in rows}) if last else min(len(rows), 10)
     grid = contact_sheet(images, labels, columns=columns, cell=CELL)
     meta = {"sweep": json.dumps([{"job": r["job"], "overrides": r["overrides"]} for r in rows])}
-    return [save_png(grid, sweep_dir / GRID, meta), table]
+    return save_png(grid, sweep_dir / GRID, meta)
+
+
+def write_report(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """Write the grid and the table of `rows` into `sweep_dir`; returns the paths written."""
+    table = write_table(sweep_dir, rows)
+    return [write_grid(sweep_dir, rows), table]
 
 
 class SweepReport(Callback):
@@ -104,9 +116,30 @@ class SweepReport(Callback):
         STATE.rows.append({"job": len(STATE.rows), "overrides": overrides, **result})
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        STATE.active = False
-        if not STATE.rows:
+        from .distributed.state import launched_rank
+
+        STATE.active, STATE.report_error = False, None
+        if not STATE.rows or launched_rank() != 0:  # under torchrun, rank 0 writes the one report
             return
-        STATE.report = [Path(p).resolve() for p in write_report(Path(config.hydra.sweep.dir), STATE.rows)]
-        for path in STATE.report:
-            print(path, flush=True)
+        # Hydra turns an exception here into a warning: each failure is kept for the command to report (exit 2),
+        # and the table is written first, so a grid that cannot be drawn loses nothing else.
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            table = write_table(sweep_dir, STATE.rows).resolve()
+        except Exception as e:  # noqa: BLE001
+            STATE.report_error = f"cannot write {sweep_dir / TABLE}: {e}"
+            return
+        try:
+            STATE.report = [write_grid(sweep_dir, STATE.rows).resolve(), table]
+        except Exception as e:  # noqa: BLE001
+            STATE.report = [table]
+            STATE.report_error = (f"cannot draw or write {sweep_dir.resolve() / GRID}: {type(e).__name__}: {e} "
+                                  f"(the table is in {table})")
+        from .console import say
+        from .errors import DiffstageError
+
+        try:
+            for path in STATE.report:
+                say(path)
+        except DiffstageError as e:
+            STATE.report_error = "; ".join(filter(None, (STATE.report_error, str(e))))

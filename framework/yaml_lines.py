@@ -112,8 +112,7 @@ def read_yaml_text(file: str) -> str:
         info = os.stat(file)
         if not stat.S_ISREG(info.st_mode):
             raise _fail(file, "not a regular file (a directory, FIFO or device cannot be a model YAML)")
-        if info.st_size > MAX_YAML_BYTES:
-            raise _fail(file, f"file is {info.st_size:,} bytes; a model YAML may be at most {MAX_YAML_BYTES:,}")
+        check_text_size(info.st_size, file)
         with open(file, "rb") as f:
             data = f.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
@@ -127,13 +126,24 @@ def read_yaml_text(file: str) -> str:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise _fail(file, f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})", line) from None
+    check_printable(text, file)
+    return text
+
+
+def check_text_size(size: int, file: str) -> None:
+    """Refuse a YAML text of more than MAX_YAML_BYTES bytes."""
+    if size > MAX_YAML_BYTES:
+        raise _fail(file, f"file is {size:,} bytes; a model YAML may be at most {MAX_YAML_BYTES:,}")
+
+
+def check_printable(text: str, file: str) -> None:
+    """Refuse control characters YAML does not allow in a file."""
     bad = _NOT_PRINTABLE.search(text)
     if bad:
         line = text.count("\n", 0, bad.start()) + 1
         column = bad.start() - (text.rfind("\n", 0, bad.start()) + 1) + 1
         raise _fail(file, f"control character U+{ord(bad.group()):04X} at column {column}; YAML allows only tab "
                           "and newline (write others as escapes, e.g. \"\\a\", in a double-quoted string)", line)
-    return text
 
 
 _OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
@@ -209,7 +219,19 @@ def load_yaml_with_lines(file: str | Path) -> tuple[Any, LineMap]:
     """Parse a YAML file safely. A syntax error raises SpecError with file and line; duplicate
     keys are left in `LineMap.problems` so they are reported along with everything else."""
     file = str(file)
-    text = read_yaml_text(file)
+    return parse_yaml_text(read_yaml_text(file), file)
+
+
+def check_yaml_text(text: str, file: str) -> None:
+    """Raise the SpecError the reader would raise for `text` as the contents of `file` (size, characters,
+    nesting, aliases, syntax); for YAML about to be written, so that what is written can be read."""
+    check_text_size(len(text.encode("utf-8", "surrogatepass")), file)
+    check_printable(text, file)
+    parse_yaml_text(text, file)
+
+
+def parse_yaml_text(text: str, file: str) -> tuple[Any, LineMap]:
+    """load_yaml_with_lines on a text already read (and checked by read_yaml_text)."""
     loader = _Loader(text)
     try:
         check_nesting(text, file)

@@ -16,10 +16,17 @@ from typing import Any
 
 import torch
 
+from ..environment import env_int
 from ..errors import DiffstageError, shown
 
 MODES = ("cfg", "ulysses", "ring")
-TIMEOUT = timedelta(seconds=int(os.environ.get("DIFFSTAGE_DIST_TIMEOUT", "300")))  # a stuck rank ends the run
+MAX_TIMEOUT = 7 * 24 * 3600  # seconds; timedelta and the process group take far more, nobody waits longer
+
+
+def dist_timeout() -> timedelta:
+    """How long a rank waits for the others (DIFFSTAGE_DIST_TIMEOUT, seconds): a stuck rank ends the run."""
+    return timedelta(seconds=env_int("DIFFSTAGE_DIST_TIMEOUT", 300, 1, MAX_TIMEOUT, "seconds",
+                                     "how long a rank waits for the others"))
 
 
 @dataclass
@@ -74,7 +81,17 @@ def launched_world() -> tuple[int, int] | None:
     """(rank, world size) from torchrun's environment, or None when not launched by it."""
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    world = env_int("WORLD_SIZE", 1, 1, why="torchrun sets it: the number of processes")
+    rank = launched_rank()
+    if rank >= world:
+        raise DiffstageError(f"environment variable RANK={shown(os.environ['RANK'])}: expected a whole number "
+                             f"below WORLD_SIZE={world} (torchrun sets both)")
+    return rank, world
+
+
+def launched_rank() -> int:
+    """This process's rank from torchrun's environment (0 when not launched by it)."""
+    return env_int("RANK", 0, 0, why="torchrun sets it: this process's index")
 
 
 def check_layout(options: dict) -> dict[str, int]:
@@ -112,8 +129,9 @@ def init_parallel(options: dict, device: torch.device) -> ParallelState:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=TIMEOUT)
+            torch.cuda.set_device(env_int("LOCAL_RANK", 0, 0,
+                                          why="torchrun sets it: this process's index on its machine"))
+        dist.init_process_group(backend, timeout=dist_timeout())
     rank, world = dist.get_rank(), dist.get_world_size()
     state = ParallelState(degrees["cfg"], degrees["ulysses"], degrees["ring"], rank, world)
     u, r = degrees["ulysses"], degrees["ring"]
