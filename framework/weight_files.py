@@ -66,8 +66,7 @@ def check_safetensors_headers(folder: Path, module: str) -> None:
     for file in sorted(files):
         why = safetensors_header_problem(file)
         if why:
-            raise LoadError(f"module '{module}': {file} is not a safetensors file ({why}); is it damaged, or "
-                            "another format under a safetensors name?")
+            raise LoadError(f"module '{module}': {file} is not a safetensors file ({why})")
 
 
 def safetensors_header_problem(file: Path) -> str | None:
@@ -78,13 +77,15 @@ def safetensors_header_problem(file: Path) -> str | None:
             head = f.read(9)
     except OSError as e:
         return f"cannot read it: {e.strerror or e}"
+    if head.startswith(b"version "):  # a clone without git-lfs leaves text pointers in place of weights
+        return "a Git LFS pointer, not the file: run `git lfs pull` in the checkpoint"
     if len(head) < 9:
-        return f"{size} bytes, too short for a header"
+        return f"{size} bytes, too short for a header: damaged, or another format under a safetensors name?"
     (length,) = struct.unpack("<Q", head[:8])
     if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
-        return f"its header length {length} does not fit its {size} bytes"
+        return f"its header length {length} does not fit its {size} bytes: damaged, or another format?"
     if head[8:9] != b"{":
-        return "its header is not a JSON object"
+        return "its header is not a JSON object: damaged, or another format?"
     return None
 
 

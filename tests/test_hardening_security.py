@@ -130,6 +130,14 @@ def test_a_weights_file_that_is_not_safetensors_is_refused_by_name(ckpt, content
     assert torch_load_calls == []
 
 
+def test_a_git_lfs_pointer_in_place_of_weights_says_so(ckpt):
+    weights = ckpt / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 1234\n")
+    with pytest.raises(LoadError, match=r"diffusion_pytorch_model.safetensors is not a safetensors file \(a Git LFS "
+                                        r"pointer, not the file: run `git lfs pull` in the checkpoint\)"):
+        loader.load_modules(check_model("pixart_sigma").spec, ckpt)
+
+
 def test_pickle_beside_safetensors_that_nothing_reads_still_loads(ckpt):
     """A repo that ships both formats (pytorch_model.bin and its index beside the safetensors) loads the
     safetensors: with use_safetensors the libraries never read the pickle files."""
