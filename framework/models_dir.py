@@ -67,5 +67,7 @@ def describe_models() -> list[tuple[str, str, str]]:
             continue
         data = data if isinstance(data, dict) else {}
         desc, task = str(data.get("description", "")), str(data.get("task", "?"))
+        if data.get("pipeline_name") == "*":  # it runs the checkpoint's own pipeline, whatever that makes
+            task = "any"
         out.append((name, task, " ".join(desc.split())))
     return out

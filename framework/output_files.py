@@ -50,8 +50,7 @@ def write_new(path: str | Path, write: Callable[[str], None], numbered: bool = T
     if not numbered and os.path.lexists(path):  # before the work of making it
         raise OutputError(taken(path))
     try:
-        if numbered:  # a run directory is made as needed; a path the user names must be in a folder that exists
-            path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a run directory, or `--output my_models/x.json`
         fd, tmp = tempfile.mkstemp(suffix=path.suffix + ".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:

@@ -2,11 +2,12 @@
 first mistake, settings a model ignores, and the README's own commands."""
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
 
-from conftest import assert_matches_diffusers
+from conftest import REPO, assert_matches_diffusers
 from diffstage import build_pipeline
 from diffstage.errors import DiffstageError
 
@@ -136,3 +137,40 @@ def test_a_sweep_over_an_ignored_setting_warns_once(tmp_path):
             f"hydra.sweep.dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("has no effect") == 1 and f"warning: {IGNORED}\n" in r.stderr
+
+
+# --- 17: outputs into folders that do not exist yet --------------------------------------------------------
+
+def test_schema_output_creates_its_folder(tmp_path):
+    r = run("schema", "--output", "my_models/diffstage.schema.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "my_models" / "diffstage.schema.json"
+    assert r.stdout.strip() == str(out) and json.loads(out.read_text())["title"]
+    r = run("schema", "--output", str(out / "under_a_file.json"))  # a folder that cannot be made: said clearly
+    assert r.returncode == 2 and r.stderr.startswith(f"error: cannot write into '{out}'")
+
+
+# --- 18: the docs and the code agree -------------------------------------------------------------------------
+
+def test_models_shows_the_fallback_runs_any_task():
+    r = run("models")
+    rows = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()}
+    assert r.returncode == 0 and rows["diffusers_auto"] == "any" and rows["digits"] == "t2i"
+    readme = (REPO / "README.md").read_text()
+    assert "| `diffusers_auto` | any |" in readme
+
+
+def test_readme_names_every_request_field_type():
+    from diffstage.req import FIELD_TYPES
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("Types are ")
+    sentence = readme[start:readme.index(" bound them", start)]
+    assert [t for t in FIELD_TYPES if f"`{t}`" not in sentence] == []
+
+
+def test_readme_example_outputs_are_ignored_by_git():
+    outputs = ["outputs/2026-01-01/image.png", "multirun/x/image.png", "sweeps/cfg/sweep.jsonl",
+               "my_models/diffstage.schema.json", "graph.png", "fox.png", "my_digits.yaml"]
+    r = subprocess.run(["git", "check-ignore", "--no-index", *outputs], cwd=REPO, capture_output=True, text=True)
+    assert sorted(r.stdout.split()) == sorted(outputs)
