@@ -21,16 +21,26 @@ def label_text(label: str) -> str:
     return "".join("�" if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in text)
 
 
-def fitted(text: str, width: float, measure) -> str:
-    """`text` clipped with "…" to fit `width` as `measure` measures it."""
-    text = text[:MAX_LABEL]
-    if measure(text) <= width:
+def fitted(text: str, width: float, measure, ellipsis: str = "…") -> str:
+    """`text` clipped with `ellipsis` to fit `width` as `measure` measures it."""
+    cut, text = len(text) > MAX_LABEL, text[:MAX_LABEL]
+    if not cut and measure(text) <= width:
         return text
     low, high = 0, len(text)  # the longest prefix that fits with its ellipsis
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if measure(text[:mid] + "…") <= width else (low, mid - 1)
-    return text[:low] + "…"
+        low, high = (mid, high) if measure(text[:mid] + ellipsis) <= width else (low, mid - 1)
+    return text[:low] + ellipsis
+
+
+def _drawable(text: str, draw: ImageDraw.ImageDraw, font) -> tuple[str, str]:
+    """`text` and the ellipsis to clip it with; their Latin-1 approximations where the font is Pillow's bitmap
+    font (Pillow without FreeType), which has no other characters."""
+    try:
+        draw.textlength(text + "…", font=font)
+        return text, "…"
+    except UnicodeEncodeError:
+        return text.encode("latin-1", "replace").decode("latin-1"), "..."
 
 
 def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str] | None = None, columns: int | None = None,
@@ -56,6 +66,7 @@ def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str] | None = 
         scale = cell / max(image.size)
         w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
         sheet.paste(image.convert("RGB").resize((w, h), Image.NEAREST), (x + (cell - w) // 2, y + (cell - h) // 2))
-        text = fitted(label_text(label), cell, lambda t: draw.textlength(t, font=font))
+        text, ellipsis = _drawable(label_text(label), draw, font)
+        text = fitted(text, cell, lambda t: draw.textlength(t, font=font), ellipsis)
         draw.text((x + cell / 2, y + cell + 1), text, fill="black", font=font, anchor="ma")
     return sheet

@@ -50,6 +50,17 @@ def test_a_contact_sheet_draws_any_label():
     assert sheet.size == (3 * 68 + 4, 2 * (64 + 14 + 4) + 4)
 
 
+def test_a_contact_sheet_draws_any_label_in_pillows_bitmap_font(monkeypatch):
+    """Pillow built without FreeType has only a Latin-1 bitmap font: other characters become "?"."""
+    from PIL import ImageFont
+
+    from diffstage.sheet import contact_sheet
+
+    monkeypatch.setattr(ImageFont, "load_default", lambda *a, **k: ImageFont.load_default_imagefont())
+    sheet = contact_sheet([Image.new("RGB", (8, 8))] * 3, ["中文\nx", "y" * 500, "ok"], cell=64)
+    assert sheet.size == (3 * 68 + 4, 64 + 14 + 8)
+
+
 def test_sheet_with_a_newline_in_a_prompt(tmp_path):
     r = run("sheet", 'prompts=["one\ntwo","three"]', STEPS, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
