@@ -1,5 +1,9 @@
-"""The Python examples in README.md run as written (those that need no download)."""
+"""The Python examples and shell commands in README.md run as written (those that need no download)."""
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -25,3 +29,92 @@ def test_readme_example_runs(section, tmp_path, monkeypatch):
     exec(compile(python_block(section), f"README.md ({section})", "exec"), {})
     if section == SECTIONS[0]:
         assert (tmp_path / "my_digits.yaml").is_file()
+
+
+# --- the README's shell commands, run as written ------------------------------------------------------------
+# Every command of a ```bash block is either run or skipped below with its reason, so a command added to the
+# README without a decision fails here. Commands that generate with the default model get
+# `sampling.num_inference_steps=2` appended (a Hydra override, so the command is otherwise as written): the
+# tests stay fast and the command line is the README's. `make` commands take no overrides and run as written.
+FEW_STEPS = "sampling.num_inference_steps=2"
+SKIPPED = {
+    "make test": "the test suite itself",
+    "source .venv/bin/activate": "the commands run with the environment's bin/ first on PATH, which is what it does",
+    "diffstage generate model=flux model_path=black-forest-labs/FLUX.1-dev prompt=\"a red fox\" seed=0 "
+    "sampling.num_inference_steps=28 sampling.height=1024 sampling.width=1024 runtime=cuda":
+        "downloads FLUX.1-dev and needs CUDA",
+    "torchrun --nproc-per-node=4 -m diffstage generate model=flux model_path=DIR runtime=cuda parallel.ulysses=2 "
+    "parallel.ring=2": "needs a FLUX checkpoint (DIR) and CUDA",
+    "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m diffstage generate "
+    "... parallel.cfg=2 parallel.ulysses=8": "needs two machines with 8 GPUs each",
+    "python -m venv .venv && source .venv/bin/activate": "an installation (network)",
+    "pip install torch==2.13.0 -e \".[test,triton,video]\"": "an installation (network)",
+    "pip install torch --index-url https://download.pytorch.org/whl/cu124": "an installation (network)",
+    "pip install -e \".[triton]\"": "an installation (network)",
+    "pip install -e \".[video]\"": "an installation (network)",
+    "diffstage generate runtime=cuda model=flux model_path=black-forest-labs/FLUX.1-dev":
+        "downloads FLUX.1-dev and needs CUDA",
+}
+# Commands the README gives in running text (checked to be there word for word); the exit status each must give.
+INLINE = {
+    'make demo PROMPT="a handwritten digit three"': 0,
+    'make demo PROMPT="a handwritten digit three, thin strokes"': 0,
+    "make sheet": 0,
+    "diffstage sheet": 0,
+    "diffstage generate -m seed=0,1,2 sampling.true_cfg_scale=2,4": 0,
+    "diffstage graph digits": 0,
+    "diffstage graph digits --png graph.png": 0,
+    "diffstage validate sd3": 0,
+    'diffstage generate "a red fox"': 2,  # the README's example of a mistake: a prompt without its key
+}
+
+
+def bash_commands() -> list[str]:
+    """The commands of the README's ```bash blocks: continuation lines joined, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+def test_every_readme_command_is_run_or_skipped_with_a_reason():
+    text = " ".join((REPO / "README.md").read_text().split())
+    assert [c for c in SKIPPED if c not in bash_commands()] == []  # no stale entry
+    assert [c for c in INLINE if f"`{c}`" not in text] == []
+
+
+def _run_as_a_user(command: str, cwd):
+    """`command` through bash in an empty folder, with this environment's bin/ first on PATH (as after
+    `source .venv/bin/activate`) and make reading the repository's Makefile without reinstalling."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+    if command.startswith("make "):  # the venv is this one, already installed
+        command = command.replace("make ", f"make -s -f {REPO / 'Makefile'} -o .venv/.installed BIN={bin_dir} ", 1)
+    elif re.match(r"(torchrun .*-m )?diffstage (generate|sheet)\b", command):
+        command += f" {FEW_STEPS}"
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("command", list(dict.fromkeys(bash_commands() + list(INLINE))))
+def test_readme_command_works_verbatim(command, tmp_path):
+    if command in SKIPPED:
+        pytest.skip(SKIPPED[command])
+    if "--png" in command:
+        try:
+            import graphviz  # noqa: F401
+        except ImportError:
+            pytest.skip("--png needs the graphviz package (an optional install), not installed here")
+        if shutil.which("dot") is None:
+            pytest.skip("--png needs Graphviz's dot program, not installed here")
+    r = _run_as_a_user(command, tmp_path)
+    assert r.returncode == INLINE.get(command, 0), f"{command}\n{r.stderr[-3000:]}"
+    if r.returncode:
+        assert "Traceback" not in r.stderr and 'write prompt="a red fox"' in r.stderr
+        return
+    if "diffstage generate" in command or command.startswith(("make demo", "make sheet", "diffstage sheet")):
+        written = [line for line in r.stdout.splitlines() if line.endswith((".png", ".jsonl"))]
+        assert written and all(os.path.isfile(p) for p in written), r.stdout
