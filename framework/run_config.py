@@ -10,7 +10,7 @@ from typing import Any
 from .errors import DiffstageError, shown
 from .req import Req
 from .spec import did_you_mean
-from .step_cache import settings_problems
+from .step_cache import SETTINGS, settings_problems
 
 TOP_LEVEL = ("model", "model_path", "prompt", "seed", "image", "sampling", "runtime", "attention", "allowlist",
              "allow_pickle", "output", "reuse", "parallel", "cache", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
@@ -44,7 +44,7 @@ def key_problems(key: list[str]) -> list[str]:
     """An unknown key of a command-line override (split at the dots), before Hydra composes anything."""
     if key[0] not in TOP_LEVEL:
         return _unknown({key[0]: None}, TOP_LEVEL, "")
-    known = SECTIONS.get(key[0])
+    known = SETTINGS if key[0] == "cache" else SECTIONS.get(key[0])  # cache: checked as a whole below
     return _unknown({key[1]: None}, known, f"{key[0]}.") if known is not None and len(key) == 2 else []
 
 

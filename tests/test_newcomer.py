@@ -91,10 +91,12 @@ def test_an_unknown_sampling_key_is_still_refused_with_a_did_you_mean(tmp_path):
 
 @pytest.mark.parametrize("command", ["generate", "sheet"])
 def test_a_key_typo_gets_the_did_you_mean_the_first_time(command, tmp_path):
-    r = run(command, "promt=a handwritten digit four", "runtime.devcie=cpu", f"hydra.run.dir={tmp_path}")
+    r = run(command, "promt=a handwritten digit four", "runtime.devcie=cpu", "cache.thresold=0.2",
+            f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "unknown key 'promt' (did you mean 'prompt'?)" in r.stderr
     assert "unknown key 'runtime.devcie' (did you mean 'device'?)" in r.stderr
+    assert "unknown key 'cache.thresold' (did you mean 'threshold'?)" in r.stderr
     assert "+promt" not in r.stderr and "To append" not in r.stderr
     assert not list(tmp_path.iterdir())  # refused before anything ran
 
