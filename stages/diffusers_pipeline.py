@@ -1,6 +1,7 @@
 """DiffusersPipelineStage: run a whole Diffusers pipeline as one stage (the fallback for checkpoints
 that have no diffstage YAML). Its modules still load through diffstage's loader: allowlist,
-safetensors only unless pickle is allowed, strict weights; the request is checked as usual."""
+safetensors only unless pickle is allowed, strict weights; the request is checked as usual, and the
+latents of every step and the decoded images get the native stages' NaN/Inf checks."""
 from __future__ import annotations
 
 import inspect
