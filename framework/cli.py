@@ -465,14 +465,27 @@ COMMANDS = {"generate": _generate, "sheet": _sheet, "validate": _validate, "mode
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from .console import guarded_stdout
+    from .errors import DiffstageError
+
+    try:
+        with guarded_stdout():
+            _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except DiffstageError as e:  # a report that could not be written to stdout (console)
+        _fail(e)
+    except BrokenPipeError:  # `diffstage models | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        say(USAGE, end="")
         sys.exit(0 if argv else 2)
     if argv[0] == "--version":
         from . import __version__
 
-        print(f"diffstage {__version__}")
+        say(f"diffstage {__version__}")
         return
     command = COMMANDS.get(argv[0])
     if command is None:
@@ -482,15 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command '{argv[0]}'" + (f"; {hint}" if hint else "") + "\n\n" + USAGE,
               file=sys.stderr, end="")
         sys.exit(2)
-    from .errors import DiffstageError
-
-    try:
-        command(argv[1:])
-    except DiffstageError as e:  # a report that could not be written to stdout (console.say)
-        _fail(e)
-    except BrokenPipeError:  # `diffstage models | head`: the reader left; not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    command(argv[1:])
 
 
 if __name__ == "__main__":

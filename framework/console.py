@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Any
 
 from .errors import OutputError
@@ -21,3 +22,41 @@ def say(*values: Any, end: str = "\n") -> None:
         raise
     except OSError as e:
         raise StdoutError(f"cannot write to standard output: {e.strerror or e}") from None
+
+
+class _GuardedStdout:
+    """sys.stdout for the length of a command: what others print (Hydra's --cfg, --help) that cannot be written
+    raises StdoutError too, instead of an OSError blamed on whatever was being done (the run directory)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guarded(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(f"cannot write to standard output: {e.strerror or e}") from None
+
+    def write(self, text):
+        return self._guarded(self._stream.write, text)
+
+    def flush(self):
+        return self._guarded(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def guarded_stdout():
+    """Within: a stdout write error is StdoutError; on leaving, what is buffered is flushed (at exit Python
+    could only print a note and exit 120)."""
+    original = sys.stdout
+    sys.stdout = _GuardedStdout(original)
+    try:
+        yield
+        sys.stdout.flush()
+    finally:
+        sys.stdout = original

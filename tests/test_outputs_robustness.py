@@ -160,7 +160,8 @@ def full_stdout(*args, cwd=None):
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-@pytest.mark.parametrize("args", [["models"], ["validate", "digits"], ["graph", "digits"], ["schema"]])
+@pytest.mark.parametrize("args", [["models"], ["validate", "digits"], ["graph", "digits"], ["schema"], ["--version"],
+                                  ["--help"], ["generate", "--cfg", "job"]])
 def test_a_full_stdout_is_named(args):
     r = full_stdout(*args)
     assert r.returncode == 2, r.stderr
