@@ -31,7 +31,7 @@ from .output_files import write_new
 from .resolve import DEFAULT_ALLOWLIST, given_objects, is_allowed
 from .spec import did_you_mean
 from .stage import PipelineStage, _snake
-from .yaml_lines import LineMap
+from .yaml_lines import MAX_DEPTH, LineMap
 from .yaml_write import yaml_text
 
 UNSAVED = "python:"  # prefix of the names of objects that have no import path
@@ -341,7 +341,11 @@ class PipelineBuilder:
             if value is None:
                 mapping.pop(key, None)
             else:
-                mapping[key] = _plain(value)
+                try:
+                    mapping[key] = _plain(value)
+                except RecursionError:  # thousands of levels: far past what the YAML reader takes
+                    raise DiffstageError(f"{key}: nested more than {MAX_DEPTH} levels deep; a model YAML needs far "
+                                         "fewer") from None
         return self
 
     def _checked(self):

@@ -277,9 +277,16 @@ def test_to_yaml_refuses_very_deep_and_self_containing_values_without_recursing(
             (nested(20_000), "nested more than 64 levels deep; a model YAML needs far fewer"),
             (loop, "an alias (*name) refers to a value that contains it")]:
         builder = PipelineBuilder.from_yaml("digits")
-        builder.data["pipeline_config"]["settings"] = {"deep": value}  # set_settings copies recursively
+        builder.data["pipeline_config"]["settings"] = {"deep": value}  # set_settings refuses these itself
         with pytest.raises(SpecError) as e:
             builder.to_yaml(tmp_path / "out.yaml")
         assert message in str(e.value)
         assert any(message in str(p) for p in builder.check())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_setting_a_value_nested_thousands_deep_is_refused_by_key():
+    from diffstage import DiffstageError, PipelineBuilder
+
+    with pytest.raises(DiffstageError, match="^deep: nested more than 64 levels deep; a model YAML needs far fewer$"):
+        PipelineBuilder.from_yaml("digits").set_settings(deep=nested(20_000))
