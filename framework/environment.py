@@ -14,7 +14,7 @@ def env_int(name: str, default: int, minimum: int, maximum: int | None = None, u
     if raw.strip() == "":
         return default
     try:
-        value = int(raw.strip()) if len(raw) < 20 else None  # int() of 5,000 digits is slow and means nothing here
+        value = int(raw.strip()) if len(raw) < 20 else None  # int() of a 5,000-character number is slow and means nothing here
     except ValueError:
         value = None
     if value is None or value < minimum or (maximum is not None and value > maximum):

@@ -269,7 +269,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
                             f"{type(e).__name__}: {e}") from None
         key = ModuleKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
                         str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
-                        repr(sorted(options.items())) if configurable else "-", folder_identity(folder))
+                        repr(sorted(options.items())) if configurable else "-", folder_identity(folder, files))
         if keys is not None:
             keys[name] = repr(key)
         cached = cache.get(key)
