@@ -15,15 +15,15 @@ SCALARS = (str, int, float, bool, type(None))  # exact types: a subclass (numpy.
 KINDS = "numbers, strings, booleans, null, lists and mappings"
 
 
-def _digits(value: int) -> int:
-    """Decimal digits of `value` without str(), which refuses past sys.get_int_max_str_digits()."""
+def _decimal_length(value: int) -> int:
+    """How many decimal figures `value` has, without str() (which refuses past sys.get_int_max_str_digits())."""
     size = abs(value)
-    digits = int(math.log10(size)) + 1 if size else 1
-    if 10 ** (digits - 1) > size:  # log10 rounds near powers of ten
-        digits -= 1
-    elif 10 ** digits <= size:
-        digits += 1
-    return digits
+    length = int(math.log10(size)) + 1 if size else 1
+    if 10 ** (length - 1) > size:  # log10 rounds near powers of ten
+        length -= 1
+    elif 10 ** length <= size:
+        length += 1
+    return length
 
 
 def _scalar_problem(value: Any) -> str | None:
@@ -32,7 +32,7 @@ def _scalar_problem(value: Any) -> str | None:
     if type(value) is int:
         limit = sys.get_int_max_str_digits()  # the reader's int() refuses longer ones
         if limit and abs(value) >= 10 ** limit:
-            return (f"an integer of {_digits(value)} digits cannot be written as YAML (a YAML reader takes at most "
+            return (f"an integer of {_decimal_length(value)} figures cannot be written as YAML (a YAML reader takes at most "
                     f"{limit})")
     if type(value) is str:
         try:

@@ -46,8 +46,10 @@ def test_graph_and_repr(pipe):
 
 
 def test_bad_override_and_missing_model_path():
-    with pytest.raises(DiffstageError, match="bad config override"):
+    with pytest.raises(DiffstageError, match="unknown key 'no_such_key'; known: model, model_path"):
         build_pipeline("flux", overrides=["no_such_key=1"])
+    with pytest.raises(DiffstageError, match="bad config override"):
+        build_pipeline("flux", overrides=["seed=[1,"])
     with pytest.raises(DiffstageError, match="model 'flux' needs model_path=DIR_OR_REPO_ID"):
         build_pipeline("flux")
 

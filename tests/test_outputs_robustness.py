@@ -240,7 +240,7 @@ def test_to_yaml_refuses_what_validate_refuses(edit, message, tmp_path):
 @pytest.mark.parametrize("value, message", [
     (lambda: __import__("torch").zeros(2), "pipeline_config.settings.bad: a Tensor cannot be written as YAML "
                                            "(use numbers, strings, booleans, null, lists and mappings)"),
-    (lambda: 10 ** 5000, "pipeline_config.settings.bad: an integer of 5001 digits cannot be written as YAML "
+    (lambda: 10 ** 5000, "pipeline_config.settings.bad: an integer of 5001 figures cannot be written as YAML "
                          "(a YAML reader takes at most 4300)"),
     (lambda: {("a", "b"): 1}, "pipeline_config.settings.bad: the key ('a', 'b') is a tuple; YAML keys here must "
                               "be strings, numbers, booleans or null"),
