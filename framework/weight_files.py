@@ -3,7 +3,8 @@
 diffstage loads weights with `use_safetensors=True`. Diffusers and Transformers then read fixed names
 (`diffusion_pytorch_model.safetensors`, `model.safetensors`), or a safetensors shard index
 (`*.safetensors.index.json`) and every file its `weight_map` names; Transformers also reads the file a
-config.json names in `transformers_weights`. Both pick the reader by suffix: `.safetensors` goes to the
+config.json names in `transformers_weights`, and, with PEFT installed, the adapter an `adapter_config.json`
+announces (adapter_model.safetensors, else adapter_model.bin). Both pick the reader by suffix: `.safetensors` goes to the
 safetensors library, anything else to `torch.load`, which unpickles. So the files those indexes and
 that key name must all be safetensors files. Pickle indexes (`pytorch_model.bin.index.json`) beside them
 are never read this way and are left alone. diffstage's native models read safetensors themselves."""
@@ -41,6 +42,12 @@ def named_weight_files(folder: Path) -> list[tuple[Path, str]]:
     for index in indexes:
         for file in shard_files(index):
             named.append((file, f"{index} names the weight file '{file.relative_to(index.parent)}'"))
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():  # PEFT reads adapter_model.safetensors, else adapter_model.bin with torch.load
+        weights = folder / f"adapter_model{SAFETENSORS}"
+        weights = weights if weights.is_file() else folder / "adapter_model.bin"
+        named.append((weights, f"{adapter} makes Transformers (with PEFT installed) load the adapter weights "
+                               f"'{weights.name}'"))
     return named
 
 

@@ -1,0 +1,53 @@
+"""Review of the issue 18 change: holes left by it (a PEFT adapter's pickle weights, a bound-method callback
+of another object keyed by its function alone)."""
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from diffstage import UnsafeCheckpointError, check_model, loader
+
+
+@pytest.fixture(scope="module")
+def pixart_ckpt(tmp_path_factory):
+    from diffstage.models.pixart.tiny import build_tiny_pixart
+
+    return build_tiny_pixart(tmp_path_factory.mktemp("ckpt") / "tiny-pixart")
+
+
+@pytest.fixture
+def ckpt(pixart_ckpt, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(pixart_ckpt, copy)
+    loader.clear_cache()
+    yield copy
+    loader.clear_cache()
+
+
+def test_a_peft_adapter_with_pickle_weights_is_refused(ckpt, monkeypatch):
+    """With PEFT installed, Transformers loads the adapter that adapter_config.json announces beside a model,
+    from adapter_model.bin with torch.load when there is no adapter_model.safetensors."""
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real(*a, **k))
+    folder = ckpt / "text_encoder"
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps({}))
+    with pytest.raises(UnsafeCheckpointError, match=r"module 'text_encoder': .*adapter_config.json makes Transformers "
+                                                    r"\(with PEFT installed\) load the adapter weights "
+                                                    r"'adapter_model.bin', which is not a safetensors file"):
+        loader.load_modules(check_model("pixart_sigma").spec, ckpt)
+    assert calls == []
+
+
+def test_a_peft_adapter_in_safetensors_is_not_refused_for_pickle(ckpt):
+    from safetensors.torch import save_file
+
+    folder = ckpt / "text_encoder"
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps({}))  # not read: the safetensors file wins
+    save_file({"a": torch.zeros(1)}, folder / "adapter_model.safetensors")
+    modules = loader.load_modules(check_model("pixart_sigma").spec, ckpt)
+    assert type(modules["text_encoder"]).__name__ == "T5EncoderModel"
