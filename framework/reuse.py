@@ -81,16 +81,34 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def callback_identity(fn: Any) -> Any:
+class _Same:
+    """An object as a key part by identity, whatever its __eq__ (held, so its id cannot be recycled)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+def callback_identity(fn: Any, stage: Any = None) -> Any:
     """A callback as a key part: the function itself, so the key keeps it alive and a new function can
-    never share its identity (an id() can be recycled once the function is freed)."""
+    never share its identity (an id() can be recycled once the function is freed). A method of another
+    object than `stage` adds that object (two objects' methods share one function); the stage's own
+    default_<name> methods do not, so that a key never holds a stage (and its modules) alive."""
     fn = inspect.unwrap(fn)  # the bound callback is wrapped for error reporting
     target = getattr(fn, "__func__", fn)
     try:
         hash(target)
     except TypeError:  # a callable object that defines __eq__ without __hash__
         raise Unhashable(type(target).__name__) from None
-    return target
+    owner = fn.__self__ if inspect.ismethod(fn) else None
+    return target if owner is None or owner is stage else (target, _Same(owner))
 
 
 def _undeclared_callbacks(stage) -> list[str]:
@@ -139,7 +157,8 @@ class StageCache:
             args = fingerprint(stage.init_args, module_keys)
             reads = {f: fingerprint(getattr(req, f)) for f in sorted(contract.reads | contract.optional_reads)}
             settings = fingerprint(dict(stage.settings))
-            callbacks = tuple((name, callback_identity(fn)) for name, fn in sorted(stage._callbacks.items()) if fn)
+            callbacks = tuple((name, callback_identity(fn, stage)) for name, fn in sorted(stage._callbacks.items())
+                              if fn)
         except Unhashable:
             return None
         # The class object, not its name: a class redefined under the same name is another class.

@@ -51,3 +51,28 @@ def test_a_peft_adapter_in_safetensors_is_not_refused_for_pickle(ckpt):
     save_file({"a": torch.zeros(1)}, folder / "adapter_model.safetensors")
     modules = loader.load_modules(check_model("pixart_sigma").spec, ckpt)
     assert type(modules["text_encoder"]).__name__ == "T5EncoderModel"
+
+
+def test_bound_method_callbacks_of_two_objects_get_different_keys():
+    """A callback that is a method of an object depends on that object: two objects' methods share their
+    function, so keying by the function alone served the second the first's outputs."""
+    from diffstage import build_pipeline
+    from diffstage.callbacks import reads
+
+    class Scale:
+        def __init__(self, factor):
+            self.factor = factor
+
+        @reads()
+        def combine(self, outputs, req, settings):
+            return {"prompt_embeds": outputs["prompt_embeds"] * self.factor}
+
+    pipe = build_pipeline("digits")
+    stage = pipe.stages[1]
+    req = pipe.make_request(prompt="a handwritten digit four", seed=0)
+    req = pipe.stages[0](req)
+    keys = []
+    for factor in (1.0, 3.0):
+        stage.bind({"combine": Scale(factor).combine}, dict(stage.settings))
+        keys.append(pipe.reuse.signature(stage, req, pipe.module_keys))
+    assert None not in keys and keys[0] != keys[1]
