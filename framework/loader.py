@@ -72,7 +72,9 @@ def pipeline_class(model_path: str | os.PathLike, allowlist: Iterable[str] = DEF
         raise LoadError(f"the checkpoint's pipeline class 'diffusers.{name}' cannot be loaded: {e}") from None
     from diffusers import DiffusionPipeline
 
-    if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
+    callable_pipeline = isinstance(cls, type) and issubclass(cls, DiffusionPipeline) and any(
+        "__call__" in vars(c) for c in cls.__mro__ if c is not object)  # not the abstract base itself
+    if not callable_pipeline:
         raise LoadError(f"model_index.json of '{model_path}' names _class_name '{name}', which is not a Diffusers "
                         "pipeline (a subclass of diffusers.DiffusionPipeline); refused")
     return cls

@@ -76,3 +76,19 @@ def test_bound_method_callbacks_of_two_objects_get_different_keys():
         stage.bind({"combine": Scale(factor).combine}, dict(stage.settings))
         keys.append(pipe.reuse.signature(stage, req, pipe.module_keys))
     assert None not in keys and keys[0] != keys[1]
+
+
+def test_the_abstract_diffusion_pipeline_base_is_refused_before_any_weight_loads(ckpt, monkeypatch):
+    """DiffusionPipeline itself passes a subclass check but has no __call__: refused from model_index.json,
+    not with an AttributeError once every module has loaded."""
+    from diffstage import LoadError, build_pipeline
+
+    index = json.loads((ckpt / "model_index.json").read_text())
+    (ckpt / "model_index.json").write_text(json.dumps({**index, "_class_name": "DiffusionPipeline"}))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("load_modules was called")
+
+    monkeypatch.setattr(loader, "load_modules", no_loading)
+    with pytest.raises(LoadError, match=r"names _class_name 'DiffusionPipeline', which is not a Diffusers pipeline"):
+        build_pipeline("diffusers_auto", model_path=ckpt)
