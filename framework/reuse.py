@@ -34,9 +34,10 @@ class Unhashable(Exception):
     """A value the signature cannot capture (a generator, an arbitrary object): the stage runs."""
 
 
-def fingerprint(value: Any, modules: dict[int, str] | None = None) -> Any:
+def fingerprint(value: Any, modules: dict[int, str] | None = None, files: bool = True) -> Any:
     """A hashable stand-in for a Req value or stage argument: equal values give equal fingerprints. A loaded
-    module (in `modules`: id -> where it was loaded from) stands for itself by where it came from."""
+    module (in `modules`: id -> where it was loaded from) stands for itself by where it came from. With
+    `files`, a string naming a file stands for the file's bytes (an image path; stage arguments)."""
     if modules and id(value) in modules:
         return ("module", modules[id(value)])
     if value is None or isinstance(value, (bool, int, float, complex)):
@@ -44,13 +45,13 @@ def fingerprint(value: Any, modules: dict[int, str] | None = None) -> Any:
     if isinstance(value, bytes):
         return ("bytes", hashlib.sha1(value).hexdigest())
     if isinstance(value, str):
-        if len(value) < 4096 and os.path.isfile(value):  # an image path: its contents may change, mtime not
+        if files and len(value) < 4096 and os.path.isfile(value):  # an image path: its contents may change, mtime not
             return ("file", value, _file_digest(value))
         return ("str", value)
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(fingerprint(v, modules) for v in value))
+        return (type(value).__name__, tuple(fingerprint(v, modules, files) for v in value))
     if isinstance(value, dict):
-        return ("dict", tuple(sorted((str(k), fingerprint(v, modules)) for k, v in value.items())))
+        return ("dict", tuple(sorted((str(k), fingerprint(v, modules, files)) for k, v in value.items())))
     if isinstance(value, torch.Tensor):
         flat = value.detach().cpu().contiguous().reshape(-1)
         raw = flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)  # the bytes, whatever the dtype
@@ -155,7 +156,11 @@ class StageCache:
             return None
         try:
             args = fingerprint(stage.init_args, module_keys)
-            reads = {f: fingerprint(getattr(req, f)) for f in sorted(contract.reads | contract.optional_reads)}
+            # Only image (and untyped) fields name files: a prompt that happens to be a path ('/proc/kmsg', a
+            # 200 MB file) is its text, never read.
+            paths = {s.name for s in type(req).extra_fields() if s.type in ("image", "any")}
+            reads = {f: fingerprint(getattr(req, f), files=f in paths)
+                     for f in sorted(contract.reads | contract.optional_reads)}
             settings = fingerprint(dict(stage.settings))
             callbacks = tuple((name, callback_identity(fn, stage)) for name, fn in sorted(stage._callbacks.items())
                               if fn)

@@ -92,3 +92,43 @@ def test_the_abstract_diffusion_pipeline_base_is_refused_before_any_weight_loads
     monkeypatch.setattr(loader, "load_modules", no_loading)
     with pytest.raises(LoadError, match=r"names _class_name 'DiffusionPipeline', which is not a Diffusers pipeline"):
         build_pipeline("diffusers_auto", model_path=ckpt)
+
+
+def test_a_prompt_that_names_a_file_is_a_string_not_the_files_contents(tmp_path, monkeypatch):
+    """Only image fields name files: a prompt such as '/proc/kmsg' or a 200 MB file's path must not be read
+    (it could block, or cost a 200 MB read on every call) just because a file has that name."""
+    from diffstage import build_pipeline, reuse
+
+    named = tmp_path / "a handwritten digit four"
+    named.write_text("x")
+    opened = []
+    monkeypatch.setattr(reuse, "_file_digest", lambda path: opened.append(path) or "digest")
+    pipe = build_pipeline("digits")
+    req = pipe.make_request(prompt=str(named), seed=0)
+    req = pipe.stages[0](req)
+    assert pipe.reuse.signature(pipe.stages[1], req, pipe.module_keys) is not None
+    assert opened == []
+    image_field = reuse.fingerprint(str(named), files=True)  # an image field's path: its bytes
+    assert opened == [str(named)] and image_field[0] == "file"
+
+
+def test_an_image_fields_file_is_keyed_by_its_bytes_in_a_stage_signature(tmp_path):
+    from PIL import Image
+
+    from diffstage import FieldSpec, PipelineStage, Req
+    from diffstage.reuse import StageCache
+
+    class EncodeImage(PipelineStage):
+        reads = ("image", "prompt")
+        writes = ("prompt_embeds",)
+        reusable = True
+
+    stage = EncodeImage()
+    stage.declared = EncodeImage.contract({})
+    req_cls = Req.with_fields([FieldSpec("image", "request", type="image")])
+    path = tmp_path / "in.bmp"
+    keys = []
+    for colour in ((10, 20, 30), (200, 20, 30)):
+        Image.new("RGB", (8, 8), colour).save(path)
+        keys.append(StageCache().signature(stage, req_cls(prompt=str(path), image=str(path)), {}))
+    assert None not in keys and keys[0] != keys[1]
