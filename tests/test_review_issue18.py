@@ -132,3 +132,28 @@ def test_an_image_fields_file_is_keyed_by_its_bytes_in_a_stage_signature(tmp_pat
         Image.new("RGB", (8, 8), colour).save(path)
         keys.append(StageCache().signature(stage, req_cls(prompt=str(path), image=str(path)), {}))
     assert None not in keys and keys[0] != keys[1]
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "0 bytes, too short for a header: damaged, or another format under a safetensors name?"),
+    (b"\xff" * 8 + b"{}", f"its header length {2 ** 64 - 1} does not fit its 10 bytes: damaged, or another format?"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", "its header is not a JSON object: damaged, or another format?"),
+    (b"\x02\x00\x00\x00\x00\x00\x00\x00{}", None),
+])
+def test_each_safetensors_header_problem_says_what_is_wrong(tmp_path, content, reason):
+    from diffstage.weight_files import safetensors_header_problem
+
+    file = tmp_path / "w.safetensors"
+    file.write_bytes(content)
+    assert safetensors_header_problem(file) == reason
+
+
+def test_a_rank_not_below_the_world_size_is_named(monkeypatch):
+    from diffstage import DiffstageError
+    from diffstage.distributed.state import launched_world
+
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DiffstageError, match=r"environment variable RANK='2': expected a whole number below "
+                                             r"WORLD_SIZE=2 \(torchrun sets both\)"):
+        launched_world()
