@@ -13,15 +13,20 @@ class StdoutError(OutputError):
     """Standard output cannot be written."""
 
 
-def say(*values: Any, end: str = "\n") -> None:
-    """print(...) to stdout, flushed; a write error raises StdoutError (a closed pipe stays BrokenPipeError,
-    which the command treats as the reader leaving)."""
+def _guarded(write, *args):
+    """write(*args), its OSError as StdoutError (a closed pipe stays BrokenPipeError, which the command treats
+    as the reader leaving)."""
     try:
-        print(*values, end=end, file=sys.stdout, flush=True)
+        return write(*args)
     except BrokenPipeError:
         raise
     except OSError as e:
         raise StdoutError(f"cannot write to standard output: {e.strerror or e}") from None
+
+
+def say(*values: Any, end: str = "\n") -> None:
+    """print(...) to stdout, flushed; a write error raises StdoutError."""
+    _guarded(lambda: print(*values, end=end, file=sys.stdout, flush=True))
 
 
 class _GuardedStdout:
@@ -31,19 +36,11 @@ class _GuardedStdout:
     def __init__(self, stream):
         self._stream = stream
 
-    def _guarded(self, method, *args):
-        try:
-            return method(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise StdoutError(f"cannot write to standard output: {e.strerror or e}") from None
-
     def write(self, text):
-        return self._guarded(self._stream.write, text)
+        return _guarded(self._stream.write, text)
 
     def flush(self):
-        return self._guarded(self._stream.flush)
+        return _guarded(self._stream.flush)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)

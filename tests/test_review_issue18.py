@@ -2,28 +2,12 @@
 of another object keyed by its function alone)."""
 import json
 import pickle
-import shutil
 
 import pytest
 import torch
 
 from diffstage import UnsafeCheckpointError, check_model, loader
-
-
-@pytest.fixture(scope="module")
-def pixart_ckpt(tmp_path_factory):
-    from diffstage.models.pixart.tiny import build_tiny_pixart
-
-    return build_tiny_pixart(tmp_path_factory.mktemp("ckpt") / "tiny-pixart")
-
-
-@pytest.fixture
-def ckpt(pixart_ckpt, tmp_path):
-    copy = tmp_path / "ckpt"
-    shutil.copytree(pixart_ckpt, copy)
-    loader.clear_cache()
-    yield copy
-    loader.clear_cache()
+from test_hardening_security import ckpt, pixart_ckpt  # noqa: F401 - fixtures: a private copy of tiny PixArt
 
 
 def test_a_peft_adapter_with_pickle_weights_is_refused(ckpt, monkeypatch):
