@@ -282,7 +282,7 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     job.__module__, job.__name__ = task.__module__, task.__name__  # Hydra names the job from these
     app = hydra.main(version_base=None, config_path="pkg://diffstage.conf", config_name=config_name)(job)
     try:  # typos get a did-you-mean, a model's request fields their `+` (see overrides.py)
-        argv = prepare_argv(argv)
+        argv = prepare_argv(argv, sheet=config_name == "sheet")
     except DiffstageError as e:
         _fail(e)
     sys.argv = [f"diffstage {command}"] + argv

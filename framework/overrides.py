@@ -29,8 +29,9 @@ def standard_sampling_keys() -> frozenset[str]:
     return frozenset(config.get("sampling") or ())
 
 
-def prepare_overrides(overrides: list[str]) -> list[str]:
-    """The overrides with model request fields given `+`; DiffstageError for unknown keys and bare words."""
+def prepare_overrides(overrides: list[str], sheet: bool = False) -> list[str]:
+    """The overrides with model request fields given `+`; DiffstageError for unknown keys and bare words.
+    `sheet`: they are for `diffstage sheet`'s config (which adds `prompts` and `seeds`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
 
@@ -52,7 +53,7 @@ def prepare_overrides(overrides: list[str]) -> list[str]:
         if parts[0] == "sampling" and len(parts) == 2 and parts[1] not in standard_sampling_keys():
             out.append("+" + text)  # checked against the model's request fields once the model is known
             continue
-        problems += key_problems(parts)
+        problems += key_problems(parts, sheet)
         out.append(text)
     if problems:
         raise DiffstageError("invalid run config:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -65,7 +66,7 @@ def _bare_word(text: str) -> str:
             "argument)")
 
 
-def prepare_argv(argv: list[str]) -> list[str]:
+def prepare_argv(argv: list[str], sheet: bool = False) -> list[str]:
     """`prepare_overrides` on the overrides of a Hydra command line (its flags and their values untouched)."""
     from hydra._internal.utils import get_args_parser
 
@@ -77,7 +78,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
     overrides = list(args.overrides or [])
     if not overrides:
         return argv
-    prepared = iter(prepare_overrides(overrides))
+    prepared = iter(prepare_overrides(overrides, sheet))
     remaining = list(overrides)
     out = []
     for arg in argv:  # replace each override in place, in order (a flag value equal to one is rare and kept)

@@ -40,10 +40,15 @@ SECTIONS = {"sampling": None, "runtime": RUNTIME, "attention": ATTENTION, "outpu
             "parallel": PARALLEL}  # None: sampling keys are checked against the model's request fields
 
 
-def key_problems(key: list[str]) -> list[str]:
-    """An unknown key of a command-line override (split at the dots), before Hydra composes anything."""
-    if key[0] not in TOP_LEVEL:
-        return _unknown({key[0]: None}, TOP_LEVEL, "")
+SHEET_ONLY = ("prompts", "seeds")  # keys of `diffstage sheet`'s config (conf/sheet.yaml), not of `generate`'s
+
+
+def key_problems(key: list[str], sheet: bool = False) -> list[str]:
+    """An unknown key of a command-line override (split at the dots), before Hydra composes anything;
+    `sheet`: the override is for `diffstage sheet`, whose config adds SHEET_ONLY."""
+    top = TOP_LEVEL if sheet else tuple(k for k in TOP_LEVEL if k not in SHEET_ONLY)
+    if key[0] not in top:
+        return _unknown({key[0]: None}, top, "")
     known = SETTINGS if key[0] == "cache" else SECTIONS.get(key[0])  # cache: checked as a whole below
     return _unknown({key[1]: None}, known, f"{key[0]}.") if known is not None and len(key) == 2 else []
 

@@ -141,3 +141,16 @@ def test_a_rank_not_below_the_world_size_is_named(monkeypatch):
     with pytest.raises(DiffstageError, match=r"environment variable RANK='2': expected a whole number below "
                                              r"WORLD_SIZE=2 \(torchrun sets both\)"):
         launched_world()
+
+
+def test_a_sheet_key_given_to_generate_gets_the_did_you_mean_not_hydras_append_advice(tmp_path):
+    from test_cli import run
+
+    r = run("generate", "seeds=3", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "unknown key 'seeds' (did you mean 'seed'?)" in r.stderr and "To append" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+    from diffstage import DiffstageError, build_pipeline
+
+    with pytest.raises(DiffstageError, match=r"unknown key 'prompts' \(did you mean 'prompt'\?\)"):
+        build_pipeline("digits", overrides=["prompts=[a]"])
