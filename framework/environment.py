@@ -23,3 +23,14 @@ def env_int(name: str, default: int, minimum: int, maximum: int | None = None, u
         raise DiffstageError(f"environment variable {name}={shown(raw)}: expected {expected}"
                              + (f" ({why})" if why else ""))
     return value
+
+
+def env_choice(name: str, choices: tuple[str, ...], why: str = "") -> str | None:
+    """The value of environment variable `name` if it is one of `choices`; None when unset or empty."""
+    raw = os.environ.get(name, "")
+    if raw.strip() == "":
+        return None
+    if raw.strip() not in choices:
+        raise DiffstageError(f"environment variable {name}={shown(raw)}: expected one of {', '.join(choices)}"
+                             + (f" ({why})" if why else ""))
+    return raw.strip()

@@ -1,12 +1,13 @@
 """What the machine runs natively: the facts behind the runtime's `auto` choices and the benchmarks' records."""
 from __future__ import annotations
 
-import os
 import platform
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from .environment import env_choice
 
 # CPU flags that decide float32 vs bfloat16 matmul speed.
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -31,8 +32,8 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     CPU: the AVX512-BF16 or AMX-BF16 instructions (/proc/cpuinfo flags); without them PyTorch emulates
     bf16 matmuls, at about half the float32 speed. CUDA: compute capability 8.0 (Ampere) or newer.
     DIFFSTAGE_NATIVE_BF16=0 or 1 overrides the detection (the tests pin it to 0)."""
-    forced = os.environ.get("DIFFSTAGE_NATIVE_BF16")
-    if forced in ("0", "1"):
+    forced = env_choice("DIFFSTAGE_NATIVE_BF16", ("0", "1"), "1 says bfloat16 runs natively, 0 says it does not")
+    if forced is not None:
         return forced == "1", f"DIFFSTAGE_NATIVE_BF16={forced}"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)

@@ -77,7 +77,7 @@ def write_grid(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
         label = " ".join(f"{k.rsplit('.', 1)[-1]}={row['overrides'][k]}" for k in keys) or f"job {row['job']}"
         paths = [p for p in row["images"] if p.endswith(".png") and Path(p).is_file()]
         if paths:
-            with Image.open(paths[0]) as image:
+            with Image.open(paths[0], formats=["PNG"]) as image:  # the jobs' own PNGs
                 images.append(image.convert("RGB"))
         else:  # a failed job (or a video) keeps its cell, so the grid stays a grid
             images.append(Image.new("RGB", (CELL, CELL), (200, 200, 200)))

@@ -104,3 +104,12 @@ def test_a_sweep_counts_its_jobs_for_compile_auto(monkeypatch, argv, jobs):
 
     monkeypatch.setattr(sys, "argv", ["diffstage", *argv])
     assert cli._sweep_jobs() == jobs
+
+
+def test_a_native_bf16_override_that_is_not_0_or_1_is_refused(monkeypatch):
+    from diffstage.errors import DiffstageError
+
+    monkeypatch.setenv("DIFFSTAGE_NATIVE_BF16", "yes")
+    with pytest.raises(DiffstageError, match=r"environment variable DIFFSTAGE_NATIVE_BF16='yes': expected one of "
+                                             r"0, 1 \(1 says bfloat16 runs natively, 0 says it does not\)"):
+        hardware.native_bf16(torch.device("cpu"))
