@@ -16,11 +16,10 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from .callbacks import declared_reads
-from .errors import DiffstageError, DisallowedPathError, Problem, shown
+from .errors import DiffstageError, DisallowedPathError, Problem, did_you_mean, shown
 from .loader import module_kind
 from .req import Req
 from .resolve import ALLOWLIST_HINT, CALLBACK_HINT, callback_allowlist, disallowed, is_allowed, resolve
-from .spec import did_you_mean
 from .stage import Contract, PipelineStage, accepts_positional
 from .yaml_lines import LineMap, format_key
 

@@ -451,7 +451,7 @@ def _write_once(path: str, make) -> Path:
 
 
 def _models(argv: list[str]) -> None:
-    from .models_dir import describe_models
+    from .model_yaml import describe_models
 
     p = argparse.ArgumentParser(prog="diffstage models", description="List the shipped model YAMLs.")
     p.parse_args(argv)
@@ -489,7 +489,7 @@ def _dispatch(argv: list[str]) -> None:
         return
     command = COMMANDS.get(argv[0])
     if command is None:
-        from .spec import did_you_mean
+        from .errors import did_you_mean
 
         hint = did_you_mean(argv[0], COMMANDS)
         print(f"error: unknown command '{argv[0]}'" + (f"; {hint}" if hint else "") + "\n\n" + USAGE,

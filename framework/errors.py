@@ -2,6 +2,7 @@
 so the CLI can print it cleanly and exit 2 instead of showing a traceback."""
 from __future__ import annotations
 
+import difflib
 import reprlib
 from dataclasses import dataclass
 from typing import Any
@@ -115,3 +116,9 @@ def strict_bool(value: Any, key: str) -> bool:
     if isinstance(value, bool):
         return value
     raise DiffstageError(f"{key} must be true or false, got {shown(value)} ({type(value).__name__})")
+
+
+def did_you_mean(name: object, options) -> str | None:
+    """"did you mean 'x'?" for the option closest to a misspelt `name`, or None when none is close."""
+    match = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"did you mean '{match[0]}'?" if match else None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiffstageError, Problem, SpecError, shown
-from .models_dir import is_path, looks_like_repo_id, model_yaml
+from .models_dir import available_models, is_path, looks_like_repo_id, model_yaml
 from .yaml_lines import KeyPath, LineMap, load_yaml_with_lines
 
 
@@ -74,3 +74,20 @@ def load_model_yaml(file: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[An
     replaced: set[KeyPath] = set()
     merged = _merge(base, child, (), replaced)
     return merged, base_lines.overlay(lines, replaced)
+
+
+def describe_models() -> list[tuple[str, str, str]]:
+    """(name, task, description) of each shipped model (`extends` followed), tolerant of broken files."""
+    out = []
+    for name, path in available_models().items():
+        try:
+            data, _ = load_model_yaml(path)
+        except DiffstageError as e:
+            out.append((name, "?", f"(unreadable: {str(e).splitlines()[-1].strip()})"))
+            continue
+        data = data if isinstance(data, dict) else {}
+        desc, task = str(data.get("description", "")), str(data.get("task", "?"))
+        if data.get("pipeline_name") == "*":  # it runs the checkpoint's own pipeline, whatever that makes
+            task = "any"
+        out.append((name, task, " ".join(desc.split())))
+    return out

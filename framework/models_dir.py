@@ -5,8 +5,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from .errors import DiffstageError, shown
-from .spec import did_you_mean
+from .errors import DiffstageError, did_you_mean, shown
 
 
 def shipped_models_dir() -> Path:
@@ -53,21 +52,3 @@ def model_yaml(name_or_path: str) -> Path:
                              f" (available: {', '.join(models) or 'none'}; or give a path to a .yaml file)")
     return models[name_or_path]
 
-
-def describe_models() -> list[tuple[str, str, str]]:
-    """(name, task, description) of each shipped model (`extends` followed), tolerant of broken files."""
-    from .model_yaml import load_model_yaml
-
-    out = []
-    for name, path in available_models().items():
-        try:
-            data, _ = load_model_yaml(path)
-        except DiffstageError as e:
-            out.append((name, "?", f"(unreadable: {str(e).splitlines()[-1].strip()})"))
-            continue
-        data = data if isinstance(data, dict) else {}
-        desc, task = str(data.get("description", "")), str(data.get("task", "?"))
-        if data.get("pipeline_name") == "*":  # it runs the checkpoint's own pipeline, whatever that makes
-            task = "any"
-        out.append((name, task, " ".join(desc.split())))
-    return out

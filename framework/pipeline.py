@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from .errors import ConcurrentUseError, DiffstageError, RequestError, StageError, clipped
+from .errors import ConcurrentUseError, DiffstageError, RequestError, StageError, clipped, did_you_mean
 from .memory import check_fits
 from .req import Req, recording_reads
 from .setting_use import given_settings, ignored_settings, warn_ignored
 from .reuse import DEFAULT_MAX_BYTES, StageCache
-from .spec import ModelSpec, did_you_mean
+from .spec import ModelSpec
 from .stage import PipelineStage
 
 

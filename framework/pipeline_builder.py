@@ -24,12 +24,11 @@ from typing import Any
 
 import yaml
 
-from .errors import DiffstageError, Problem, SpecError, shown
+from .errors import DiffstageError, Problem, SpecError, did_you_mean, shown
 from .model_yaml import load_model_yaml
 from .models_dir import model_yaml
 from .output_files import write_new
 from .resolve import DEFAULT_ALLOWLIST, given_objects, is_allowed
-from .spec import did_you_mean
 from .stage import PipelineStage, _snake
 from .yaml_lines import MAX_DEPTH, LineMap
 from .yaml_write import yaml_text

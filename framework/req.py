@@ -11,7 +11,6 @@ The schema is open: a model YAML may declare extra request fields
 with those fields added and typed; setting a name outside it is an error."""
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
+
+from .errors import did_you_mean, shown
 
 # The names read from any Req while a run records them (see recording_reads); per thread, so that runs of
 # other pipelines in other threads do not mix in.
@@ -67,7 +68,6 @@ class FieldSpec:
         """What is wrong with `value` for this field (None, "not given", is always fine)."""
         if value is None:
             return []
-        from .errors import shown
         from .images import is_image
 
         kind = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
@@ -177,8 +177,8 @@ class Req:
             names = frozenset(f.name for f in fields(type(self)))
             type.__setattr__(type(self), "_names", names)
         if name not in names:
-            match = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
-            raise AttributeError(f"Req has no field '{name}'" + (f" (did you mean '{match[0]}'?)" if match else "")
+            hint = did_you_mean(name, sorted(names))
+            raise AttributeError(f"Req has no field '{name}'" + (f" ({hint})" if hint else "")
                                  + "; a stage declares new fields in its contract (`declares`), a model YAML in "
                                    "`request_fields`")
         object.__setattr__(self, name, value)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import DiffstageError, shown
+from .errors import DiffstageError, did_you_mean, shown
 from .req import Req
-from .spec import did_you_mean
 from .step_cache import SETTINGS, settings_problems
 
 TOP_LEVEL = ("model", "model_path", "prompt", "seed", "image", "sampling", "runtime", "attention", "allowlist",

@@ -4,7 +4,6 @@ Unknown keys are errors. Validation errors are turned into Problems that carry
 the YAML file, the key path and the line."""
 from __future__ import annotations
 
-import difflib
 import re
 import typing
 from enum import Enum
@@ -12,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import Problem, shown
+from .errors import Problem, did_you_mean, shown  # did_you_mean: also imported from here by older code
 from .req import FIELD_TYPES, FieldSpec, Req
 from .yaml_lines import LineMap, format_key
 
@@ -153,11 +152,6 @@ class ModelSpec(_Strict):
 
     def module_spec(self, name: str) -> ModuleSpec:
         return self.modules.get(name) or ModuleSpec()
-
-
-def did_you_mean(name: str, options) -> str | None:
-    match = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
-    return f"did you mean '{match[0]}'?" if match else None
 
 
 def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import DiffstageError, shown
+from .errors import DiffstageError, did_you_mean, shown
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,6 @@ def _number(value: Any, key: str, low: float, high: float, integer: bool = False
 
 def settings_problems(options: dict[str, Any], where: str) -> list[str]:
     """Every problem with a cache section (`where` names it: 'cache' or the model YAML's key)."""
-    from .spec import did_you_mean
 
     problems = [f"unknown key '{where}.{k}'" + (f" ({hint})" if (hint := did_you_mean(k, SETTINGS)) else
                                               f"; known: {', '.join(SETTINGS)}") for k in options if k not in SETTINGS]
