@@ -116,7 +116,7 @@ def _undeclared_callbacks(stage) -> list[str]:
     """Bound callbacks that get the request but do not say what they read (not the stage's defaults)."""
     out = []
     for spec in stage.callback_specs:
-        fn = stage._callbacks.get(spec.name)
+        fn = stage.bound_callbacks().get(spec.name)
         if fn is None or "req" not in spec.params:
             continue
         target = getattr(inspect.unwrap(fn), "__func__", inspect.unwrap(fn))
@@ -162,7 +162,7 @@ class StageCache:
             reads = {f: fingerprint(getattr(req, f), files=f in paths)
                      for f in sorted(contract.reads | contract.optional_reads)}
             settings = fingerprint(dict(stage.settings))
-            callbacks = tuple((name, callback_identity(fn, stage)) for name, fn in sorted(stage._callbacks.items())
+            callbacks = tuple((name, callback_identity(fn, stage)) for name, fn in sorted(stage.bound_callbacks().items())
                               if fn)
         except Unhashable:
             return None

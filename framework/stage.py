@@ -165,6 +165,11 @@ class PipelineStage:
                                                               str(source), type(self).__name__)
         self._callbacks = bound
 
+    def bound_callbacks(self) -> dict[str, Callable | None]:
+        """Every callback the stage takes -> what is bound to it (its `default_<name>`, or None when an
+        optional one has neither); empty before `bind`. A copy: rebinding goes through `bind`."""
+        return dict(self._callbacks)
+
     def callback(self, name: str) -> Callable:
         try:
             return self._callbacks[name]

@@ -75,7 +75,7 @@ class InputValidationStage(PipelineStage):
         if req.height is not None and req.width is not None:
             return
         # unbound (the stage built by hand, as it could be before it took a callback): no size callback
-        size = self.callback("output_size")(req, self.settings) if self._callbacks else None
+        size = self.callback("output_size")(req, self.settings) if self.bound_callbacks() else None
         if size is None:
             return
         if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(v) for v in size)):

@@ -775,3 +775,18 @@ def test_denoising_latent_input_extends_what_the_transformer_sees():
     req = stage(denoise_req())
     assert shapes == [(2, 7)] * 3  # three latent tokens plus four appended ones
     assert torch.equal(req.latents, torch.full((2, 3), -9.0))  # the appended part's prediction was dropped
+
+
+def test_bound_callbacks_lists_each_callback_a_stage_takes():
+    from diffstage.builder import check_model, instantiate_stage
+
+    checked = check_model("digits")
+    planned = next(p for p in checked.plan if p.cls.callback_specs and not p.contract.modules
+                   and not p.cls.takes_all_modules)
+    stage = instantiate_stage(planned, checked, {})
+    bound = stage.bound_callbacks()
+    assert set(bound) == {spec.name for spec in planned.cls.callback_specs}
+    for name, fn in bound.items():
+        assert fn is stage.callback(name)
+    bound.clear()  # a copy: the stage keeps its callbacks
+    assert stage.bound_callbacks()
