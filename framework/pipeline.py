@@ -12,7 +12,7 @@ from .errors import ConcurrentUseError, DiffstageError, RequestError, StageError
 from .memory import check_fits
 from .req import Req, recording_reads
 from .setting_use import given_settings, ignored_settings, warn_ignored
-from .reuse import DEFAULT_MAX_BYTES, StageCache
+from .reuse import DEFAULT_MAX_BYTES, ReuseCache
 from .spec import ModelSpec
 from .stage import PipelineStage
 
@@ -73,7 +73,7 @@ class Pipeline:
         self.req_cls = req_cls  # Req with the fields this model's YAML and stages declare
         # Stage-output reuse (see reuse.py): the session's cache, or None (off); the most this pipeline's
         # entries may hold (reuse.max_mb); module ids -> where they were loaded from.
-        self.reuse: StageCache | None = None
+        self.reuse: ReuseCache | None = None
         self.reuse_max_bytes = DEFAULT_MAX_BYTES
         self.module_keys: dict[int, str] = {}
         # Stages share stateful modules (a scheduler keeps its timesteps): one run at a time.

@@ -136,7 +136,7 @@ def _nbytes(value: Any) -> int:
     return 64
 
 
-class StageCache:
+class ReuseCache:
     """Least recently used stage outputs. Each entry has the byte budget of the pipeline that stored it
     (`put`'s max_bytes, else the cache's `max_bytes`) and is dropped once it and the entries used after it
     take more than that budget: with one budget this is a plain LRU cache of that size, and a pipeline with

@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 
 from .module_cache import ModuleCache
-from .reuse import StageCache
+from .reuse import ReuseCache
 
 
 class Session:
     def __init__(self) -> None:
         self.modules = ModuleCache()
-        self.reuse = StageCache()  # each pipeline stores within its own reuse.max_mb (see StageCache.put)
+        self.reuse = ReuseCache()  # each pipeline stores within its own reuse.max_mb (see ReuseCache.put)
 
     @property
     def parallel(self):

@@ -6,7 +6,7 @@ import torch
 
 from diffstage import DiffstageError, build_pipeline
 from diffstage.callbacks import reads
-from diffstage.reuse import StageCache, Unhashable, fingerprint
+from diffstage.reuse import ReuseCache, Unhashable, fingerprint
 from diffstage.session import default_session
 
 PROMPT = "a handwritten digit four"
@@ -70,7 +70,7 @@ def test_a_callback_that_does_not_declare_its_reads_turns_reuse_off():
 
 
 def test_the_cache_keeps_to_its_budget():
-    cache = StageCache(max_bytes=3 * 400)
+    cache = ReuseCache(max_bytes=3 * 400)
     for i in range(5):
         cache.put(i, {"x": torch.zeros(100)})  # 400 bytes each
     assert len(cache) == 3 and cache.get(0) is None and cache.get(4) is not None

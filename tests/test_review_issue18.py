@@ -100,7 +100,7 @@ def test_an_image_fields_file_is_keyed_by_its_bytes_in_a_stage_signature(tmp_pat
     from PIL import Image
 
     from diffstage import FieldSpec, PipelineStage, Req
-    from diffstage.reuse import StageCache
+    from diffstage.reuse import ReuseCache
 
     class EncodeImage(PipelineStage):
         reads = ("image", "prompt")
@@ -114,7 +114,7 @@ def test_an_image_fields_file_is_keyed_by_its_bytes_in_a_stage_signature(tmp_pat
     keys = []
     for colour in ((10, 20, 30), (200, 20, 30)):
         Image.new("RGB", (8, 8), colour).save(path)
-        keys.append(StageCache().signature(stage, req_cls(prompt=str(path), image=str(path)), {}))
+        keys.append(ReuseCache().signature(stage, req_cls(prompt=str(path), image=str(path)), {}))
     assert None not in keys and keys[0] != keys[1]
 
 

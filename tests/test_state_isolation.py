@@ -190,9 +190,9 @@ def test_a_rewritten_module_replaces_its_old_version_in_the_cache(tmp_path):
 
 
 def test_each_entry_keeps_to_the_budget_of_the_pipeline_that_stored_it():
-    from diffstage.reuse import StageCache
+    from diffstage.reuse import ReuseCache
 
-    cache = StageCache(max_bytes=3 * 400)
+    cache = ReuseCache(max_bytes=3 * 400)
     cache.put("a", {"x": torch.zeros(100)})  # 400 bytes, the default budget (1200)
     cache.put("small", {"x": torch.zeros(100)}, max_bytes=400)
     cache.put("none", {"x": torch.zeros(1)}, max_bytes=0)  # a budget of 0 stores nothing
