@@ -73,25 +73,27 @@ def shard_files(index_file: Path) -> list[Path]:
 MAX_FOLDER_ENTRIES = 10_000  # files and folders in one component; released ones hold a few to a few hundred
 
 
-def check_folder_link(folder: Path, root: Path) -> None:
-    """Refuse a folder that resolves outside the checkpoint `root` (a link to '/', to a home folder...)."""
+def check_folder_link(folder: Path, root: Path) -> Path:
+    """Refuse a folder that resolves outside the resolved checkpoint `root` (a link to '/', to a home
+    folder...); returns where it resolves to."""
     target = folder.resolve()
-    if not target.is_relative_to(root.resolve()):
+    if not target.is_relative_to(root):
         raise LoadError(f"{folder} is a link to the folder '{target}', which is outside the checkpoint; refused "
                         "(files may link outside, as in the Hugging Face cache, but folders may not)")
+    return target
 
 
 def component_files(folder: Path, root: Path) -> list[Path]:
     """Every file in a component folder and the folders inside it. Each folder is checked by
     check_folder_link before it is walked, and the walk stops past MAX_FOLDER_ENTRIES entries."""
     files: list[Path] = []
-    seen, pending, count = set(), [folder], 0
+    seen, pending, count, root = set(), [folder], 0, root.resolve()
     while pending:
         current = pending.pop()
-        check_folder_link(current, root)
-        if current.resolve() in seen:  # a link back to a folder already walked
+        target = check_folder_link(current, root)
+        if target in seen:  # a link back to a folder already walked
             continue
-        seen.add(current.resolve())
+        seen.add(target)
         try:
             with os.scandir(current) as entries:
                 for entry in entries:

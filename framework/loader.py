@@ -26,7 +26,7 @@ from .resolve import DEFAULT_ALLOWLIST, resolve
 from .session import default_session
 from .spec import ModelSpec
 from .torch_utils import parse_dtype
-from .weight_files import check_pickle_free, check_safetensors_headers, require_safe_torch_load
+from .weight_files import check_pickle_free, check_safetensors_headers, named_weight_files, require_safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,9 @@ def check_safetensors(folder: Path, module: str, allow_pickle: bool, files: list
     if allow_pickle:
         require_safe_torch_load()
         return
-    check_pickle_free(folder, module, files)
-    check_safetensors_headers(folder, module)
+    named = named_weight_files(folder)  # the indexes and configs read once, for both checks
+    check_pickle_free(module, files, named)
+    check_safetensors_headers(folder, module, named)
 
 
 def module_class(spec: ModelSpec, name: str, index: dict, allowlist: Iterable[str]) -> type:

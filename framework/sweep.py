@@ -90,12 +90,6 @@ def write_grid(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
     return save_png(grid, sweep_dir / GRID, meta)
 
 
-def write_report(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """Write the grid and the table of `rows` into `sweep_dir`; returns the paths written."""
-    table = write_table(sweep_dir, rows)
-    return [write_grid(sweep_dir, rows), table]
-
-
 class SweepReport(Callback):
     """Hydra callback: collects each job's result and writes the report when the sweep ends."""
 

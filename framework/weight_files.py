@@ -51,10 +51,11 @@ def named_weight_files(folder: Path) -> list[tuple[Path, str]]:
     return named
 
 
-def check_pickle_free(folder: Path, module: str, files: list[Path]) -> None:
+def check_pickle_free(module: str, files: list[Path], named: list[tuple[Path, str]]) -> None:
     """Refuse a component whose weights the loaders would read with torch.load (without allow_pickle).
-    `files`: every file in the folder (a folder of pickle files alone is refused too, nested or not)."""
-    for file, source in named_weight_files(folder):
+    `files`: every file in the folder (a folder of pickle files alone is refused too, nested or not);
+    `named`: named_weight_files of the folder."""
+    for file, source in named:
         if not file.name.endswith(SAFETENSORS):
             raise UnsafeCheckpointError(f"module '{module}': {source}, which is not a safetensors file: loading it "
                                         f"would unpickle it, and pickle can run arbitrary code; {ADVICE}")
@@ -65,11 +66,11 @@ def check_pickle_free(folder: Path, module: str, files: list[Path]) -> None:
                                         f"can run arbitrary code; {ADVICE}")
 
 
-def check_safetensors_headers(folder: Path, module: str) -> None:
-    """Every safetensors file the loaders may read starts like one: an empty, truncated or pickle file under
-    a safetensors name is named here rather than failing somewhere inside a library."""
+def check_safetensors_headers(folder: Path, module: str, named: list[tuple[Path, str]]) -> None:
+    """Every safetensors file the loaders may read (in `folder`, or `named` by its indexes) starts like one: an
+    empty, truncated or pickle file under a safetensors name is named here rather than failing in a library."""
     files = {p for p in folder.glob(f"*{SAFETENSORS}") if p.is_file()}
-    files |= {file for file, _ in named_weight_files(folder) if file.name.endswith(SAFETENSORS)}
+    files |= {file for file, _ in named if file.name.endswith(SAFETENSORS)}
     for file in sorted(files):
         why = safetensors_header_problem(file)
         if why:

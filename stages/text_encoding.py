@@ -61,8 +61,8 @@ def _known(n) -> int | None:
 def length_limit(enc: dict) -> tuple[int, str] | None:
     """Most tokens an encoder takes, and where that comes from (None before modules are bound, as when the
     builder checks a request early). The encoder's position table is the limit; a tokenizer's model_max_length
-    is advice (Qwen-Image runs 1024 + 34 template tokens through a tokenizer advising 1024), used only for
-    encoders without a position table (relative positions, as T5's) to keep a length bound at all."""
+    is advice (a model may run 1024 + 34 template tokens through a tokenizer advising 1024), used only for
+    encoders without a position table (relative positions) to keep a length bound at all."""
     config = getattr(enc.get("text_encoder"), "config", None)
     configs = [config, *([config.get_text_config()] if hasattr(config, "get_text_config") else [])]
     for key in POSITION_KEYS:
