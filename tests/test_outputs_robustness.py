@@ -120,6 +120,21 @@ def test_metadata_with_ffmetadata_specials_reads_back(tmp_path):
     assert json.loads(read_mp4_metadata(path)["comment"]) == meta
 
 
+def test_ffmpeg_failures_name_the_file_and_leave_no_metadata_file(tmp_path):
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    from diffstage.errors import OutputError
+    from diffstage.video import _remux_with_metadata, read_mp4_metadata
+
+    not_video = tmp_path / "not.mp4"
+    not_video.write_text("no video here")
+    with pytest.raises(OutputError, match=f"cannot read the metadata of '{not_video}': "):
+        read_mp4_metadata(not_video)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(OutputError, match="ffmpeg could not add the metadata: "):
+        _remux_with_metadata(imageio_ffmpeg, str(not_video), {"prompt": "x"}, str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not.mp4"]
+
+
 # --- item 8: environment variables and stdout -------------------------------------------------------------
 def test_a_bad_dist_timeout_does_not_break_other_commands():
     r = run("validate", "digits", env={"DIFFSTAGE_DIST_TIMEOUT": "abc"})
