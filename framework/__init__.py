@@ -8,6 +8,11 @@ from .pipeline_builder import PipelineBuilder
 from .req import FieldSpec, Req
 from .session import Session, default_session
 from .stage import CallbackSpec, Contract, PipelineStage
+from .stage_catalog import use_standard_stages
+from .stages import STANDARD_STAGES
+
+# The entry point hands the standard stages to the framework, which never imports them (stage_catalog.py).
+use_standard_stages(STANDARD_STAGES)
 
 __version__ = "0.1.0"
 

@@ -41,6 +41,21 @@ def request_problems(req: Req, stages: list[PipelineStage]) -> list[str]:
     return [msg for stage in stages for msg in stage.request_problems(req)]
 
 
+def raise_request_problems(req: Req, stages: list[PipelineStage]) -> None:
+    """RequestError listing everything `request_problems` finds, if anything."""
+    problems = request_problems(req, stages)
+    if problems:
+        raise RequestError("invalid request:\n" + "\n".join(f"  - {m}" for m in problems))
+
+
+def checked_request(defaults: dict[str, Any], req_cls: type[Req], stages: list[PipelineStage],
+                    fields: dict[str, Any]) -> Req:
+    """The request `fields` make over `defaults`, checked by `stages` (RequestError: every problem)."""
+    req = make_request(defaults, req_cls=req_cls, **fields)
+    raise_request_problems(req, stages)
+    return req
+
+
 @dataclass
 class PipelineOutput:
     images: Any  # list of PIL images (videos: a list of frame lists), or an array/tensor for np/pt/latent
@@ -61,7 +76,8 @@ class Pipeline:
     def __init__(self, spec: ModelSpec, stages: list[PipelineStage], modules: dict[str, Any],
                  defaults: dict[str, Any] | None = None, source: str | None = None,
                  config: dict[str, Any] | None = None, checkpoint: str | None = None,
-                 device: torch.device | str = "cpu", req_cls: type[Req] = Req):
+                 device: torch.device | str = "cpu", req_cls: type[Req] = Req, reuse: ReuseCache | None = None,
+                 reuse_max_bytes: int = DEFAULT_MAX_BYTES, module_keys: dict[int, str] | None = None):
         self.spec = spec
         self.stages = list(stages)
         self.modules = modules
@@ -73,9 +89,9 @@ class Pipeline:
         self.req_cls = req_cls  # Req with the fields this model's YAML and stages declare
         # Stage-output reuse (see reuse.py): the session's cache, or None (off); the most this pipeline's
         # entries may hold (reuse.max_mb); module ids -> where they were loaded from.
-        self.reuse: ReuseCache | None = None
-        self.reuse_max_bytes = DEFAULT_MAX_BYTES
-        self.module_keys: dict[int, str] = {}
+        self.reuse = reuse
+        self.reuse_max_bytes = reuse_max_bytes
+        self.module_keys = dict(module_keys or {})
         # Stages share stateful modules (a scheduler keeps its timesteps): one run at a time.
         self._lock = threading.Lock()
         self._running_in: int | None = None  # thread id of the run in progress
@@ -92,9 +108,7 @@ class Pipeline:
 
     def check_request(self, req: Req) -> None:
         """Every stage's objections to `req`, then the memory it would need; raises RequestError."""
-        problems = request_problems(req, self.stages)
-        if problems:
-            raise RequestError("invalid request:\n" + "\n".join(f"  - {m}" for m in problems))
+        raise_request_problems(req, self.stages)
         estimates: dict[str, int] = {}
         for stage in self.stages:
             for what, n in stage.memory_estimate(req).items():

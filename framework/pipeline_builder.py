@@ -24,7 +24,9 @@ from typing import Any
 
 import yaml
 
+from .builder import build_from_config, compose_config
 from .errors import DiffstageError, Problem, SpecError, did_you_mean, shown
+from .model_check import check_data
 from .model_yaml import load_model_yaml
 from .models_dir import model_yaml
 from .output_files import write_new
@@ -212,8 +214,6 @@ class PipelineBuilder:
         `session` as for build_pipeline."""
         from omegaconf import OmegaConf
 
-        from .builder import build_from_config, compose_config
-
         cfg = OmegaConf.to_container(compose_config(overrides), resolve=False)
         cfg["model"] = str(self.data.get("name"))  # provenance only: the spec is this builder's
         if model_path is not None:
@@ -349,8 +349,6 @@ class PipelineBuilder:
 
     def _checked(self):
         """check_data on this spec, the builder's objects resolvable; problems located in the builder."""
-        from .builder import check_data
-
         names = self.stage_names()
         try:
             with given_objects(self.objects):

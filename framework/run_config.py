@@ -1,23 +1,47 @@
-"""Check the composed run config (conf/config.yaml plus overrides) before it is used.
+"""Check the composed run config (conf/config.yaml plus overrides) before it is used, and type it.
 
 Hydra refuses a misspelt key unless it is added with `+`; `+sampling.foo=1` or
 `allow_pickle=no` would otherwise be ignored or, worse, read as true. Every
-problem is reported at once, naming the key."""
+problem is reported at once, naming the key. The keys a run config may hold are
+those of conf/ (read from its files: they are listed there once). `parse_run_config`
+makes the checked, typed RunConfig that an entry point (the CLI, build_pipeline)
+parses once and passes down."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from typing import Any
+
+import yaml
 
 from .errors import DiffstageError, did_you_mean, shown
 from .req import Req
+from .reuse import DEFAULT_MAX_BYTES
 from .step_cache import SETTINGS, settings_problems
 
-TOP_LEVEL = ("model", "model_path", "prompt", "seed", "image", "sampling", "runtime", "attention", "allowlist",
-             "allow_pickle", "output", "reuse", "parallel", "cache", "hydra", "prompts", "seeds")  # prompts/seeds: `diffstage sheet`
-RUNTIME = ("device", "dtype", "kernels", "compile", "matmul_dtype")
-ATTENTION = ("backend",)
-OUTPUT = ("filename",)
-REUSE = ("enabled", "max_mb")
-PARALLEL = ("cfg", "ulysses", "ring")
+
+@lru_cache(maxsize=1)
+def conf_keys() -> dict[str, tuple[str, ...]]:
+    """The keys of conf/: "" -> the top-level keys of `diffstage generate`'s config (its own, then its config
+    groups), "sheet" -> those `diffstage sheet`'s config adds, and each section -> its keys (a group's from the
+    option it picks by default)."""
+    conf = resources.files("diffstage.conf")
+    config = yaml.safe_load(conf.joinpath("config.yaml").read_text(encoding="utf-8"))
+    keys = {"": [k for k in config if k != "defaults"]}
+    for entry in config["defaults"]:
+        if isinstance(entry, dict):
+            (group, option), = entry.items()
+            keys[""].append(group)
+            keys[group] = list(yaml.safe_load(conf.joinpath(group, f"{option}.yaml").read_text(encoding="utf-8")))
+    keys.update({k: list(v) for k, v in config.items() if isinstance(v, dict) and k not in ("hydra", "sampling")})
+    sheet = yaml.safe_load(conf.joinpath("sheet.yaml").read_text(encoding="utf-8"))
+    keys["sheet"] = [k for k in sheet if k != "defaults" and k not in keys[""]]
+    return {k: tuple(v) for k, v in keys.items()}
+
+
+SHEET_ONLY = conf_keys()["sheet"]  # keys of `diffstage sheet`'s config (conf/sheet.yaml), not of `generate`'s
+TOP_LEVEL = conf_keys()[""] + SHEET_ONLY
 # Request fields a run config may not set under `sampling`: prompt and seed are top-level,
 # input_latents is Python-only. The rest depends on the model (its YAML may declare more).
 NOT_SAMPLING = {"prompt", "seed", "input_latents"}
@@ -35,11 +59,8 @@ def _unknown(section: dict, known, prefix: str, no_match: str | None = None) -> 
     return out
 
 
-SECTIONS = {"sampling": None, "runtime": RUNTIME, "attention": ATTENTION, "output": OUTPUT, "reuse": REUSE,
-            "parallel": PARALLEL}  # None: sampling keys are checked against the model's request fields
-
-
-SHEET_ONLY = ("prompts", "seeds")  # keys of `diffstage sheet`'s config (conf/sheet.yaml), not of `generate`'s
+# None: sampling keys are checked against the model's request fields; cache as a whole (settings_problems)
+SECTIONS = {"sampling": None, **{k: v for k, v in conf_keys().items() if k not in ("", "sheet", "cache")}}
 
 
 def key_problems(key: list[str], sheet: bool = False) -> list[str]:
@@ -128,10 +149,10 @@ def plain_run_config(cfg: Any) -> dict[str, Any]:
     return plain
 
 
-def check_sampling_keys(cfg: dict[str, Any], req_cls: type[Req], model_file: str) -> None:
+def check_sampling_keys(sampling: dict[str, Any], req_cls: type[Req], model_file: str) -> None:
     """`sampling.KEY` must be a request field of this model (standard, or declared in its YAML)."""
     known = sorted(req_cls.request_fields() - NOT_SAMPLING)
-    problems = _unknown(cfg.get("sampling") or {}, known, "sampling.",
+    problems = _unknown(sampling, known, "sampling.",
                         no_match=f"; known: {', '.join(known)} (no stage or callback of this model reads it)")
     if problems:
         raise DiffstageError(f"invalid run config for the model in {model_file}:\n"
@@ -143,3 +164,44 @@ def check_run_config(cfg: dict[str, Any]) -> None:
     problems = run_config_problems(cfg)
     if problems:
         raise DiffstageError("invalid run config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A checked run config, typed: what one run (or build) was asked for. Sections are plain mappings."""
+
+    model: str
+    model_path: str | None = None
+    prompt: Any = None
+    seed: Any = None
+    image: str | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)  # request defaults; None values keep the model's
+    runtime: dict[str, Any] = field(default_factory=dict)  # device, dtype, kernels, compile, matmul_dtype
+    attention_backend: str | None = None
+    allowlist: tuple[str, ...] = ()
+    allow_pickle: bool = False
+    output_filename: str | None = None
+    reuse_enabled: bool = True
+    reuse_max_bytes: int = DEFAULT_MAX_BYTES
+    parallel: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] | None = None  # step cache settings (conf/cache)
+    prompts: Any = None  # `diffstage sheet` only
+    seeds: list[int] | None = None  # `diffstage sheet` only
+    plain: dict[str, Any] = field(default_factory=dict)  # the whole config less `hydra`, kept as provenance
+
+
+def parse_run_config(cfg: Any) -> RunConfig:
+    """The run config (a DictConfig or dict) checked (every problem at once) and typed; a RunConfig is
+    returned as it is."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    plain = plain_run_config(cfg)
+    reuse = plain.get("reuse") or {}
+    return RunConfig(
+        model=plain["model"], model_path=plain.get("model_path"), prompt=plain.get("prompt"), seed=plain.get("seed"),
+        image=plain.get("image"), sampling=dict(plain.get("sampling") or {}), runtime=dict(plain.get("runtime") or {}),
+        attention_backend=(plain.get("attention") or {}).get("backend"), allowlist=tuple(plain.get("allowlist") or ()),
+        allow_pickle=plain.get("allow_pickle", False), output_filename=(plain.get("output") or {}).get("filename"),
+        reuse_enabled=reuse.get("enabled", True), reuse_max_bytes=int(reuse.get("max_mb", DEFAULT_MAX_BYTES // 2 ** 20) * 2 ** 20),
+        parallel=dict(plain.get("parallel") or {}), cache=plain.get("cache"), prompts=plain.get("prompts"),
+        seeds=plain.get("seeds"), plain={k: v for k, v in plain.items() if k != "hydra"})

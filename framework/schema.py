@@ -15,6 +15,7 @@ from pydantic import TypeAdapter
 from .check import stage_signature
 from .spec import ModelSpec
 from .stage import PipelineStage
+from .stage_catalog import standard_stages
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 STANDARD_PREFIX = "diffstage.stages."
@@ -22,12 +23,6 @@ STANDARD_PREFIX = "diffstage.stages."
 _STANDARD_LOOKALIKE = r"^diffstage\.stages\.[A-Za-z_][A-Za-z0-9_]*$"
 # set by the builder for a stage that takes every module, never by the YAML (see PipelineStage)
 _BUILDER_ARGS = ("modules", "pipeline_class")
-
-
-def _standard_stages() -> list[type[PipelineStage]]:
-    from diffstage.stages import STANDARD_STAGES
-
-    return list(STANDARD_STAGES)
 
 
 def _targets(cls: type) -> list[str]:
@@ -112,7 +107,7 @@ def model_schema() -> dict:
     """The JSON Schema of a model YAML as written (before `extends:` is followed)."""
     schema = ModelSpec.model_json_schema(by_alias=True)
     defs = schema.setdefault("$defs", {})
-    defs["StageSpec"] = _stage_schema(_standard_stages(), defs)  # what `stages: [...]` refers to
+    defs["StageSpec"] = _stage_schema(standard_stages(), defs)  # what `stages: [...]` refers to
     schema["properties"] = {"extends": {
         "type": "string", "minLength": 1,
         "description": "a shipped model name, or a YAML path relative to this file, whose keys this file "

@@ -71,7 +71,7 @@ class PipelineStage:
     # A stage that takes every loaded module (the Diffusers fallback): the builder passes them as
     # `modules` and the checkpoint's pipeline class as `pipeline_class`; a YAML may not set those.
     takes_all_modules: ClassVar[bool] = False
-    # The contract the static check computed for this stage's YAML args (set by the builder).
+    # The contract the static check computed for this stage's YAML args (given to `bind` by the builder).
     declared: Contract | None = None
     # Its outputs depend only on its arguments, callbacks, modules and the fields it declares it reads
     # (no randomness, no module state): the pipeline may reuse them across calls (see reuse.py).
@@ -146,9 +146,10 @@ class PipelineStage:
 
     # --- wiring (done by the builder) -------------------------------------------
     def bind(self, callbacks: Mapping[str, Callable], settings: Mapping[str, Any],
-             sources: Mapping[str, str] | None = None) -> None:
-        """Set the stage's callbacks (missing ones fall back to its `default_<name>`) and settings;
-        `sources` (callback name -> dotted path in the YAML) is what errors call them."""
+             sources: Mapping[str, str] | None = None, contract: Contract | None = None) -> None:
+        """Wire the stage into a pipeline: its callbacks (missing ones fall back to its `default_<name>`),
+        settings and, from the static check, its `contract` (kept as `declared`); `sources` (callback name ->
+        dotted path in the YAML) is what errors call the callbacks."""
         self.settings = Settings(settings)
         known = {spec.name for spec in self.callback_specs}
         unknown = sorted(set(callbacks) - known)
@@ -164,6 +165,8 @@ class PipelineStage:
             bound[spec.name] = fn if fn is None else _reported(fn, f"{self.callback_group()}.{spec.name}",
                                                               str(source), type(self).__name__)
         self._callbacks = bound
+        if contract is not None:
+            self.declared = contract
 
     def bound_callbacks(self) -> dict[str, Callable | None]:
         """Every callback the stage takes -> what is bound to it (its `default_<name>`, or None when an

@@ -58,3 +58,35 @@ def test_no_import_loops():
                     seen.add(nxt)
                     stack.append((nxt, trail + (nxt,)))
     assert loops == []
+
+
+ENTRY_POINTS = {"diffstage", "diffstage.cli"}  # hand the standard stages over (stage_catalog.py)
+
+
+def test_framework_never_imports_the_stages():
+    """framework <- stages <- entry point: a framework module importing diffstage.stages would close a loop
+    through the package (every diffstage.stages module imports framework modules)."""
+    modules = _module_files()
+    offenders = sorted(name for name, path in modules.items() if path.is_relative_to(REPO / "framework")
+                       and name not in ENTRY_POINTS and not name.startswith("diffstage.cli.")
+                       and any(m.startswith("diffstage.stages") for m in _imports(name, path, modules)))
+    assert offenders == []
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 300, 60
+
+
+def test_small_rooms():
+    """framework/ and stages/: files of at most 300 lines, functions of at most 60, so each can be read whole."""
+    too_long = []
+    for folder in ("framework", "stages"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            text = path.read_text()
+            if len(text.splitlines()) > MAX_FILE_LINES:
+                too_long.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > MAX_FUNCTION_LINES:
+                        too_long.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.name}() {length} lines")
+    assert too_long == []
