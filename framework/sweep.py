@@ -99,7 +99,7 @@ class SweepReport(Callback):
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
         if not STATE.active:
             return  # a single run: no report
-        value = job_return._return_value  # the task returns its errors (cli._generate_task); others raised
+        value = job_return._return_value  # the task returns its errors (cli/generate.py: _generate_task); others raised
         if isinstance(value, dict):
             result = value
         elif isinstance(value, BaseException):

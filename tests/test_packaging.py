@@ -23,7 +23,7 @@ def test_wheel_has_only_the_diffstage_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"diffstage", next(t for t in tops if t.endswith(".dist-info"))}
-    for expected in ("diffstage/cli.py", "diffstage/attention/backends.py", "diffstage/kernels/reference.py", "diffstage/conf/attention/sdpa.yaml", "diffstage/stages/denoising.py", "diffstage/models/flux/callbacks.py",
+    for expected in ("diffstage/cli/__init__.py", "diffstage/attention/backends.py", "diffstage/kernels/reference.py", "diffstage/conf/attention/sdpa.yaml", "diffstage/stages/denoising.py", "diffstage/models/flux/callbacks.py",
                      "diffstage/pipelines_yaml/flux.yaml", "diffstage/pipelines_yaml/flux_schnell.yaml",
                      "diffstage/pipelines_yaml/sd3.yaml", "diffstage/models/sd3/callbacks.py",
                      "diffstage/pipelines_yaml/wan_t2v.yaml", "diffstage/models/wan/callbacks.py",

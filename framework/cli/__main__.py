@@ -1,0 +1,4 @@
+"""`python -m diffstage.cli ...`: the diffstage command."""
+from . import main
+
+main()

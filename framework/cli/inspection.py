@@ -1,0 +1,88 @@
+"""The commands that read a model YAML without loading weights (validate, graph, schema) and `diffstage models`."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..builder import check_model
+from ..console import say
+from ..errors import DiffstageError
+from ..graph import render_png, stage_graph, to_mermaid
+from ..model_yaml import describe_models
+from ..output_files import write_new
+from ..schema import model_schema_json
+from .exits import _fail
+
+
+def validate_command(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="diffstage validate", description="Check a model YAML without loading weights.")
+    p.add_argument("model", help="shipped model name or path to a model YAML")
+    p.add_argument("--allow", action="append", default=[], metavar="PREFIX",
+                   help="extra module prefix dotted paths may import from (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    if args.debug:
+        os.environ["DIFFSTAGE_DEBUG"] = "1"
+    try:
+        checked = check_model(args.model, allowlist=args.allow)
+    except DiffstageError as e:
+        _fail(e)
+        return
+    spec = checked.spec
+    say(f"OK {checked.file}: model '{spec.name}' ({spec.pipeline_name}, {spec.task.value}), "
+        f"{len(spec.stages)} stages, {len(spec.modules)} modules\n" + "".join(
+            f"  stages[{p.index}] {p.cls.__name__}: reads {sorted(p.contract.reads)} -> writes "
+            f"{sorted(p.contract.writes)}\n" for p in checked.plan), end="")
+
+
+def graph_command(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="diffstage graph", description="Print a model's stage graph (the Req fields "
+                                "flowing between its stages) as Mermaid text, without loading weights.")
+    p.add_argument("model", help="shipped model name or path to a model YAML")
+    p.add_argument("--allow", action="append", default=[], metavar="PREFIX",
+                   help="extra module prefix dotted paths may import from (repeatable)")
+    p.add_argument("--png", metavar="PATH", help="draw it into a new PNG file instead (needs the graphviz "
+                                                 "package and Graphviz's dot program)")
+    args = p.parse_args(argv)
+    try:
+        graph = stage_graph(check_model(args.model, allowlist=args.allow))
+        if args.png is None:
+            say(to_mermaid(graph), end="")
+            return
+        path = _write_once(args.png, lambda: render_png(graph))
+    except DiffstageError as e:
+        _fail(e)
+        return
+    say(path.resolve())
+
+
+def schema_command(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="diffstage schema", description="Print the JSON Schema (draft 2020-12) of "
+                                "model YAMLs, for editors: `# yaml-language-server: $schema=PATH` in a YAML.")
+    p.add_argument("--output", metavar="PATH", help="write it into a new file instead (an existing one is refused)")
+    args = p.parse_args(argv)
+    text = model_schema_json()
+    if args.output is None:
+        say(text, end="")
+        return
+    try:
+        path = _write_once(args.output, text.encode)
+    except DiffstageError as e:
+        _fail(e)
+        return
+    say(path.resolve())
+
+
+def _write_once(path: str, make) -> Path:
+    """Write the bytes `make()` returns into the new file `path`, atomically; an existing file or folder of
+    that name is refused, not replaced (outputs are never overwritten)."""
+    return write_new(path, lambda tmp: Path(tmp).write_bytes(make()), numbered=False)
+
+
+def models_command(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="diffstage models", description="List the shipped model YAMLs.")
+    p.parse_args(argv)
+    rows = describe_models()
+    width = max((len(n) for n, _, _ in rows), default=0)
+    say("".join(f"{name.ljust(width)}  {task.ljust(4)}  {desc}\n" for name, task, desc in rows), end="")
