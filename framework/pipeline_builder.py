@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,37 +27,13 @@ from .builder import build_from_config, compose_config
 from .errors import DiffstageError, Problem, SpecError, did_you_mean, shown
 from .model_check import check_data
 from .model_yaml import load_model_yaml
+from .object_refs import UNSAVED, plain_data, reference, references, stage_entry
 from .models_dir import model_yaml
 from .output_files import write_new
 from .resolve import DEFAULT_ALLOWLIST, given_objects, is_allowed
 from .stage import PipelineStage, _snake
 from .yaml_lines import MAX_DEPTH, LineMap
 from .yaml_write import yaml_text
-
-UNSAVED = "python:"  # prefix of the names of objects that have no import path
-
-
-def _plain(value: Any) -> Any:
-    """`value` as YAML data: tuples become lists, pydantic models their mappings."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "model_dump") and callable(value.model_dump):
-        return _plain(value.model_dump(by_alias=True, exclude_defaults=True))
-    return value
-
-
-def import_path(obj: Any) -> str | None:
-    """The dotted path that names `obj` in its (already imported) module, or None if there is none."""
-    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname or module == "__main__":
-        return None
-    found: Any = sys.modules.get(module)
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-    return f"{module}.{qualname}" if found is obj else None
-
 
 class PipelineBuilder:
     """A model spec under construction. Stages are addressed by index or by name: a stage's name is
@@ -84,7 +59,7 @@ class PipelineBuilder:
         if not isinstance(data, dict):
             raise DiffstageError(f"{file}: a model YAML must be a mapping, got {shown(data)}")
         builder = cls(str(data.get("name")), str(data.get("pipeline_name")), allowlist=allowlist)
-        builder.data, builder.source = _plain(data), file
+        builder.data, builder.source = plain_data(data), file
         return builder
 
     @property
@@ -112,7 +87,7 @@ class PipelineBuilder:
         it was given are replaced by the pipeline's own at build). `args` are its YAML arguments."""
         stages = self._stages()
         index = len(stages) if position == len(stages) else self._index(position)
-        entry = self._entry(stage, args, name)
+        entry = stage_entry(self.objects, stage, args, name)
         self._check_names(stages[:index] + [entry] + stages[index:])
         stages.insert(index, entry)
         return self
@@ -125,7 +100,7 @@ class PipelineBuilder:
         index = self._index(ref)
         old = stages[index]
         keep = old.get("_name_") if isinstance(old, dict) else None
-        entry = self._entry(stage, args, name or keep)
+        entry = stage_entry(self.objects, stage, args, name or keep)
         self._check_names(stages[:index] + [entry] + stages[index + 1:])
         stages[index] = entry
         return self
@@ -143,7 +118,7 @@ class PipelineBuilder:
             if value is None:
                 entry.pop(key, None)
             else:
-                entry[key] = _plain(value)
+                entry[key] = plain_data(value)
         return self
 
     # --- callbacks, modules, settings, sampling -----------------------------------------------------------
@@ -158,13 +133,13 @@ class PipelineBuilder:
             if group in callbacks and not callbacks[group]:
                 del callbacks[group]
             return self
-        callbacks.setdefault(group, {})[name] = self._reference(fn, "callback")
+        callbacks.setdefault(group, {})[name] = reference(self.objects, fn, "callback")
         return self
 
     def set_module(self, name: str, target: Any = None, *, subfolder: str | None = None,
                    dtype: str | None = None) -> PipelineBuilder:
         """Declare module `name` (its class: `target`, default the checkpoint's model_index.json)."""
-        spec = {k: v for k, v in (("_target_", None if target is None else self._reference(target, "module class")),
+        spec = {k: v for k, v in (("_target_", None if target is None else reference(self.objects, target, "module class")),
                                   ("subfolder", subfolder), ("dtype", dtype)) if v is not None}
         self.data.setdefault("modules", {})[name] = spec or None
         return self
@@ -229,13 +204,13 @@ class PipelineBuilder:
         """Write the spec as a new model YAML (an existing file is refused, not replaced); `diffstage validate
         PATH` accepts it and it builds the same pipeline. Refused when a callback or class has no import path
         (a function defined inside a function)."""
-        unsaved = [f"{where}: {name[len(UNSAVED):]} has no import path" for where, name in self._references()
+        unsaved = [f"{where}: {name[len(UNSAVED):]} has no import path" for where, name in references(self.data, self.stage_names())
                    if name.startswith(UNSAVED)]
         if unsaved:
             raise DiffstageError("cannot write this pipeline as YAML, which names callbacks and classes by dotted "
                                  "path:\n" + "\n".join(f"  - {u}" for u in unsaved)
                                  + "\n(define them at the top level of an importable module, or pass dotted paths)")
-        outside = sorted({name.rsplit(".", 1)[0] for _, name in self._references()
+        outside = sorted({name.rsplit(".", 1)[0] for _, name in references(self.data, self.stage_names())
                           if not is_allowed(name, DEFAULT_ALLOWLIST)})
         header = f"# Written by diffstage.PipelineBuilder{f' from {self.source}' if self.source else ''}.\n"
         if outside:
@@ -289,59 +264,13 @@ class PipelineBuilder:
             if given.count(name) > 1 or name in defaults:
                 raise DiffstageError(f"two stages would be named '{name}'; give one another name")
 
-    def _entry(self, stage: Any, args: dict, name: str | None) -> dict[str, Any]:
-        if isinstance(stage, PipelineStage):  # an instance: its class and what it was made with
-            cls = type(stage)
-            made = {k: v for k, v in stage.init_args.items() if not (k in cls.module_params and not isinstance(v, str))}
-            entry = {"_target_": self._reference(cls, "stage class"), **_plain(made)}
-        elif isinstance(stage, type) and issubclass(stage, PipelineStage):
-            entry = {"_target_": self._reference(stage, "stage class")}
-        elif isinstance(stage, str):
-            entry = {"_target_": stage}
-        else:
-            raise DiffstageError(f"a stage is a PipelineStage class, an instance of one or a dotted path, got "
-                                 f"{shown(stage)}")
-        entry.update(_plain(args))
-        if name is not None:
-            entry = {"_target_": entry.pop("_target_"), "_name_": name, **entry}
-        return entry
-
-    def _reference(self, obj: Any, what: str) -> str:
-        """The name `obj` goes by in the spec: a dotted path as given, else the object's import path (or,
-        without one, a `python:` name that only this builder resolves)."""
-        if isinstance(obj, str):
-            return obj
-        if not callable(obj):
-            raise DiffstageError(f"a {what} must be callable or a dotted path, got {shown(obj)}")
-        name = import_path(obj)
-        if name is None:
-            base = f"{UNSAVED}{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
-            name, n = base, 1
-            while name in self.objects and self.objects[name] is not obj:
-                n += 1
-                name = f"{base}#{n}"
-        self.objects[name] = obj
-        return name
-
-    def _references(self) -> list[tuple[str, str]]:
-        """(where, name) of every dotted path in the spec."""
-        out = [(f"stages[{i}] ({n})._target_", e["_target_"]) for i, (e, n) in
-               enumerate(zip(self._stages(), self.stage_names())) if isinstance(e, dict) and
-               isinstance(e.get("_target_"), str)]
-        for group, entries in (self.data.get("pipeline_config") or {}).get("callbacks", {}).items():
-            out += [(f"callback {group}.{name}", target) for name, target in (entries or {}).items()
-                    if isinstance(target, str)]
-        out += [(f"module {name}", spec["_target_"]) for name, spec in (self.data.get("modules") or {}).items()
-                if isinstance(spec, dict) and isinstance(spec.get("_target_"), str)]
-        return out
-
     def _update(self, mapping: dict, values: dict) -> PipelineBuilder:
         for key, value in values.items():
             if value is None:
                 mapping.pop(key, None)
             else:
                 try:
-                    mapping[key] = _plain(value)
+                    mapping[key] = plain_data(value)
                 except RecursionError:  # thousands of levels: far past what the YAML reader takes
                     raise DiffstageError(f"{key}: nested more than {MAX_DEPTH} levels deep; a model YAML needs far "
                                          "fewer") from None
