@@ -8,7 +8,6 @@ their files' identity, so building the same model twice loads nothing the second
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from .checkpoint_files import check_module_folder, read_json_object
 from .errors import DiffstageError, DisallowedPathError, LoadError, shown, strict_bool
 from .models_dir import looks_like_repo_id
 from .module_cache import ModuleCache, folder_identity
+from .pretrained import from_pretrained, module_kind
 from .resolve import DEFAULT_ALLOWLIST, resolve
 from .session import default_session
 from .spec import ModelSpec
@@ -139,94 +139,39 @@ def module_class(spec: ModelSpec, name: str, index: dict, allowlist: Iterable[st
     return cls
 
 
-@functools.lru_cache(maxsize=1)
-def _weightless_bases() -> tuple[type, ...]:
-    """Classes of modules that load from configs/vocabularies only (no tensors)."""
-    bases = []
-    for path in ("diffusers.SchedulerMixin", "transformers.PreTrainedTokenizerBase", "transformers.ProcessorMixin",
-                 "transformers.ImageProcessingMixin", "transformers.FeatureExtractionMixin"):
-        try:
-            bases.append(resolve(path))
-        except DiffstageError:
-            pass  # an older/newer library without it
-    return tuple(bases)
-
-
-def module_kind(cls: Any) -> str:
-    """'weights' (a torch module) or 'config' (scheduler, tokenizer, processor). Anything else is
-    refused: a whole pipeline or an Auto* class would load what it likes, bypassing our checks."""
-    if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
-        if issubclass(cls, torch.nn.Module):
-            return "weights"
-        if issubclass(cls, _weightless_bases()):
-            return "config"
-    name = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
-    raise LoadError(f"'{name}' cannot load a module: expected a torch model class, a scheduler, a tokenizer or "
-                    "a processor with from_pretrained")
-
-
-def _reports_loading_info(cls: type) -> bool:
-    """Diffusers' and Transformers' models can say which weights they did not find (others load strictly
-    themselves, like diffstage's native models, or are the author's responsibility)."""
-    bases = []
-    for path in ("diffusers.ModelMixin", "transformers.PreTrainedModel"):
-        try:
-            bases.append(resolve(path))
-        except DiffstageError:
-            pass
-    return issubclass(cls, tuple(bases))
-
-
-def _check_loading_info(name: str, folder: Path, info: dict) -> None:
-    """Missing weights would be left randomly initialised and unexpected ones ignored: both mean the
-    checkpoint does not match its config, which Diffusers and Transformers only log."""
-    problems = []
-    for key, what in (("missing_keys", "missing (they would be random)"), ("unexpected_keys", "unexpected"),
-                      ("mismatched_keys", "of the wrong shape")):
-        keys = sorted(str(k) for k in (info.get(key) or ()))
-        if keys:
-            shown_keys = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-            problems.append(f"{what}: {shown_keys}")
-    problems += [str(m) for m in info.get("error_msgs") or ()]
-    if problems:
-        raise LoadError(f"module '{name}': the weights in '{folder}' do not match its config.json; "
-                        + "; ".join(problems))
-
-
-def _from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, allow_pickle: bool,
-                     execution: dict[str, Any] | None) -> Any:
-    if module_kind(cls) == "config":
-        return cls.from_pretrained(root, subfolder=subfolder)  # tokenizers, schedulers: no weights
-    kwargs: dict[str, Any] = {"subfolder": subfolder, "use_safetensors": None if allow_pickle else True}
-    strict = _reports_loading_info(cls)
-    if strict:
-        kwargs["output_loading_info"] = True
-    if execution and execution.get("matmul_dtype") and hasattr(cls, "configure_runtime"):
-        kwargs["matmul_dtype"] = execution["matmul_dtype"]  # native: read the weights straight into it
-    if cls.__module__.startswith("transformers."):
-        import transformers
-
-        major = int(transformers.__version__.split(".")[0])
-        kwargs["dtype" if major >= 5 else "torch_dtype"] = dtype
-    else:
-        kwargs["torch_dtype"] = dtype
-    if not strict:
-        return cls.from_pretrained(root, **kwargs)
-    module, info = cls.from_pretrained(root, **kwargs)
-    _check_loading_info(subfolder, root / subfolder, info)
-    return module
-
-
-def _runtime_for(cls: type, folder: Path, execution: dict[str, Any], dtype: torch.dtype, device) -> dict[str, Any]:
+def _runtime_for(name: str, cls: type, folder: Path, execution: dict[str, Any], dtype: torch.dtype,
+                 device) -> dict[str, Any]:
     """The module's runtime options with `auto` choices made (native models decide them from their config)."""
-    if hasattr(cls, "resolve_runtime") and folder.is_dir():
-        return cls.resolve_runtime(folder, execution, dtype, torch.device(device))
+    try:
+        if hasattr(cls, "resolve_runtime") and folder.is_dir():
+            return cls.resolve_runtime(folder, execution, dtype, torch.device(device))
+    except DiffstageError:
+        raise
+    except Exception as e:  # the config does not build the model: the load would say the same
+        raise LoadError(f"module '{name}': {cls.__name__} cannot be built from '{folder / 'config.json'}': "
+                        f"{type(e).__name__}: {e}") from None
     options = {k: v for k, v in execution.items() if k != "planned_images"}
     if options.get("matmul_dtype") == "auto":
         options["matmul_dtype"] = None
     if options.get("compile") == "auto":
         options["compile"] = False
     return options
+
+
+def _checkpoint_folders(spec: ModelSpec, model_path: str | os.PathLike) -> tuple[Path, dict, dict[str, str]]:
+    """(the checkpoint's directory, its model_index.json, module name -> subfolder for each module to load),
+    once the checkpoint is known to be one the spec serves."""
+    subfolders = {n: spec.module_spec(n).subfolder or n for n in spec.modules}
+    root = resolve_checkpoint(model_path, subfolders.values())
+    index = read_json_object(root / "model_index.json")
+    if spec.pipeline_name == ANY_PIPELINE:  # every module the checkpoint lists (the Diffusers fallback)
+        subfolders = {n: n for n in index_modules(index)}
+        root = resolve_checkpoint(model_path, subfolders.values())  # a repo id: fetch those folders too
+    if spec.pipeline_name not in (ANY_PIPELINE, index.get("_class_name")):
+        raise LoadError(f"checkpoint '{root}' is a {shown(index.get('_class_name'))}, but model '{spec.name}' "
+                        f"serves {spec.pipeline_name}; pick the model YAML that matches this checkpoint (or "
+                        "model=diffusers_auto to run it with its own Diffusers pipeline)")
+    return root, index, subfolders
 
 
 def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
@@ -240,17 +185,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
     cache = cache if cache is not None else default_session().modules
     allow_pickle = strict_bool(allow_pickle, "allow_pickle")
     allowlist = tuple(allowlist)
-    subfolders = {n: spec.module_spec(n).subfolder or n for n in spec.modules}
-    root = resolve_checkpoint(model_path, subfolders.values())
-    index = read_json_object(root / "model_index.json")
-    if spec.pipeline_name == ANY_PIPELINE:  # every module the checkpoint lists (the Diffusers fallback)
-        subfolders = {n: n for n in index_modules(index)}
-        root = resolve_checkpoint(model_path, subfolders.values())  # a repo id: fetch those folders too
-    if spec.pipeline_name not in (ANY_PIPELINE, index.get("_class_name")):
-        raise LoadError(f"checkpoint '{root}' is a {shown(index.get('_class_name'))}, but model '{spec.name}' "
-                        f"serves {spec.pipeline_name}; pick the model YAML that matches this checkpoint (or "
-                        "model=diffusers_auto to run it with its own Diffusers pipeline)")
-
+    root, index, subfolders = _checkpoint_folders(spec, model_path)
     modules: dict[str, Any] = {}
     for name, sub in subfolders.items():
         cls = module_class(spec, name, index, allowlist)
@@ -263,13 +198,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         # anything reads them (a native model's runtime options read its config)
         check_safetensors(folder, name, allow_pickle, files)
         configurable = execution is not None and hasattr(cls, "configure_runtime")
-        try:
-            options = _runtime_for(cls, root / sub, execution, mdtype, device) if configurable else None
-        except DiffstageError:
-            raise
-        except Exception as e:  # the config does not build the model: the load below would say the same
-            raise LoadError(f"module '{name}': {cls.__name__} cannot be built from '{root / sub / 'config.json'}': "
-                            f"{type(e).__name__}: {e}") from None
+        options = _runtime_for(name, cls, folder, execution, mdtype, device) if configurable else None
         key = ModuleKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
                         str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
                         repr(sorted(options.items())) if configurable else "-", folder_identity(folder, files))
@@ -281,7 +210,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
             modules[name] = cached if is_torch else copy.deepcopy(cached)
             continue
         try:
-            module = _from_pretrained(cls, root, sub, mdtype, allow_pickle, options)
+            module = from_pretrained(cls, root, sub, mdtype, allow_pickle, options)
         except DiffstageError:
             raise
         except Exception as e:  # corrupt weights, config/weight mismatch, wrong class: all about the files
