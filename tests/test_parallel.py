@@ -128,9 +128,9 @@ def test_ulysses_degree_must_divide_the_heads(tiny_flux_dev, monkeypatch):
 
     monkeypatch.setattr(state, "_STATE", state.ParallelState(ulysses=3, rank=0, world_size=3))
     monkeypatch.setattr(state, "init_parallel", lambda options, device: state._STATE)
-    from diffstage import builder
+    from diffstage import build_plan
 
-    monkeypatch.setattr(builder, "init_parallel", lambda options, device: state._STATE)
+    monkeypatch.setattr(build_plan, "init_parallel", lambda options, device: state._STATE)
     with pytest.raises(DiffstageError, match="parallel.ulysses=3 splits the attention heads, but FluxTransformer "
                                              "has 2; use a Ulysses degree that divides 2"):
         build_pipeline("flux", model_path=tiny_flux_dev)

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..build_plan import plan_build
 from ..builder import build_from_config, check_model
 from ..console import say
 from ..distributed import is_main_process
 from ..errors import DiffstageError, OutputError, shown
 from ..png import save_png
-from ..run_config import plain_run_config
+from ..run_config import RunConfig, parse_run_config
+from ..session import default_session
 from ..sheet import contact_sheet
 from ..sweep import job_result
 from ..video import save_mp4
@@ -64,9 +66,9 @@ def _save(item, folder: Path, name: str, pipe, prompt: str, seed) -> Path:
     return path.resolve()
 
 
-def _cli_output_type(cfg) -> None:
+def _cli_output_type(run: RunConfig) -> None:
     """The CLI writes PNGs (MP4s for videos), so it needs PIL output; other output types are for Python."""
-    output_type = (cfg.get("sampling") or {}).get("output_type")
+    output_type = run.sampling.get("output_type")
     if output_type not in (None, "pil"):
         raise DiffstageError(f"sampling.output_type={output_type} cannot be saved by the command line, which "
                              "writes PNG images and MP4 videos (output_type=pil); use output_type np/pt/latent "
@@ -90,19 +92,22 @@ def _generate_task(cfg, job: HydraJob):
 
 
 def _generate_one(cfg, job: HydraJob):
-    plain = plain_run_config(cfg)
-    checked = check_model(plain["model"], plain.get("allowlist") or ())
-    base = _output_name(plain["output"]["filename"], checked.spec.task.value in VIDEO_TASKS)
-    _cli_output_type(cfg)
-    request = {"prompt": cfg.prompt, "seed": cfg.seed}
-    if plain.get("image") is not None:
+    """The run config parsed, the model checked, the request built and checked, each once; then the weights."""
+    run = parse_run_config(cfg)
+    checked = check_model(run.model, run.allowlist)
+    base = _output_name(run.output_filename, checked.spec.task.value in VIDEO_TASKS)
+    _cli_output_type(run)
+    fields = {"prompt": run.prompt, "seed": run.seed}
+    if run.image is not None:
         if "image" not in checked.req_cls.request_fields():
             raise DiffstageError(f"model '{checked.spec.name}' takes no input image (its YAML declares no "
                                  "`image` request field); drop image=...")
-        request["image"] = plain["image"]
+        fields["image"] = run.image
+    plan = plan_build(run, checked)
+    req = plan.request(**fields)  # checked before any weight loads
     # a sweep makes many images in this process (the modules, compiled or not, are shared by its jobs)
-    pipe = build_from_config(cfg, request=request, checked=checked, planned_images=_sweep_jobs() if job.in_sweep else 1)
-    out = pipe(**request)
+    pipe = plan.load(default_session(), planned_images=_sweep_jobs() if job.in_sweep else 1)
+    out = pipe.run(req)
     _log_reports(out.reports)
     if not is_main_process():  # with torchrun, rank 0 writes the files and prints their paths
         return job_result([], out.req.seed, out.timings, out.reused, reports=out.reports)
@@ -111,7 +116,7 @@ def _generate_one(cfg, job: HydraJob):
         # a video from a pipeline whose YAML says image (the Diffusers fallback runs any pipeline) is still an MP4
         name = base.with_suffix(".mp4") if isinstance(item, list) and base.suffix == ".png" else base
         paths.append(_save(item, job.output_dir, name.name if i == 0 else f"{name.stem}_{i}{name.suffix}", pipe,
-                           str(cfg.prompt), out.req.seed))
+                           str(run.prompt), out.req.seed))
     return job_result([str(p) for p in paths], out.req.seed, out.timings, out.reused, reports=out.reports)
 
 
@@ -126,9 +131,9 @@ def _log_reports(reports: dict) -> None:
                 stats["kind"], stats["threshold"], stats["cached"], total)
 
 
-def _sheet_entries(plain: dict, examples) -> list[tuple[str, str]]:
+def _sheet_entries(run: RunConfig, examples) -> list[tuple[str, str]]:
     """(label, prompt) pairs: `prompts=[...]` from the command line, else the model's examples."""
-    given = plain.get("prompts")
+    given = run.prompts
     chosen = ([given] if isinstance(given, str) else given) if given is not None else examples
     if not chosen:
         raise DiffstageError("prompts=[] is empty" if given is not None else
@@ -140,16 +145,16 @@ def _sheet_entries(plain: dict, examples) -> list[tuple[str, str]]:
 
 def _sheet_task(cfg, job: HydraJob):
     try:
-        plain = plain_run_config(cfg)
-        base = _output_name(plain["output"]["filename"])
-        _cli_output_type(cfg)
-        checked = check_model(plain["model"], plain.get("allowlist") or ())
+        run = parse_run_config(cfg)
+        base = _output_name(run.output_filename)
+        _cli_output_type(run)
+        checked = check_model(run.model, run.allowlist)
         if checked.spec.task.value in VIDEO_TASKS:
             raise DiffstageError(f"diffstage sheet lays out images; model '{checked.spec.name}' makes videos "
                                  "(use diffstage generate)")
-        entries = _sheet_entries(plain, checked.spec.examples)
-        seeds = plain.get("seeds") or [cfg.seed]
-        pipe = build_from_config(cfg, request={"prompt": [p for _, p in entries], "seed": seeds[0]}, checked=checked,
+        entries = _sheet_entries(run, checked.spec.examples)
+        seeds = run.seeds or [run.seed]
+        pipe = build_from_config(run, request={"prompt": [p for _, p in entries], "seed": seeds[0]}, checked=checked,
                                  planned_images=len(entries) * len(seeds))
         images, labels = [], []
         for seed in seeds:
