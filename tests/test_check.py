@@ -59,6 +59,17 @@ def test_missing_required_callback(flux_yaml_variant):
     assert p.stage == "DenoisingStage" and "model_inputs(req, settings, transformer, negative)" in p.hint
 
 
+def test_callback_group_that_is_not_a_mapping(flux_yaml_variant):
+    """A group holding a number is one problem, of its type; not a crash over its required callbacks."""
+    path = flux_yaml_variant(("    latent_preparation:\n      latent_shape: diffstage.models.flux.callbacks.latent_shape\n"
+                              "      pack: diffstage.models.flux.callbacks.pack\n"
+                              "      position_ids: diffstage.models.flux.callbacks.position_ids\n",
+                              "    latent_preparation: 3\n"))
+    problems = problems_of(path)
+    assert [p.key for p in problems] == ["pipeline_config.callbacks.latent_preparation"], problems
+    assert "valid dictionary" in problems[0].message or "mapping" in problems[0].message, problems[0].message
+
+
 def test_callback_that_does_not_resolve_or_has_wrong_signature(flux_yaml_variant):
     path = flux_yaml_variant(("callbacks.mu", "callbacks.mu_nope"),
                              ("callbacks.pack", "callbacks.vae_scale_factor"))

@@ -87,8 +87,11 @@ def check_callbacks(ctx: Context, given: dict, called: dict[str, dict[str, Calle
             # Targets are checked even when the group is unknown: the allowlist comes first.
             _check_target(ctx, path, callback, target)
     for group, callbacks in called.items():
+        bound = given.get(group) or {}
+        if not isinstance(bound, dict):
+            continue  # the schema check reports the type
         for name, callback in callbacks.items():
-            if callback.spec.required and name not in (given.get(group) or {}):
+            if callback.spec.required and name not in bound:
                 spec = callback.spec
                 ctx.add(BASE + (group,), f"missing required callback '{group}.{name}'", stage=callback.stage,
                         hint=f"signature: {name}({', '.join(spec.params)}); {spec.doc}".rstrip("; "))
