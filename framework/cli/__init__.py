@@ -14,6 +14,7 @@ This module is the entry point and the dispatch; each command lives in the modul
 generate and sheet, hydra_app.py: their Hydra plumbing, inspection.py: validate, graph, schema, models)."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -39,45 +40,11 @@ Set DIFFSTAGE_DEBUG=1 to see tracebacks.
 """
 
 
-# Each command imports its module only when it runs, so `diffstage models` and `--help` load no more than they use.
-def _generate(argv: list[str]) -> None:
-    from .generate import generate_command
-
-    generate_command(argv)
-
-
-def _sheet(argv: list[str]) -> None:
-    from .generate import sheet_command
-
-    sheet_command(argv)
-
-
-def _validate(argv: list[str]) -> None:
-    from .inspection import validate_command
-
-    validate_command(argv)
-
-
-def _models(argv: list[str]) -> None:
-    from .inspection import models_command
-
-    models_command(argv)
-
-
-def _graph(argv: list[str]) -> None:
-    from .inspection import graph_command
-
-    graph_command(argv)
-
-
-def _schema(argv: list[str]) -> None:
-    from .inspection import schema_command
-
-    schema_command(argv)
-
-
-COMMANDS = {"generate": _generate, "sheet": _sheet, "validate": _validate, "models": _models,
-            "graph": _graph, "schema": _schema}
+# command -> (module of cli/, function): each command imports its module only when it runs, so `diffstage models`
+# and `--help` load no more than they use.
+COMMANDS = {"generate": ("generate", "generate_command"), "sheet": ("generate", "sheet_command"),
+            "validate": ("inspection", "validate_command"), "models": ("inspection", "models_command"),
+            "graph": ("inspection", "graph_command"), "schema": ("inspection", "schema_command")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,10 +65,10 @@ def _dispatch(argv: list[str]) -> None:
     if argv[0] == "--version":
         say(f"diffstage {__version__}")
         return
-    command = COMMANDS.get(argv[0])
-    if command is None:
+    if argv[0] not in COMMANDS:
         hint = did_you_mean(argv[0], COMMANDS)
         print(f"error: unknown command '{argv[0]}'" + (f"; {hint}" if hint else "") + "\n\n" + USAGE,
               file=sys.stderr, end="")
         sys.exit(2)
-    command(argv[1:])
+    module, function = COMMANDS[argv[0]]
+    getattr(importlib.import_module(f".{module}", __package__), function)(argv[1:])
