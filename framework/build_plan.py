@@ -122,7 +122,8 @@ class BuildPlan:
         return checked_request(self.defaults, self.checked.req_cls, list(self.early.values()), fields)
 
     def load(self, session: Session, planned_images: int | None = 1) -> Pipeline:
-        """Load the modules (through `session`), make the remaining stages, and return the Pipeline."""
+        """Load the modules (through `session`), make the remaining stages, and return the Pipeline. Once per
+        plan: the stages made before weights load go into this pipeline (a second load would share them)."""
         run, checked, spec = self.run, self.checked, self.checked.spec
         model_path = self.model_path()
         step_cache = make_step_cache(run.cache, spec.step_cache)  # settings checked before weights load

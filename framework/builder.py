@@ -24,7 +24,7 @@ from .session import Session, default_session
 CONFIG_MODULE = "diffstage.conf"
 
 __all__ = ["BuildPlan", "CheckedModel", "attach_step_cache", "build_from_config", "build_pipeline", "check_data",
-           "check_model", "compose_config", "execution_options", "instantiate_stage", "plan_build", "plan_run"]
+           "check_model", "compose_config", "execution_options", "instantiate_stage", "plan_build", "plan_from_config"]
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -46,7 +46,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise DiffstageError(f"bad config override: {clipped(str(e).strip(), 600)}") from None
 
 
-def plan_run(cfg: DictConfig | dict | RunConfig, checked: CheckedModel | None = None) -> BuildPlan:
+def plan_from_config(cfg: DictConfig | dict | RunConfig, checked: CheckedModel | None = None) -> BuildPlan:
     """The build plan of a run config (parsed here unless it is a RunConfig already); `checked` passes a
     check_model() result for its model the caller already has."""
     run = parse_run_config(cfg)
@@ -63,7 +63,7 @@ def build_from_config(cfg: DictConfig | dict | RunConfig, request: dict[str, Any
     `checked` passes a check_model() result for cfg.model the caller already has.
     `planned_images`: how many images the caller will make (None: unknown), for
     `runtime.compile=auto`. `session` owns the module and reuse caches (default: the process's)."""
-    plan = plan_run(cfg, checked)
+    plan = plan_from_config(cfg, checked)
     if request is not None:
         plan.request(**request)
     return plan.load(session if session is not None else default_session(), planned_images)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .errors import DiffstageError, clipped
 
 if TYPE_CHECKING:  # for annotations only: drawing a graph needs none of the builder's imports
-    from .builder import CheckedModel
+    from .model_check import CheckedModel
     from .check import PlannedStage
     from .spec import ModelSpec
 

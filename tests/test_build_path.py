@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from diffstage import RequestError, build_from_config, run_config
-from diffstage.builder import compose_config, plan_run
+from diffstage.builder import compose_config, plan_from_config
 from diffstage.cli import main
 from diffstage.session import Session
 
@@ -24,19 +24,21 @@ def counting(monkeypatch, module, name):
     return calls
 
 
-def test_a_bad_request_fails_before_any_weight_loads():
-    session = Session()
-    plan = plan_run(compose_config(FAST))
+def test_a_bad_request_is_reported_before_the_missing_checkpoint(capsys, tmp_path):
+    """The request is checked before the build looks for weights: flux.yaml has no model_path, and the
+    request's error is the one reported."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "model=flux", "sampling.height=7", f"hydra.run.dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "height must be a positive multiple of 16 (at most 65536), got 7" in err and "model_path" not in err
     with pytest.raises(RequestError, match="height"):
-        plan.request(prompt="a seven", seed=0, height=7)
-    assert session.modules.load_count == 0
-    plan.load(session)
-    assert session.modules.load_count > 0
+        plan_from_config(compose_config(["model=flux"])).request(prompt="a fox", height=7)
 
 
 def test_the_checked_request_is_the_one_that_runs():
     session = Session()
-    plan = plan_run(compose_config(FAST))
+    plan = plan_from_config(compose_config(FAST))
     req = plan.request(prompt="a handwritten digit seven", seed=3)
     pipe = plan.load(session)
     planned = pipe.run(req)

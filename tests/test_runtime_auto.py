@@ -103,7 +103,7 @@ def test_a_sweep_counts_its_jobs_for_compile_auto(monkeypatch, argv, jobs):
     from diffstage.cli import hydra_app
 
     monkeypatch.setattr(sys, "argv", ["diffstage", *argv])
-    assert hydra_app._sweep_jobs() == jobs
+    assert hydra_app.sweep_jobs() == jobs
 
 
 def test_a_native_bf16_override_that_is_not_0_or_1_is_refused(monkeypatch):

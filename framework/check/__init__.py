@@ -9,7 +9,7 @@ One concern a module: targets.py (dotted paths through the allowlist, stage argu
 class's signature, module names), contracts.py (the first pass: every stage's contract), fields.py (which
 fields each stage reads and writes, in order), callbacks.py (the callback groups and what they read);
 records.py holds what the passes hand each other, context.py what they share. The passes run in the
-order check_contracts lists them, which is the order problems are reported in."""
+order check_contracts lists them; check_data sorts the problems by file, line and key, and this order breaks ties."""
 from __future__ import annotations
 
 from collections.abc import Iterable

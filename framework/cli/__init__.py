@@ -21,7 +21,7 @@ import sys
 from .. import __version__
 from ..console import guarded_stdout, say
 from ..errors import DiffstageError, did_you_mean
-from .exits import _fail
+from .exits import fail
 
 USAGE = """usage: diffstage <command> [args]
 
@@ -40,8 +40,7 @@ Set DIFFSTAGE_DEBUG=1 to see tracebacks.
 """
 
 
-# command -> (module of cli/, function): each command imports its module only when it runs, so `diffstage models`
-# and `--help` load no more than they use.
+# command -> (module of cli/, function): each command imports only its own module, when it runs.
 COMMANDS = {"generate": ("generate", "generate_command"), "sheet": ("generate", "sheet_command"),
             "validate": ("inspection", "validate_command"), "models": ("inspection", "models_command"),
             "graph": ("inspection", "graph_command"), "schema": ("inspection", "schema_command")}
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         with guarded_stdout():
             _dispatch(list(sys.argv[1:] if argv is None else argv))
     except DiffstageError as e:  # a report that could not be written to stdout (console)
-        _fail(e)
+        fail(e)
     except BrokenPipeError:  # `diffstage models | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

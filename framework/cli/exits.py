@@ -7,12 +7,12 @@ import os
 import sys
 
 
-def _debug() -> bool:
+def debug() -> bool:
     return os.environ.get("DIFFSTAGE_DEBUG", "") not in ("", "0")
 
 
-def _fail(err: Exception) -> None:
-    if _debug():
+def fail(err: Exception) -> None:
+    if debug():
         raise err
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)

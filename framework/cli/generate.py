@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 
 from ..build_plan import plan_build
-from ..builder import build_from_config, check_model
+from ..model_check import check_model
 from ..console import say
 from ..distributed import is_main_process
 from ..errors import DiffstageError, OutputError, shown
@@ -20,19 +20,19 @@ from ..session import default_session
 from ..sheet import contact_sheet
 from ..sweep import job_result
 from ..video import save_mp4
-from .exits import _debug, _fail
-from .hydra_app import HydraJob, _rank_app, _sweep_jobs
+from .exits import debug, fail
+from .hydra_app import HydraJob, rank_app, sweep_jobs
 
 MAX_NAME_BYTES = 200  # leaves room for the "_1" / "-2" suffixes of extra images and taken names
 VIDEO_TASKS = ("t2v", "i2v", "ti2v")
 
 
 def generate_command(argv: list[str]) -> None:
-    _rank_app(_generate_task, "config", argv, "generate")
+    rank_app(_generate_task, "config", argv, "generate")
 
 
 def sheet_command(argv: list[str]) -> None:
-    _rank_app(_sheet_task, "sheet", argv, "sheet")
+    rank_app(_sheet_task, "sheet", argv, "sheet")
 
 
 def _output_name(filename: str | None, video: bool = False) -> Path:
@@ -83,8 +83,8 @@ def _generate_task(cfg, job: HydraJob):
     except Exception as e:
         user_error = isinstance(e, DiffstageError)
         if not job.in_sweep and user_error:
-            _fail(e)
-        if not job.in_sweep or (_debug() and not user_error):  # a bug shows its traceback
+            fail(e)
+        if not job.in_sweep or (debug() and not user_error):  # a bug shows its traceback
             raise
         message = str(e) if user_error else f"{type(e).__name__}: {e}"
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -106,7 +106,7 @@ def _generate_one(cfg, job: HydraJob):
     plan = plan_build(run, checked)
     req = plan.request(**fields)  # checked before any weight loads
     # a sweep makes many images in this process (the modules, compiled or not, are shared by its jobs)
-    pipe = plan.load(default_session(), planned_images=_sweep_jobs() if job.in_sweep else 1)
+    pipe = plan.load(default_session(), planned_images=sweep_jobs() if job.in_sweep else 1)
     out = pipe.run(req)
     _log_reports(out.reports)
     if not is_main_process():  # with torchrun, rank 0 writes the files and prints their paths
@@ -154,8 +154,9 @@ def _sheet_task(cfg, job: HydraJob):
                                  "(use diffstage generate)")
         entries = _sheet_entries(run, checked.spec.examples)
         seeds = run.seeds or [run.seed]
-        pipe = build_from_config(run, request={"prompt": [p for _, p in entries], "seed": seeds[0]}, checked=checked,
-                                 planned_images=len(entries) * len(seeds))
+        plan = plan_build(run, checked)
+        plan.request(prompt=[p for _, p in entries], seed=seeds[0])  # every prompt, checked before weights load
+        pipe = plan.load(default_session(), planned_images=len(entries) * len(seeds))
         images, labels = [], []
         for seed in seeds:
             for label, prompt in entries:
@@ -165,7 +166,7 @@ def _sheet_task(cfg, job: HydraJob):
                     suffix = (f" s{seed}" if len(seeds) > 1 else "") + (f" #{k}" if len(out) > 1 else "")
                     labels.append(label + suffix)
     except DiffstageError as e:
-        _fail(e)
+        fail(e)
         return
     if not is_main_process():  # with torchrun, rank 0 writes the sheet and prints its path
         return job_result([], seeds)
@@ -175,12 +176,12 @@ def _sheet_task(cfg, job: HydraJob):
     except Exception as e:  # noqa: BLE001 - the images are made: keep them, then say what failed
         kept = [_save(image, job.output_dir, f"{base.stem}_{i}{base.suffix}", pipe, prompts, seed_text)
                 for i, image in enumerate(images)]
-        _fail(OutputError(f"cannot draw the contact sheet: {type(e).__name__}: {e} (its {len(kept)} images are "
+        fail(OutputError(f"cannot draw the contact sheet: {type(e).__name__}: {e} (its {len(kept)} images are "
                           "saved one by one beside it)"))
         return
     try:
         path = _save(sheet, job.output_dir, base.name, pipe, prompts, seed_text)
     except DiffstageError as e:
-        _fail(e)
+        fail(e)
         return
     return job_result([str(path)], seeds)  # for the report of a sweep (-m)

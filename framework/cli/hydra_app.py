@@ -24,7 +24,7 @@ from ..errors import DiffstageError, OutputError, shown
 from ..overrides import prepare_argv
 from ..setting_use import plain_cli_warnings
 from ..sweep import STATE, TABLE
-from .exits import _fail
+from .exits import fail
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _hydra_job() -> HydraJob:
     return HydraJob(Path(config.runtime.output_dir), config.mode == RunMode.MULTIRUN)
 
 
-def _sweep_jobs() -> int | None:
+def sweep_jobs() -> int | None:
     """How many jobs this `-m` sweep runs: the product of the sweeps on the command line (None when Hydra
     cannot tell without running it, e.g. glob())."""
     jobs = 1
@@ -59,7 +59,7 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
 
     if any(a == "--experimental-rerun" or a.startswith("--experimental-rerun=") for a in argv):
         # it unpickles the file it is given: pickle can run code, and nothing in diffstage needs it
-        _fail(DiffstageError("--experimental-rerun is not supported: it loads a pickle file, which can run code; "
+        fail(DiffstageError("--experimental-rerun is not supported: it loads a pickle file, which can run code; "
                              "rerun with the overrides in the run folder's .hydra/overrides.yaml instead"))
     started = []
 
@@ -67,13 +67,13 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
         started.append(True)
         return task(cfg, _hydra_job())
 
-    # Hydra names the job after the last part of this module name: `cli`, as when the commands were cli.py
+    # Without hydra.job.name (conf/config.yaml sets it) Hydra would name the job after these: kept as with cli.py
     job.__module__, job.__name__ = __package__, task.__name__
     app = hydra.main(version_base=None, config_path="pkg://diffstage.conf", config_name=config_name)(job)
     try:  # typos get a did-you-mean, a model's request fields their `+` (see overrides.py)
         argv = prepare_argv(argv, sheet=config_name == "sheet")
     except DiffstageError as e:
-        _fail(e)
+        fail(e)
     sys.argv = [f"diffstage {command}"] + argv
     STATE.rows, STATE.report, STATE.report_error = [], [], None
     with _full_hydra_errors():
@@ -81,16 +81,16 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
             app()
             failed = _sweep_failures()
             if failed is not None:
-                _fail(failed)
+                fail(failed)
         except DiffstageError as e:
-            _fail(e)
+            fail(e)
         except (HydraException, OmegaConfBaseException) as e:  # bad overrides, config composition
-            _fail(_config_error(e))
+            fail(_config_error(e))
         except Exception as e:
             error = _error_outside_job(e, started=bool(started))
             if error is None:
                 raise
-            _fail(error)
+            fail(error)
         except SystemExit as e:  # Hydra reports usage errors with exit 1
             sys.exit(2 if e.code == 1 else e.code)
 
@@ -154,13 +154,13 @@ def _os_error_in(error: BaseException) -> OSError | None:
     return None
 
 
-def _rank_app(task, config_name: str, argv: list[str], command: str) -> None:
+def rank_app(task, config_name: str, argv: list[str], command: str) -> None:
     """_hydra_app, except that under torchrun ranks other than 0 keep no run directory or log of their own
     (rank 0's is the run's): theirs is a scratch folder, removed when the command ends."""
     try:
         rank = launched_rank()
     except DiffstageError as e:
-        _fail(e)
+        fail(e)
     if rank == 0:
         return _hydra_app(task, config_name, argv, command)
     scratch = tempfile.mkdtemp(prefix="diffstage-rank-")

@@ -5,14 +5,14 @@ import argparse
 import os
 from pathlib import Path
 
-from ..builder import check_model
+from ..model_check import check_model
 from ..console import say
 from ..errors import DiffstageError
 from ..graph import render_png, stage_graph, to_mermaid
 from ..model_yaml import describe_models
 from ..output_files import write_new
 from ..schema import model_schema_json
-from .exits import _fail
+from .exits import fail
 
 
 def validate_command(argv: list[str]) -> None:
@@ -27,7 +27,7 @@ def validate_command(argv: list[str]) -> None:
     try:
         checked = check_model(args.model, allowlist=args.allow)
     except DiffstageError as e:
-        _fail(e)
+        fail(e)
         return
     spec = checked.spec
     say(f"OK {checked.file}: model '{spec.name}' ({spec.pipeline_name}, {spec.task.value}), "
@@ -52,7 +52,7 @@ def graph_command(argv: list[str]) -> None:
             return
         path = _write_once(args.png, lambda: render_png(graph))
     except DiffstageError as e:
-        _fail(e)
+        fail(e)
         return
     say(path.resolve())
 
@@ -69,7 +69,7 @@ def schema_command(argv: list[str]) -> None:
     try:
         path = _write_once(args.output, text.encode)
     except DiffstageError as e:
-        _fail(e)
+        fail(e)
         return
     say(path.resolve())
 
