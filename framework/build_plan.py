@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from . import loader
 from .attention import get_backend
 from .attention.layer import DEFAULT_BACKEND
+from .block_cache import install_block_cache
 from .check import PlannedStage
 from .distributed import init_parallel
 from .errors import DiffstageError
@@ -92,8 +93,24 @@ def execution_options(cfg: Any, spec: ModelSpec, device: torch.device, planned_i
             "matmul_dtype": matmul_dtype, "planned_images": planned_images}
 
 
-def attach_step_cache(stages: list, cache: StepCache | None, checked: CheckedModel) -> None:
-    """Give the step cache to the stages that take one (each DenoisingStage gets its own copy)."""
+def apply_acceleration(checked: CheckedModel, modules: dict[str, Any]) -> list[Any]:
+    """The model YAML's `acceleration:` declarations checked against the loaded modules and applied; returns
+    the modules whose blocks take a step cache by this declaration (a shared module may be wrapped by another's)."""
+    cacheable = []
+    for name, declared in checked.spec.acceleration.items():
+        def locate(key: tuple, name: str = name) -> str:
+            file, line = checked.lines.where(("acceleration", name, *key))
+            return f"{file}:{line}: " + ".".join(("acceleration", name, *key))
+
+        install_block_cache(modules[name], declared, locate)
+        if declared.residual is not None:
+            cacheable.append(modules[name])
+    return cacheable
+
+
+def attach_step_cache(stages: list, cache: StepCache | None, checked: CheckedModel, declared: list = ()) -> None:
+    """Give the step cache to the stages that take one (each DenoisingStage gets its own copy); `declared`: the
+    modules whose blocks the model YAML declares for step caches (apply_acceleration)."""
     if cache is None:
         return
     takers = [(i, s) for i, s in enumerate(stages) if hasattr(s, "set_step_cache")]
@@ -102,7 +119,7 @@ def attach_step_cache(stages: list, cache: StepCache | None, checked: CheckedMod
                              "(DenoisingStage does); use cache=none")
     for i, stage in takers:
         try:
-            stage.set_step_cache(copy.deepcopy(cache))
+            stage.set_step_cache(copy.deepcopy(cache), declared)
         except ValueError as e:
             file, line = checked.lines.where(("stages", i))
             raise DiffstageError(f"{file}:{line}: stages[{i}] {type(stage).__name__}: {e}") from None
@@ -137,8 +154,9 @@ class BuildPlan:
         modules = loader.load_modules(spec, model_path, dtype=dtype, device=device, allow_pickle=run.allow_pickle,
                                       allowlist=checked.allowlist, keys=keys, cache=session.modules,
                                       execution=execution_options(run, spec, device, planned_images))
+        declared = apply_acceleration(checked, modules)
         stages = [self.early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
-        attach_step_cache(stages, step_cache, checked)
+        attach_step_cache(stages, step_cache, checked, declared)
         return Pipeline(spec, stages, modules, defaults=self.defaults, source=str(checked.file),
                         config={"run": run.plain, "model": checked.data}, checkpoint=str(model_path), device=device,
                         req_cls=checked.req_cls, reuse=session.reuse if run.reuse_enabled else None,

@@ -97,6 +97,39 @@ class StageSpec(BaseModel):
     target: str = Field(alias="_target_")
 
 
+class ResidualSpec(_Strict):
+    """Where a block's call and return carry the residual stream (the hidden states), for step caches."""
+
+    input: str = Field("hidden_states", description="the block forward's argument that carries the hidden states")
+    returns: str | list[str] = Field(
+        "hidden_states", description="what a block returns, each item named by the forward argument it is the new "
+                                     "value of: one name for a single tensor (hidden_states), a list for a tuple "
+                                     "(e.g. [encoder_hidden_states, hidden_states]); must name `input`")
+
+    @model_validator(mode="after")
+    def _returns_the_input(self):
+        names = [self.returns] if isinstance(self.returns, str) else self.returns
+        bad = [n for n in [self.input, *names] if not n.isidentifier()]
+        if bad:
+            raise ValueError(f"{shown(bad[0])} is not an argument name")
+        if self.input not in names or len(set(names)) != len(names):
+            raise ValueError(f"returns must name the input {shown(self.input)} once, got {shown(self.returns)}")
+        return self
+
+
+class AccelerationSpec(_Strict):
+    """What the engine needs to know about one stock module (a transformer) to accelerate it: checked against
+    the loaded module before the first run. (Sequence-parallel splits and attention routing will sit beside.)"""
+
+    blocks: list[str] | None = Field(
+        None, min_length=1, description="the module's ModuleList attributes holding its repeated blocks, in the "
+                                        "order its forward runs them (dotted for nested ones); default: those "
+                                        "holding the block classes the Diffusers class names in _repeated_blocks")
+    residual: ResidualSpec | None = Field(
+        None, description="where the blocks' call and return carry the hidden states; declaring it lets "
+                          "cache=first_block skip the blocks after the first ones")
+
+
 class ModelSpec(_Strict):
     name: str
     description: str = ""
@@ -113,6 +146,9 @@ class ModelSpec(_Strict):
     step_cache: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="settings per step cache kind (first_block, teacache) for this model, "
                                           "under the run's `cache.*`; the run's `cache=KIND` turns one on")
+    acceleration: dict[str, AccelerationSpec] = Field(
+        default_factory=dict, description="by module name (the transformer): its repeated blocks and where a step "
+                                          "cache reads its residual stream, for stock Diffusers classes")
     pipeline_config: PipelineConfigSpec = Field(default_factory=PipelineConfigSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     request_fields: dict[str, RequestFieldSpec] = Field(
@@ -134,6 +170,17 @@ class ModelSpec(_Strict):
                 problems += settings_problems(settings, f"step_cache.{kind}")
         if problems:
             raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("acceleration")
+    @classmethod
+    def _declared_modules(cls, value: dict, info) -> dict:
+        known = list(info.data.get("modules") or {})
+        for name in value:
+            if name not in known:
+                hint = did_you_mean(name, known)
+                raise ValueError(f"acceleration names {shown(name)}, which is not one of the model's modules"
+                                 + (f" ({hint})" if hint else f" ({', '.join(known)})"))
         return value
 
     @field_validator("request_fields")

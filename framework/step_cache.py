@@ -12,7 +12,8 @@ instead of running the blocks. Two ways to measure it:
   any block runs; a skipped step costs one modulation, not a block.
 
 A transformer takes part by taking a `step_cache` argument in its forward call and routing its
-blocks through it (see `Cacheable`). DenoisingStage makes a cache of its own for each run
+blocks through it (see `Cacheable`), or, for a stock transformer, through the blocks its model YAML
+declares (`acceleration:`, see block_cache.py; first_block only). DenoisingStage makes a cache of its own for each run
 (`for_run`), passes it with every transformer call and names the branch (cond, uncond, or both
 in one batch); each branch keeps its own state. The cache is an argument, not an attribute of
 the transformer, because pipelines share their loaded transformer: a cache set on it by one
@@ -163,20 +164,34 @@ class StepCache:
                  probe: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks [0, blocks) over (hidden, context), or the cached residual in their place.
         On a skipped step the returned context is stale: the model must only read `hidden` after its blocks."""
-        state = self._branches.setdefault(self.branch, _Branch())
         if self.kind == "teacache":
+            state = self._branches.setdefault(self.branch, _Branch())
             return self._teacache(state, run, hidden, context, blocks, probe())
         first = min(self.compute_first, blocks)
         head_hidden, head_context = run(hidden, context, 0, first)
         measure = head_hidden - hidden
-        skip = self._may_skip(state) and state.measure is not None and \
-            relative_change(measure, state.measure) < self.threshold
-        if skip:
-            return head_hidden + self._reused(state), head_context
+        reused = self.skip_rest(measure)
+        if reused is not None:
+            return head_hidden + reused, head_context
         out_hidden, out_context = run(head_hidden, head_context, first, blocks)
-        state.measure = measure  # compared against the last computed step, so drift adds up
-        self._keep(state, out_hidden - head_hidden)
+        self.ran_rest(measure, out_hidden - head_hidden)
         return out_hidden, out_context
+
+    # first_block's decision, shared by the native path (__call__) and declared blocks (block_cache.py)
+    def skip_rest(self, measure: torch.Tensor) -> torch.Tensor | None:
+        """first_block: given the first blocks' residual on this call, the residual to add in place of the
+        remaining blocks (counted as cached), or None when they must run (then call `ran_rest`)."""
+        state = self._branches.setdefault(self.branch, _Branch())
+        if self._may_skip(state) and state.measure is not None and \
+                relative_change(measure, state.measure) < self.threshold:
+            return self._reused(state)
+        return None
+
+    def ran_rest(self, measure: torch.Tensor, residual: torch.Tensor) -> None:
+        """first_block: the remaining blocks ran and added `residual`; keep it and the first blocks' `measure`."""
+        state = self._branches.setdefault(self.branch, _Branch())
+        state.measure = measure  # compared against the last computed step, so drift adds up
+        self._keep(state, residual)
 
     def _teacache(self, state: _Branch, run: RunBlocks, hidden, context, blocks: int, probe: torch.Tensor):
         if state.measure is not None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from tqdm.auto import tqdm
@@ -12,7 +12,8 @@ from diffstage.distributed.sequence import TRAFFIC
 from diffstage.errors import RequestError
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
-from diffstage.step_cache import StepCache, takes_step_cache
+from diffstage.block_cache import cached_blocks, step_cache_route
+from diffstage.step_cache import StepCache
 
 # Signature of a step hook: hook(stage, req, step_index, t, noise_pred) -> noise_pred | None.
 # Hooks run after the model call and before the scheduler step (step caches act inside the transformer).
@@ -84,17 +85,17 @@ class DenoisingStage(PipelineStage):
         self.progress = progress
         self.step_hooks: list[StepHook] = []
         self.step_cache: StepCache | None = None
+        self.cache_route = "argument"  # how the transformer takes it: an argument (native) or declared blocks
         self.last_cache_stats: dict | None = None
         self._check_parallel()
 
-    def set_step_cache(self, cache: StepCache | None) -> None:
+    def set_step_cache(self, cache: StepCache | None, declared: Collection = ()) -> None:
         """Run with `cache` (None: without): its settings; each run gets a cache of its own (for_run).
-        The transformer must support step caches."""
-        if cache is not None and not takes_step_cache(self.transformer):
-            name = type(self.transformer).__name__
-            raise ValueError(f"cache={cache.kind}: {name} does not support step caches (diffstage's native "
-                             "transformers that do take a `step_cache` argument and route their blocks through "
-                             "it); use cache=none")
+        The transformer must support step caches: natively, or through its blocks when it is in `declared`
+        (the modules whose blocks the model YAML declares: build_plan.apply_acceleration)."""
+        if cache is not None:
+            self.cache_route = step_cache_route(self.transformer, cache.kind,
+                                                any(m is self.transformer for m in declared))  # or ValueError
         self.step_cache = cache
 
     def report(self) -> dict | None:
@@ -159,8 +160,12 @@ class DenoisingStage(PipelineStage):
 
     def predict(self, latents, timestep, inputs: dict, cache: StepCache | None = None) -> torch.Tensor:
         kwargs = {self.latents_arg: latents, self.timestep_arg: timestep, **inputs}
-        if cache is not None:  # this run's cache, passed with the call: the transformer is shared
-            kwargs["step_cache"] = cache
+        if cache is not None and self.cache_route == "argument":  # this run's cache, with the call: the
+            kwargs["step_cache"] = cache  # transformer is shared (declared blocks read it from a context variable)
+        with cached_blocks(self.transformer, cache if self.cache_route == "blocks" else None):
+            return self._call_transformer(kwargs)
+
+    def _call_transformer(self, kwargs: dict) -> torch.Tensor:
         state = current()
         if state.sequence == 1:
             return self.transformer(**kwargs, return_dict=False)[0]
