@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine_limit.py beside it
 PROMPT = "a photo of a red fox in the snow"
 # name -> (library, dtype, diffstage overrides)
 F32 = ["runtime.matmul_dtype=null", "runtime.compile=false"]  # float32 throughout, whatever `auto` would pick
@@ -47,13 +48,16 @@ class TransformerClock:
 
     def __init__(self, module: torch.nn.Module):
         self.total, self.calls, self.first_start = 0.0, 0, None
-        module.register_forward_pre_hook(self._start)
+        self.module, self.inputs = module, None  # the first call's (args, kwargs), to count and profile one call
+        module.register_forward_pre_hook(self._start, with_kwargs=True)
         module.register_forward_hook(self._stop)
 
     def reset(self):
         self.total, self.calls, self.first_start = 0.0, 0, None
 
-    def _start(self, *_):
+    def _start(self, module, args, kwargs):
+        if self.inputs is None and kwargs.get("step_cache") is None:
+            self.inputs = (args, dict(kwargs))
         self._t = time.perf_counter()
         self.first_start = self.first_start or self._t
 
@@ -118,6 +122,40 @@ def linear_dtype(pipe) -> str:
                             if isinstance(m, (Linear, torch.nn.Linear))}))
 
 
+# variants profiled for where a transformer call's time goes (compiled ones fuse ops the profile would split)
+PROFILED = ("diffusers", "diffstage", "diffstage_default")
+
+
+def machine_report(clocks: dict, results: dict, args) -> dict:
+    """The transformer's achieved FLOP/s against the peak a large matmul reaches in this run (float32 and, with
+    native bf16, bfloat16), per variant; and, for PROFILED, where one call's time goes."""
+    from diffstage.hardware import native_bf16
+    from machine_limit import call_flops, peak_matmul_flops, time_shares
+
+    def one_call(name):
+        args_, kwargs = clocks[name].inputs
+        return lambda: clocks[name].module(*args_, **kwargs)
+
+    flops = call_flops(one_call("diffusers"))  # the same architecture and shapes for every variant
+    peaks = {"float32": peak_matmul_flops(torch.float32)}
+    if native_bf16(torch.device("cpu"))[0]:
+        peaks["bfloat16"] = peak_matmul_flops(torch.bfloat16)
+    report = {"transformer_flops_per_call": flops,
+              "diffstage_float32_flops_per_call": call_flops(one_call("diffstage")) if "diffstage" in clocks else None,
+              "peak_matmul_flops": {k: round(v) for k, v in peaks.items()}, "variants": {}}
+    for name, r in results.items():
+        if "teacache" in name:  # skipped steps run no blocks: FLOP/s would not mean the same
+            continue
+        precision = "bfloat16" if "bfloat16" in r["linear_weights"] and "bfloat16" in peaks else "float32"
+        achieved = flops * r["transformer_calls_per_image"] / (r["transformer_per_step_s"] * args.steps)
+        report["variants"][name] = {"achieved_flops": round(achieved), "against": precision,
+                                    "fraction_of_peak": round(achieved / peaks[precision], 3)}
+    for name in PROFILED:
+        if name in clocks:
+            report["variants"].setdefault(name, {})["time_shares"] = time_shares(one_call(name))
+    return report
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, default=ROOT / ".cache" / "bench-flux",
@@ -154,7 +192,7 @@ def main(argv=None) -> None:
         warmup[name] = time.perf_counter() - t
         print(f"warm-up {name}: {warmup[name]:.2f} s", file=sys.stderr)
 
-    runs = {name: {"wall": [], "transformer": [], "denoise": []} for name in args.variants}
+    runs = {name: {"wall": [], "transformer": [], "denoise": [], "calls": []} for name in args.variants}
     for rep in range(args.reps):
         for name in args.variants:
             clocks[name].reset()
@@ -166,6 +204,7 @@ def main(argv=None) -> None:
             runs[name]["wall"].append(wall)
             runs[name]["transformer"].append(clocks[name].total)
             runs[name]["denoise"].append(denoise)
+            runs[name]["calls"].append(clocks[name].calls)
         print(f"round {rep + 1}/{args.reps}: " + ", ".join(f"{n} {runs[n]['wall'][-1]:.2f} s" for n in args.variants),
               file=sys.stderr)
 
@@ -185,6 +224,7 @@ def main(argv=None) -> None:
             "warmup_s": round(warmup[name], 2),
             "linear_weights": linear_dtype(pipes[name]),  # what runtime auto (or the overrides) chose
             "denoise_step_s": round(step, 4),
+            "transformer_calls_per_image": statistics.median(runs[name]["calls"]),
             "transformer_per_step_s": round(step_tr, 4),
             "other_per_step_s": round(other, 5),
             "other_share_of_step": round(other / step, 4),
@@ -196,6 +236,7 @@ def main(argv=None) -> None:
         results[name]["peak_rss_ratio_vs_diffusers"] = round(
             results[name]["peak_rss_mb"] / results["diffusers"]["peak_rss_mb"], 3) if name != "diffusers" else 1.0
 
+    limit = machine_report(clocks, results, args)
     report = {
         "benchmark": "FLUX.1 [dev] architecture, random weights ('bench' size), end to end, one image",
         "settings": {"size": args.size, "steps": args.steps, "max_sequence_length": args.text_len,
@@ -204,11 +245,16 @@ def main(argv=None) -> None:
                     "torch": torch.__version__, "python": platform.python_version(),
                     "device": "cpu"},
         "results": results,
+        "machine_limit": limit,
         "notes": "psnr_vs_diffusers_db null means the images are identical; other_per_step is the "
                  "denoising step minus its transformer call (scheduler, CFG, hooks, framework), timed for "
                  "Diffusers from the first transformer call to the last step callback and for diffstage over "
                  "the whole DenoisingStage; peak_rss is VmHWM of a fresh process (libraries, all modules "
-                 "and file pages included).",
+                 "and file pages included). machine_limit: FLOPs of one transformer call counted from its "
+                 "matmul and attention shapes (torch FlopCounterMode), achieved FLOP/s = FLOPs x calls per step / "
+                 "transformer time per step, against the fastest 2048^3 matmul in this run (bfloat16 where the "
+                 "variant's Linears are bf16 and the CPU has native bf16); time_shares: one call's op time by "
+                 "category under torch.profiler (self CPU time).",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -216,6 +262,10 @@ def main(argv=None) -> None:
         print(f"{name:18s} {r['wall_s_median']:.3f} s  x{r['speedup_vs_diffusers']:.2f}  "
               f"psnr {r['psnr_vs_diffusers_db']}  peak {r['peak_rss_mb']} MB  "
               f"other/step {100 * r['other_share_of_step']:.2f}%")
+    for name, v in limit["variants"].items():
+        if "fraction_of_peak" in v:
+            print(f"{name:18s} {v['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * v['fraction_of_peak']:.0f}% of the "
+                  f"{v['against']} matmul peak" + (f"  shares {v['time_shares']}" if "time_shares" in v else ""))
     print(args.out)
 
 
