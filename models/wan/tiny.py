@@ -17,13 +17,20 @@ from diffstage.models.flux.tiny import t5_tokenizer
 from diffstage.models.tiny_checkpoint import save_tiny_checkpoint, tiny_cli
 
 
-def _build_pipeline(seed: int) -> WanPipeline:
+# The transformer's dimensions: "tiny" for tests, "bench" for benchmarks (enough blocks and width that skipping
+# blocks shows in the time, still seconds per video on a CPU).
+SIZES = {
+    "tiny": {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2},
+    "bench": {"num_attention_heads": 6, "attention_head_dim": 32, "ffn_dim": 768, "num_layers": 8},
+}
+
+
+def _build_pipeline(seed: int, size: str = "tiny") -> WanPipeline:
     tokenizer = t5_tokenizer()
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                        rope_max_seq_len=32)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=32,
+                                        freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32, **SIZES[size])
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
@@ -38,9 +45,13 @@ def _build_pipeline(seed: int) -> WanPipeline:
                        transformer=transformer)
 
 
-def build_tiny_wan(out_dir, *, seed: int = 0) -> pathlib.Path:
-    """Write the checkpoint to ``out_dir`` (deterministic in ``seed``); returns at once if it is there."""
-    return save_tiny_checkpoint(out_dir, {"family": "wan", "seed": seed}, lambda: _build_pipeline(seed),
+def build_tiny_wan(out_dir, *, seed: int = 0, size: str = "tiny") -> pathlib.Path:
+    """Write the checkpoint of ``size`` (see SIZES) to ``out_dir`` (deterministic in ``seed``); returns at once if it
+    is there."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+    marker = {"family": "wan", "seed": seed} | ({"size": size} if size != "tiny" else {})
+    return save_tiny_checkpoint(out_dir, marker, lambda: _build_pipeline(seed, size),
                                 index_classes={"tokenizer": "T5TokenizerFast"})
 
 
