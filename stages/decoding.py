@@ -1,6 +1,9 @@
 """DecodingStage: undo packing and latent normalisation, run the VAE, convert the output."""
 from __future__ import annotations
 
+import threading
+import weakref
+
 import numpy as np
 import torch
 from PIL import Image
@@ -26,6 +29,21 @@ def check_finite_decoded(image, stage: str, also: str = "") -> None:
     if not bool(torch.isfinite(torch.as_tensor(image)).all()):
         raise StageError(f"{stage}: the VAE decoded NaN or infinite values; check the VAE's config.json "
                          f"(scaling_factor, shift_factor){' ' + also if also else ''}")
+
+
+_DECODE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VAE -> its lock
+_LOCKS_GUARD = threading.Lock()
+
+
+def vae_lock(vae) -> threading.Lock:
+    """One decode or encode at a time per VAE: pipelines share a loaded VAE (the session's module cache), and a
+    video VAE keeps its state on the module while it runs (its causal convolutions' cache), so two at once would
+    mix their frames."""
+    with _LOCKS_GUARD:
+        lock = _DECODE_LOCKS.get(vae)
+        if lock is None:
+            lock = _DECODE_LOCKS[vae] = threading.Lock()
+    return lock
 
 
 class DecodingStage(PipelineStage):
@@ -89,7 +107,9 @@ class DecodingStage(PipelineStage):
         latents = self.callback("unpack")(req.latents, req, self.settings, self.vae)
         latents = self.callback("denormalize")(latents, self.settings, self.vae)
         latents = latents.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
-        image = self.callback("postprocess_image")(self.vae.decode(latents, return_dict=False)[0], self.settings)
+        with vae_lock(self.vae):
+            decoded = self.vae.decode(latents, return_dict=False)[0]
+        image = self.callback("postprocess_image")(decoded, self.settings)
         check_finite_decoded(image, "DecodingStage", "and the model YAML's decoding callbacks")
         image = (image * 0.5 + 0.5).clamp(0, 1)
         req.decoded = image

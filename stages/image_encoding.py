@@ -9,6 +9,8 @@ from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
 from diffstage.torch_utils import module_device, module_dtype
 
+from .decoding import vae_lock
+
 
 class ImageEncodingStage(PipelineStage):
     """Encodes the image in `image_field` into `field` (one copy per batch item).
@@ -87,7 +89,8 @@ class ImageEncodingStage(PipelineStage):
         if self.frames_axis:
             pixels = pixels.unsqueeze(2)
         pixels = pixels.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
-        latents = self.vae.encode(pixels).latent_dist.mode()  # the mean, as Diffusers' sample_mode="argmax"
+        with vae_lock(self.vae):  # pipelines share the VAE (see decoding.vae_lock)
+            latents = self.vae.encode(pixels).latent_dist.mode()  # the mean, as Diffusers' sample_mode="argmax"
         latents = self.callback("normalize")(latents, self.settings, self.vae)
         if self.shape_field:
             setattr(req, self.shape_field, tuple(latents.shape))
