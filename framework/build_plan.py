@@ -22,7 +22,7 @@ from .attention.layer import DEFAULT_BACKEND
 from .block_cache import install_block_cache
 from .check import PlannedStage
 from .distributed import init_parallel
-from .errors import DiffstageError
+from .errors import DiffstageError, Problem
 from .kernels import resolve_kernels
 from .model_check import CheckedModel
 from .pipeline import Pipeline, checked_request
@@ -34,6 +34,7 @@ from .spec import ModelSpec
 from .stage import PipelineStage
 from .step_cache import StepCache, make_step_cache
 from .torch_utils import parse_device, parse_dtype
+from .yaml_lines import format_key
 
 
 def _substitute(value: Any, path: tuple, obj: Any) -> Any:
@@ -98,9 +99,9 @@ def apply_acceleration(checked: CheckedModel, modules: dict[str, Any]) -> list[A
     the modules whose blocks take a step cache by this declaration (a shared module may be wrapped by another's)."""
     cacheable = []
     for name, declared in checked.spec.acceleration.items():
-        def locate(key: tuple, name: str = name) -> str:
-            file, line = checked.lines.where(("acceleration", name, *key))
-            return f"{file}:{line}: " + ".".join(("acceleration", name, *key))
+        def locate(key: tuple, name: str = name) -> str:  # "file:line: acceleration.NAME.KEY", as problems say
+            path = ("acceleration", name, *key)
+            return Problem("", format_key(path), *checked.lines.where(path)).location()
 
         install_block_cache(modules[name], declared, locate)
         if declared.residual is not None:

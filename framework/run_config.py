@@ -40,8 +40,17 @@ def conf_keys() -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in keys.items()}
 
 
-SHEET_ONLY = conf_keys()["sheet"]  # keys of `diffstage sheet`'s config (conf/sheet.yaml), not of `generate`'s
-TOP_LEVEL = conf_keys()[""] + SHEET_ONLY
+def top_level(sheet: bool = True) -> tuple[str, ...]:
+    """The top-level keys of `diffstage generate`'s config, plus (`sheet`) those `diffstage sheet`'s adds."""
+    keys = conf_keys()
+    return keys[""] + (keys["sheet"] if sheet else ())
+
+
+def sections() -> dict[str, tuple[str, ...] | None]:
+    """Section -> its keys; sampling: None (checked against the model's request fields); cache is checked as a
+    whole (settings_problems)."""
+    return {"sampling": None, **{k: v for k, v in conf_keys().items() if k not in ("", "sheet", "cache")}}
+
 # Request fields a run config may not set under `sampling`: prompt and seed are top-level,
 # input_latents is Python-only. The rest depends on the model (its YAML may declare more).
 NOT_SAMPLING = {"prompt", "seed", "input_latents"}
@@ -59,23 +68,19 @@ def _unknown(section: dict, known, prefix: str, no_match: str | None = None) -> 
     return out
 
 
-# None: sampling keys are checked against the model's request fields; cache as a whole (settings_problems)
-SECTIONS = {"sampling": None, **{k: v for k, v in conf_keys().items() if k not in ("", "sheet", "cache")}}
-
-
 def key_problems(key: list[str], sheet: bool = False) -> list[str]:
     """An unknown key of a command-line override (split at the dots), before Hydra composes anything;
-    `sheet`: the override is for `diffstage sheet`, whose config adds SHEET_ONLY."""
-    top = TOP_LEVEL if sheet else tuple(k for k in TOP_LEVEL if k not in SHEET_ONLY)
+    `sheet`: the override is for `diffstage sheet`, whose config adds prompts and seeds."""
+    top = top_level(sheet)
     if key[0] not in top:
         return _unknown({key[0]: None}, top, "")
-    known = SETTINGS if key[0] == "cache" else SECTIONS.get(key[0])  # cache: checked as a whole below
+    known = SETTINGS if key[0] == "cache" else sections().get(key[0])  # cache: checked as a whole below
     return _unknown({key[1]: None}, known, f"{key[0]}.") if known is not None and len(key) == 2 else []
 
 
 def run_config_problems(cfg: dict[str, Any]) -> list[str]:
-    problems = _unknown(cfg, TOP_LEVEL, "")
-    for name, known in SECTIONS.items():
+    problems = _unknown(cfg, top_level(), "")
+    for name, known in sections().items():
         section = cfg.get(name)
         if section is None:
             continue

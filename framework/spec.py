@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import Problem, did_you_mean, shown  # did_you_mean: also imported from here by older code
+from .errors import Problem, did_you_mean, shown
 from .req import FIELD_TYPES, FieldSpec, Req
 from .yaml_lines import LineMap, format_key
 

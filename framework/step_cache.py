@@ -165,7 +165,7 @@ class StepCache:
         """Blocks [0, blocks) over (hidden, context), or the cached residual in their place.
         On a skipped step the returned context is stale: the model must only read `hidden` after its blocks."""
         if self.kind == "teacache":
-            state = self._branches.setdefault(self.branch, _Branch())
+            state = self._state()
             return self._teacache(state, run, hidden, context, blocks, probe())
         first = min(self.compute_first, blocks)
         head_hidden, head_context = run(hidden, context, 0, first)
@@ -177,11 +177,15 @@ class StepCache:
         self.ran_rest(measure, out_hidden - head_hidden)
         return out_hidden, out_context
 
+    def _state(self) -> _Branch:
+        """What the branch of the call in progress remembers."""
+        return self._branches.setdefault(self.branch, _Branch())
+
     # first_block's decision, shared by the native path (__call__) and declared blocks (block_cache.py)
     def skip_rest(self, measure: torch.Tensor) -> torch.Tensor | None:
         """first_block: given the first blocks' residual on this call, the residual to add in place of the
         remaining blocks (counted as cached), or None when they must run (then call `ran_rest`)."""
-        state = self._branches.setdefault(self.branch, _Branch())
+        state = self._state()
         if self._may_skip(state) and state.measure is not None and \
                 relative_change(measure, state.measure) < self.threshold:
             return self._reused(state)
@@ -189,7 +193,7 @@ class StepCache:
 
     def ran_rest(self, measure: torch.Tensor, residual: torch.Tensor) -> None:
         """first_block: the remaining blocks ran and added `residual`; keep it and the first blocks' `measure`."""
-        state = self._branches.setdefault(self.branch, _Branch())
+        state = self._state()
         state.measure = measure  # compared against the last computed step, so drift adds up
         self._keep(state, residual)
 
