@@ -158,8 +158,7 @@ def test_pipelines_sharing_a_transformer_do_not_share_a_cache(checkpoints):
     cached = build("wan_t2v", ckpt, ["cache=first_block", "cache.threshold=100"])
     plain = build("wan_t2v", ckpt)
     assert cached.modules["transformer"] is plain.modules["transformer"]
-    # latents: the stock Wan VAE keeps its causal-conv cache on the module, so two decodes at once on a shared VAE
-    # disturb each other (seen here with two uncached pipelines too); this test is about the transformer
+    # latents: this test is about the transformer (tests/test_shared_vae.py is about the VAE they also share)
     kw = dict(num_inference_steps=STEPS, output_type="latent", **FAMILIES["wan_t2v"][0])
     alone = [output(p("a red fox", seed=1, **kw)) for p in (cached, plain)]
     turns = threading.Barrier(2, timeout=60)
@@ -184,3 +183,40 @@ def test_a_return_shape_unlike_the_declaration_names_the_declaration(checkpoints
         run(pipe, "qwen_image")
     assert f"{yaml}:{line_of(yaml, 'returns:')}: acceleration.transformer.residual.returns: QwenImageTransformerBlock " \
            "returned a tuple of 2, but the declaration says a single tensor (hidden_states)" in str(e.value)
+
+
+def test_without_blocks_a_class_with_no_repeated_blocks_is_told_to_declare_them(checkpoints, tmp_path):
+    yaml = variant(tmp_path, "pixart_sigma", "acceleration:\n  transformer:\n    blocks: null\n")
+    with pytest.raises(DiffstageError) as e:
+        build(yaml, checkpoints["pixart_sigma"])
+    assert str(e.value).startswith(f"{yaml}:{line_of(yaml, 'transformer:')}: acceleration.transformer: declare "
+                                   "`blocks`: PixArtTransformer2DModel declares no _repeated_blocks to find them by; "
+                                   "its module lists (transformer_blocks")
+
+
+def test_blocks_declared_out_of_the_forward_order_are_named_on_the_first_cached_call(checkpoints, tmp_path):
+    """One list named twice: the declared order says block 2 comes after block 1, the forward goes back to 0."""
+    yaml = variant(tmp_path, "wan_t2v", "acceleration:\n  transformer:\n    blocks: [blocks, blocks]\n")
+    pipe = build(yaml, checkpoints["wan_t2v"], ["cache=first_block"])
+    with pytest.raises(DiffstageError) as e:
+        run(pipe, "wan_t2v")
+    assert f"{yaml}:{line_of(yaml, 'blocks:')}: acceleration.transformer.blocks: block 2 of the declared lists ran " \
+           "when block 0 was next: declare `blocks` in the order the forward runs them, each once a call" \
+           in str(e.value)
+
+
+@pytest.mark.parametrize("residual, message", [
+    ("{input: hidden states, returns: hidden_states}", "'hidden states' is not an argument name"),
+    ("{input: hidden_states, returns: [encoder_hidden_states]}",
+     "returns must name the input 'hidden_states' once, got ['encoder_hidden_states']"),
+    ("{input: hidden_states, returns: [hidden_states, hidden_states]}",
+     "returns must name the input 'hidden_states' once, got ['hidden_states', 'hidden_states']"),
+])
+def test_a_residual_declaration_that_cannot_be_right_is_a_spec_problem(tmp_path, residual, message):
+    from diffstage import SpecError, check_model
+
+    yaml = variant(tmp_path, "wan_t2v", f"acceleration:\n  transformer:\n    residual: {residual}\n")
+    with pytest.raises(SpecError) as e:
+        check_model(yaml)
+    assert f"{yaml}:{line_of(yaml, 'residual:')}: acceleration.transformer.residual" in str(e.value)
+    assert message in str(e.value)
