@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .acceleration_spec import AccelerationSpec, Strict as _Strict
 from .errors import Problem, did_you_mean, shown
 from .req import FIELD_TYPES, FieldSpec, Req
 from .yaml_lines import LineMap, format_key
@@ -23,10 +24,6 @@ class Task(str, Enum):
     t2v = "t2v"  # text to video
     i2v = "i2v"
     ti2v = "ti2v"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class ModuleSpec(_Strict):
@@ -95,39 +92,6 @@ class StageSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     target: str = Field(alias="_target_")
-
-
-class ResidualSpec(_Strict):
-    """Where a block's call and return carry the residual stream (the hidden states), for step caches."""
-
-    input: str = Field("hidden_states", description="the block forward's argument that carries the hidden states")
-    returns: str | list[str] = Field(
-        "hidden_states", description="what a block returns, each item named by the forward argument it is the new "
-                                     "value of: one name for a single tensor (hidden_states), a list for a tuple "
-                                     "(e.g. [encoder_hidden_states, hidden_states]); must name `input`")
-
-    @model_validator(mode="after")
-    def _returns_the_input(self):
-        names = [self.returns] if isinstance(self.returns, str) else self.returns
-        bad = [n for n in [self.input, *names] if not n.isidentifier()]
-        if bad:
-            raise ValueError(f"{shown(bad[0])} is not an argument name")
-        if self.input not in names or len(set(names)) != len(names):
-            raise ValueError(f"returns must name the input {shown(self.input)} once, got {shown(self.returns)}")
-        return self
-
-
-class AccelerationSpec(_Strict):
-    """What the engine needs to know about one stock module (a transformer) to accelerate it: checked against
-    the loaded module before the first run. (Sequence-parallel splits and attention routing will sit beside.)"""
-
-    blocks: list[str] | None = Field(
-        None, min_length=1, description="the module's ModuleList attributes holding its repeated blocks, in the "
-                                        "order its forward runs them (dotted for nested ones); default: those "
-                                        "holding the block classes the Diffusers class names in _repeated_blocks")
-    residual: ResidualSpec | None = Field(
-        None, description="where the blocks' call and return carry the hidden states; declaring it lets "
-                          "cache=first_block skip the blocks after the first ones")
 
 
 class ModelSpec(_Strict):
