@@ -41,7 +41,7 @@ def _modules(seed: int, tokenizer, edit: bool) -> dict:
     the input image it encodes stays at 4096 tokens, and its text encoder knows the vision tokens)."""
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              attention_head_dim=16, num_attention_heads=4, joint_attention_dim=16,
                                               guidance_embeds=False, axes_dims_rope=(8, 4, 4))
     torch.manual_seed(seed)
     if edit:
