@@ -19,9 +19,11 @@ from hydra.utils import instantiate
 from . import loader
 from .attention import get_backend
 from .attention.layer import DEFAULT_BACKEND
+from .attention.route import install_attention_route
 from .block_cache import install_block_cache
 from .check import PlannedStage
 from .distributed import init_parallel
+from .distributed.split_plan import install_sequence_plan
 from .errors import DiffstageError, Problem
 from .kernels import resolve_kernels
 from .model_check import CheckedModel
@@ -95,8 +97,10 @@ def execution_options(cfg: Any, spec: ModelSpec, device: torch.device, planned_i
 
 
 def apply_acceleration(checked: CheckedModel, modules: dict[str, Any]) -> list[Any]:
-    """The model YAML's `acceleration:` declarations checked against the loaded modules and applied; returns
-    the modules whose blocks take a step cache by this declaration (a shared module may be wrapped by another's)."""
+    """The model YAML's `acceleration:` declarations checked against the loaded modules and applied: step
+    caches through the declared blocks, the sequence split plan (declared, else the class's _cp_plan) and the
+    attention modules routed through diffstage's attention. Returns the modules whose blocks take a step cache
+    by this declaration (a shared module may be wrapped by another's)."""
     cacheable = []
     for name, declared in checked.spec.acceleration.items():
         def locate(key: tuple, name: str = name) -> str:  # "file:line: acceleration.NAME.KEY", as problems say
@@ -104,9 +108,18 @@ def apply_acceleration(checked: CheckedModel, modules: dict[str, Any]) -> list[A
             return Problem("", format_key(path), *checked.lines.where(path)).location()
 
         install_block_cache(modules[name], declared, locate)
+        install_sequence_plan(modules[name], declared.sequence, locate)
+        install_attention_route(modules[name], declared.attention.local)
         if declared.residual is not None:
             cacheable.append(modules[name])
     return cacheable
+
+
+def route_attention(stages: list, backend: str) -> None:
+    """The run's attention backend to the stages that run a stock transformer's routed attention."""
+    for stage in stages:
+        if hasattr(stage, "attention_backend"):
+            stage.attention_backend = backend
 
 
 def attach_step_cache(stages: list, cache: StepCache | None, checked: CheckedModel, declared: list = ()) -> None:
@@ -152,12 +165,14 @@ class BuildPlan:
             if planned.cls.takes_all_modules:
                 loader.pipeline_class(model_path, checked.allowlist)
         keys: dict[str, str] = {}
+        execution = execution_options(run, spec, device, planned_images)
         modules = loader.load_modules(spec, model_path, dtype=dtype, device=device, allow_pickle=run.allow_pickle,
                                       allowlist=checked.allowlist, keys=keys, cache=session.modules,
-                                      execution=execution_options(run, spec, device, planned_images))
+                                      execution=execution)
         declared = apply_acceleration(checked, modules)
         stages = [self.early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
         attach_step_cache(stages, step_cache, checked, declared)
+        route_attention(stages, execution["attention"])
         return Pipeline(spec, stages, modules, defaults=self.defaults, source=str(checked.file),
                         config={"run": run.plain, "model": checked.data}, checkpoint=str(model_path), device=device,
                         req_cls=checked.req_cls, reuse=session.reuse if run.reuse_enabled else None,

@@ -9,6 +9,9 @@ from tqdm.auto import tqdm
 
 from diffstage.distributed import current, gather_output, sequence_parallel, shard_inputs
 from diffstage.distributed.sequence import TRAFFIC
+from diffstage.distributed.split_plan import PLAN as SPLIT_PLAN, split_sequence
+from diffstage.attention.route import routed_attention
+from diffstage.attention.layer import DEFAULT_BACKEND
 from diffstage.errors import RequestError
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
@@ -87,6 +90,7 @@ class DenoisingStage(PipelineStage):
         self.step_cache: StepCache | None = None
         self.cache_route = "argument"  # how the transformer takes it: an argument (native) or declared blocks
         self.last_cache_stats: dict | None = None
+        self.attention_backend = DEFAULT_BACKEND  # for a stock transformer's routed attention (the run's choice)
         self._check_parallel()
 
     def set_step_cache(self, cache: StepCache | None, declared: Collection = ()) -> None:
@@ -103,15 +107,18 @@ class DenoisingStage(PipelineStage):
         return {"step_cache": self.last_cache_stats} if self.last_cache_stats is not None else None
 
     def _check_parallel(self) -> None:
-        """Sequence parallelism needs a transformer that says how to split its inputs (a native model's plan)."""
+        """Sequence parallelism needs a transformer that says how to split its inputs: a native model's plan, or
+        a stock one's split plan (its model YAML's acceleration declaration, or the class's _cp_plan)."""
         state = current()
         if state.sequence == 1 or self.transformer is None:
             return
         name = type(self.transformer).__name__
-        if not hasattr(self.transformer, "sequence_parallel_plan"):
+        if not hasattr(self.transformer, "sequence_parallel_plan") and not hasattr(self.transformer, SPLIT_PLAN):
             raise ValueError(f"parallel.ulysses / parallel.ring split the transformer's sequence, but {name} "
-                             "declares no sequence_parallel_plan (diffstage's native transformers do); use "
-                             "parallel.cfg, or the native transformer")
+                             "declares no sequence_parallel_plan (diffstage's native transformers do), and no "
+                             "split plan was installed for it (declare `acceleration.<module>.sequence` in the "
+                             "model YAML, unless the class has a Diffusers _cp_plan: see the README's \"Adding a "
+                             "model\"); use parallel.cfg")
         heads = getattr(getattr(self.transformer, "config", None), "num_attention_heads", None)
         if isinstance(heads, int) and heads % state.ulysses:
             raise ValueError(f"parallel.ulysses={state.ulysses} splits the attention heads, but {name} has {heads}; "
@@ -168,7 +175,12 @@ class DenoisingStage(PipelineStage):
     def _call_transformer(self, kwargs: dict) -> torch.Tensor:
         state = current()
         if state.sequence == 1:
-            return self.transformer(**kwargs, return_dict=False)[0]
+            with routed_attention(self.transformer, self.attention_backend):
+                return self.transformer(**kwargs, return_dict=False)[0]
+        if not hasattr(self.transformer, "sequence_parallel_plan"):  # stock: hooks split and gather by its plan
+            with split_sequence(self.transformer, state), \
+                    routed_attention(self.transformer, self.attention_backend, state):
+                return self.transformer(**kwargs, return_dict=False)[0]
         # each rank runs the model on its share of the sequence; attention runs across the ranks
         kwargs, _ = shard_inputs(kwargs, self.transformer.sequence_parallel_plan, state)
         with sequence_parallel(state):

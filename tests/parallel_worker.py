@@ -1,5 +1,5 @@
-"""Run by tests/test_parallel.py under torchrun: build the tiny FLUX pipeline with each parallel layout in
-turn and save what rank 0 gets (the image as an array, and the bytes this rank sent) and what each rank
+"""Run by tests/test_parallel*.py under torchrun: build a tiny pipeline (FLUX unless the case names a model)
+with each parallel layout in turn and save what rank 0 gets (the image as an array, and the bytes this rank sent) and what each rank
 reports (step cache counts)."""
 import json
 import sys
@@ -16,7 +16,8 @@ def main() -> None:
     for case in cases:
         overrides = [f"parallel.{mode}={degree}" for mode, degree in case["parallel"].items()]
         overrides += case.get("overrides", [])
-        pipe = build_pipeline("flux", model_path=checkpoint, overrides=overrides + ["reuse.enabled=false"])
+        pipe = build_pipeline(case.get("model", "flux"), model_path=checkpoint,
+                              overrides=overrides + ["reuse.enabled=false"])
         TRAFFIC["bytes"] = 0
         out = pipe(**case["request"], output_type="np")
         images = out.images

@@ -162,8 +162,9 @@ def test_sequence_parallel_refusals():
                                              "'hidden_states', which has 1; use fewer processes or a larger image"):
         shard_inputs({"hidden_states": torch.zeros(1, 1, 4)}, {"hidden_states": 1}, state)
     q = torch.zeros(1, 2, 2, 4)
-    with sequence_parallel(state), pytest.raises(DiffstageError, match=r"does not split attention masks yet; this "
-                                                                       r"model's attention takes one"):
+    with sequence_parallel(state), pytest.raises(DiffstageError, match=re.escape(
+            "sequence parallelism splits attention masks over the keys only, but this model's attention takes a "
+            "mask of shape (1, 1, 2, 2), which varies over heads or queries; run this model with parallel.cfg only")):
         attention(q, q, q, mask=torch.ones(1, 1, 2, 2, dtype=torch.bool))
 
 
@@ -174,6 +175,9 @@ def test_sequence_parallel_needs_a_plan(monkeypatch):
     from diffstage.stages import DenoisingStage
 
     monkeypatch.setattr(state, "_STATE", ParallelState(ring=2, rank=0, world_size=2))
-    with pytest.raises(ValueError, match="parallel.ulysses / parallel.ring split the transformer's sequence, but "
-                                         "Linear declares no sequence_parallel_plan"):
+    with pytest.raises(ValueError, match=re.escape(
+            "parallel.ulysses / parallel.ring split the transformer's sequence, but Linear declares no "
+            "sequence_parallel_plan (diffstage's native transformers do), and no split plan was installed for it "
+            "(declare `acceleration.<module>.sequence` in the model YAML, unless the class has a Diffusers _cp_plan: "
+            "see the README's \"Adding a model\"); use parallel.cfg")):
         DenoisingStage(torch.nn.Linear(2, 2), None)

@@ -17,8 +17,13 @@ rank's tokens and runs across the sequence group:
 - Both (USP): Ulysses inside each group of `ulysses` ranks, Ring across those groups.
 
 Splits need not be even (a rank may hold one token more), so any sequence length works, and there is no
-padding to mask. Per-token work (norms, MLPs, RoPE from each token's own position ids) needs nothing;
-a model whose attention calls take a mask is refused (masks are not split yet)."""
+padding to mask. Per-token work (norms, MLPs, RoPE from each token's own position ids) needs nothing.
+A mask over the keys (text padding) splits with them: Ulysses gathers it with the keys, Ring sends each
+rank's part round with its keys; a mask that varies over queries or heads is refused.
+
+A stock Diffusers class declares the same in its model YAML (`acceleration.NAME.sequence`, default: its
+`_cp_plan`), applied through module hooks (split_plan.py); its attention runs here through
+attention/route.py."""
 from __future__ import annotations
 
 import contextlib
@@ -51,20 +56,23 @@ def split_lengths(n: int, parts: int) -> tuple[int, ...]:
     return tuple(n // parts + (1 if i < n % parts else 0) for i in range(parts))
 
 
+def shard(value: torch.Tensor, dim: int, name: str, state: ParallelState) -> torch.Tensor:
+    """This rank's share of `value` along `dim` (torch.tensor_split's: the first ranks may hold one more)."""
+    parts = state.sequence
+    if value.shape[dim] < parts:
+        raise DiffstageError(f"sequence parallelism over {parts} processes needs at least {parts} tokens in "
+                             f"'{name}', which has {value.shape[dim]}; use fewer processes or a larger image")
+    return torch.tensor_split(value, parts, dim=dim)[state.index("sequence")].contiguous()
+
+
 def shard_inputs(kwargs: dict, plan: dict[str, int], state: ParallelState) -> tuple[dict, dict[str, Split]]:
     """This rank's share of each planned input (the rest unchanged), and how each was split."""
-    index, parts = state.index("sequence"), state.sequence
     out, splits = dict(kwargs), {}
     for name, dim in plan.items():
         value = kwargs.get(name)
-        if not isinstance(value, torch.Tensor):
-            continue
-        lengths = split_lengths(value.shape[dim], parts)
-        if min(lengths) == 0:
-            raise DiffstageError(f"sequence parallelism over {parts} processes needs at least {parts} tokens in "
-                                 f"'{name}', which has {value.shape[dim]}; use fewer processes or a larger image")
-        out[name] = torch.tensor_split(value, parts, dim=dim)[index].contiguous()
-        splits[name] = Split(dim, lengths)
+        if isinstance(value, torch.Tensor):
+            out[name] = shard(value, dim, name, state)
+            splits[name] = Split(dim, split_lengths(value.shape[dim], state.sequence))
     return out, splits
 
 
@@ -132,21 +140,36 @@ def _ulysses_to_sequence(x: torch.Tensor, lengths: list[int], state: ParallelSta
     return recv.reshape(p, b, n, hp, d).permute(1, 2, 0, 3, 4).reshape(b, n, p * hp, d)
 
 
-def _block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over one key/value block in float32: (output [B, H, Lq, D], log-sum-exp [B, H, Lq, 1])."""
+def _block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over one key/value block in float32: (output [B, H, Lq, D], log-sum-exp [B, H, Lq, 1]).
+    `mask`: additive per key [B or 1, Lk]. A row whose keys are all masked here gives 0 with weight -inf."""
     qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
     scores = qh @ kh.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask[:, None, None, :]
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    return torch.exp(scores - lse) @ vh, lse
+    out = torch.exp(scores - lse) @ vh
+    return (out if mask is None else torch.where(torch.isfinite(lse), out, 0.0)), lse
 
 
-def _ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ParallelState) -> torch.Tensor:
+def _gather_keys(mask: torch.Tensor, lengths: list[int], state: ParallelState, mode: str) -> torch.Tensor:
+    """Every member's key mask of the `mode` group, joined in rank order (as their keys are)."""
+    mine = torch.nn.functional.pad(mask, (0, max(lengths) - mask.shape[1])).contiguous()
+    pieces = [torch.empty_like(mine) for _ in lengths]
+    dist.all_gather(pieces, mine, group=state.groups[mode])
+    return torch.cat([piece[:, :n] for piece, n in zip(pieces, lengths)], dim=1)
+
+
+def _ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          state: ParallelState) -> torch.Tensor:
     """Ring attention: keys and values go round the ring group; partial results merge by log-sum-exp."""
     ranks = state.ranks["ring"]
     p, me = len(ranks), state.index("ring")
     lengths = _lengths(k.shape[1], state, "ring")
+    masks = None if mask is None else torch.split(_gather_keys(mask, lengths, state, "ring"), lengths, dim=1)
     kv = torch.stack([k, v]).contiguous()
-    out, lse = _block(q, k, v)
+    out, lse = _block(q, k, v, None if masks is None else masks[me])
     for step in range(1, p):
         source = (me - step) % p  # whose keys arrive now
         incoming = kv.new_empty((2, kv.shape[1], lengths[source], *kv.shape[3:]))
@@ -156,29 +179,31 @@ def _ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ParallelStat
             request.wait()
         TRAFFIC["bytes"] += kv.numel() * kv.element_size()
         kv = incoming
-        block_out, block_lse = _block(q, kv[0], kv[1])
+        block_out, block_lse = _block(q, kv[0], kv[1], None if masks is None else masks[source])
         merged = torch.logaddexp(lse, block_lse)
-        out = out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged)
+        out = out * torch.exp(lse - merged).nan_to_num(0.0) + block_out * torch.exp(block_lse - merged).nan_to_num(0.0)
         lse = merged
     return out.transpose(1, 2).to(q.dtype)
 
 
-def parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend) -> torch.Tensor:
-    """attention() over the whole sequence of the active group, each rank holding its own tokens."""
-    state = _ACTIVE.get()
-    if mask is not None:
-        raise DiffstageError("sequence parallelism (parallel.ulysses / parallel.ring) does not split attention "
-                             "masks yet; this model's attention takes one: run it with parallel.cfg only")
+def parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, backend,
+                       state: ParallelState | None = None) -> torch.Tensor:
+    """attention() over the whole sequence of the group of `state` (default: the active one), each rank holding
+    its own tokens. `mask`: None, or additive per key [B or 1, L_mine] (attention.route.key_mask), split as the
+    keys are."""
+    state = state or _ACTIVE.get()
     if state.ulysses > 1:
         if q.shape[2] % state.ulysses:
             raise DiffstageError(f"parallel.ulysses={state.ulysses} splits the attention heads, but this model "
                                  f"has {q.shape[2]}; use a degree that divides {q.shape[2]} (or parallel.ring)")
         lengths = _lengths(q.shape[1], state, "ulysses")
         q, k, v = (_ulysses_to_heads(t, lengths, state) for t in (q, k, v))
+        if mask is not None:
+            mask = _gather_keys(mask, lengths, state, "ulysses")
     if state.ring > 1:
-        out = _ring(q, k, v, state)
+        out = _ring(q, k, v, mask, state)
     else:
         from ..attention.backends import get_backend
 
-        out = get_backend(backend)(q, k, v, None)
+        out = get_backend(backend)(q, k, v, None if mask is None else mask[:, None, None, :].to(q.dtype))
     return _ulysses_to_sequence(out, lengths, state) if state.ulysses > 1 else out
