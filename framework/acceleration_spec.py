@@ -33,6 +33,29 @@ class ResidualSpec(Strict):
         return self
 
 
+class ProbeSpec(Strict):
+    """What cache=teacache measures each call: a module's output (the first item of a tuple) or an argument of its
+    call, e.g. the first block's timestep-modulated input. Written as the module path alone for its output."""
+
+    module: str = Field(description="module path relative to the declared module, e.g. 'blocks.0.norm1'")
+    input: str | None = Field(None, description="the argument of that module's call to measure (by its name in "
+                                                "the module's forward); default: the module's output")
+
+    @field_validator("module")
+    @classmethod
+    def _module_path(cls, value: str) -> str:
+        if not value or any(not (p.isidentifier() or p.isdigit()) for p in value.split(".")):
+            raise ValueError(f"{shown(value)} is not a module path (names and indices joined by '.')")
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _argument_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.isidentifier():
+            raise ValueError(f"{shown(value)} is not an argument name")
+        return value
+
+
 class SplitSpec(Strict):
     """One tensor split over the sequence ranks: along `dim`, only when it has `ndim` dimensions (if given)."""
 
@@ -99,9 +122,25 @@ class AccelerationSpec(Strict):
     residual: ResidualSpec | None = Field(
         None, description="where the blocks' call and return carry the hidden states; declaring it lets "
                           "cache=first_block skip the blocks after the first ones")
+    probe: ProbeSpec | None = Field(
+        None, description="what cache=teacache measures: the module path (relative to this module) whose output is "
+                          "the first block's timestep-modulated input, or {module, input} for an argument of its "
+                          "call; without it, cache=teacache is refused")
     sequence: SequenceSpec | None = Field(
         None, description="where the token sequences split for parallel.ulysses / parallel.ring; default: the "
                           "class's Diffusers _cp_plan, if it has one")
     attention: AttentionSpec = Field(
         default_factory=AttentionSpec, description="how its attention modules run under diffstage's attention "
                                                    "layer (backends, sequence parallelism)")
+
+    @field_validator("probe", mode="before")
+    @classmethod
+    def _probe_shorthand(cls, value):
+        return {"module": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _probe_needs_residual(self):
+        if self.probe is not None and self.residual is None:
+            raise ValueError("`probe` needs `residual` (a skipped call adds the blocks' cached residual)")
+        return self
+

@@ -5,6 +5,9 @@ A stock Diffusers class runs its own loop (`for block in self.blocks: ...`), so 
 declared block instance instead: during a transformer call made with a cache (`cached_blocks`), the first
 `compute_first` blocks run, StepCache decides from the change of their residual, and on a skipped call the
 remaining blocks hand their inputs through and the last one adds the cached residual to the hidden states.
+cache=teacache decides from the declared `probe` (block_probe.py) instead, before any block computes: when the
+probe runs inside the first block, a skip stops that block there (the hook raises _SkipBlocks), so a skipped
+call costs the modulation, not a block.
 
 The cache of the call is a context variable, not an attribute of the module: pipelines running in other
 threads share the loaded transformer. With no cache active a wrapped block calls its class's forward as it
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .block_probe import attach_probe
 from .errors import DiffstageError, did_you_mean
 from .step_cache import StepCache, takes_step_cache
 
@@ -40,6 +44,8 @@ class BlockPlan:
     declared: str  # "file:line: acceleration.NAME.residual.returns", for errors seen on a call
     order: str  # "file:line: acceleration.NAME.blocks"
     signature: tuple = field(default=())  # what was declared (a second install of the same is a no-op)
+    probe: str | None = None  # teacache: "file:line: acceleration.NAME.probe" when a probe is declared
+    hook: Any = None  # the probe's hook (removed when another declaration is installed on the module)
 
     def hidden(self, out: Any, block: torch.nn.Module) -> torch.Tensor:
         if self.returns is None and isinstance(out, torch.Tensor):
@@ -74,22 +80,24 @@ class _Call:
     head: torch.Tensor | None = None  # hidden states out of the first `compute_first` blocks
     measure: torch.Tensor | None = None
     reused: torch.Tensor | None = None  # a skipped call: the residual to add after the last block
+    probe: torch.Tensor | None = None  # teacache: the probe's value, when it ran before the first block
+    decided: bool = False  # teacache: this call's decision is taken
+    inside: int | None = None  # the block whose forward is running
 
     def run(self, block: torch.nn.Module, index: int, params: dict, args: tuple, kwargs: dict) -> Any:
-        plan = self.plan
+        plan, teacache = self.plan, self.cache.kind == "teacache"
         if index != self.next:
             raise DiffstageError(f"{plan.order}: block {index} of the declared lists ran when block {self.next} "
                                  "was next: declare `blocks` in the order the forward runs them, each once a call")
-        first = min(self.cache.compute_first, plan.count)
         if index == 0:
             self.start, self.reused = _argument(plan.input, args, kwargs, params), None
-        if self.reused is not None:  # a skipped call: the block hands its inputs through
-            names = plan.returns or (plan.input,)
-            out = tuple(_argument(n, args, kwargs, params) for n in names) if plan.returns else \
-                _argument(plan.input, args, kwargs, params)
-        else:
-            out = type(block).forward(block, *args, **kwargs)
-        if index == first - 1:
+            if teacache and self.probe is not None:  # the probe ran before the blocks
+                self.decide(self.probe)
+        out = self._block(block, index, params, args, kwargs)
+        if teacache and not self.decided:
+            raise DiffstageError(f"{plan.probe}: the probe did not run before the first declared block returned: "
+                                 "name a module that runs before the blocks or inside the first one")
+        if not teacache and index == min(self.cache.compute_first, plan.count) - 1:
             self.head = plan.hidden(out, block)
             self.measure = self.head - self.start
             self.reused = self.cache.skip_rest(self.measure)
@@ -97,10 +105,49 @@ class _Call:
             hidden = plan.hidden(out, block)
             if self.reused is not None:
                 out = plan.with_hidden(out, hidden + self.reused)
+            elif teacache:
+                self.cache.ran_all(hidden - self.start)
             else:
                 self.cache.ran_rest(self.measure, hidden - self.head)
         self.next = (index + 1) % plan.count
         return out
+
+    def _block(self, block: torch.nn.Module, index: int, params: dict, args: tuple, kwargs: dict) -> Any:
+        """The block's output; on a skipped call, its inputs handed through."""
+        if self.reused is None:
+            self.inside = index
+            try:
+                return type(block).forward(block, *args, **kwargs)
+            except _SkipBlocks:  # the probe inside this (first) block decided to skip the call
+                pass
+            finally:
+                self.inside = None
+        if self.plan.returns is None:
+            return _argument(self.plan.input, args, kwargs, params)
+        return tuple(_argument(n, args, kwargs, params) for n in self.plan.returns)
+
+    def decide(self, probe: Any) -> None:
+        """teacache: this call's probe value; skip or run the blocks (at its first value of the call)."""
+        if not isinstance(probe, torch.Tensor):
+            raise DiffstageError(f"{self.plan.probe}: the probe gave {type(probe).__name__}, not a tensor to measure")
+        self.probe, self.decided = None, True
+        self.reused = self.cache.skip_all(probe)
+
+    def probed(self, value: Any) -> None:
+        """The probe module ran (its hook). Before the blocks: kept for the first block. Inside the first block:
+        decided now, and a skip stops that block."""
+        if self.decided or self.cache.kind != "teacache":
+            return
+        if self.inside is None:
+            self.probe = value
+        elif self.inside == 0:
+            self.decide(value)
+            if self.reused is not None:
+                raise _SkipBlocks
+
+
+class _SkipBlocks(Exception):
+    """Raised by the probe's hook inside the first block when teacache skips the call."""
 
 
 ACTIVE: ContextVar[_Call | None] = ContextVar("diffstage_block_cache", default=None)
@@ -137,12 +184,12 @@ def step_cache_route(transformer: Any, kind: str, declared: bool) -> str:
     if not (declared and hasattr(transformer, PLAN)):
         raise ValueError(f"cache={kind}: {name} does not support step caches (diffstage's native transformers take "
                          "a `step_cache` argument; for a stock transformer, declare its blocks and residual stream "
-                         "under `acceleration.<module>` in the model YAML for cache=first_block: see the README's "
-                         "\"Adding a model\"); use cache=none")
-    if kind != "first_block":
-        raise ValueError(f"cache={kind}: {name} takes step caches through its declared blocks, which give "
-                         "cache=first_block; cache=teacache needs a probe of the first block's modulated input that "
-                         "only diffstage's native transformers have; use cache=first_block or cache=none")
+                         "under `acceleration.<module>` in the model YAML for cache=first_block, and a `probe` for "
+                         "cache=teacache: see the README's \"Adding a model\"); use cache=none")
+    if kind == "teacache" and getattr(transformer, PLAN).probe is None:
+        raise ValueError(f"cache={kind}: {name} takes step caches through its declared blocks, but its declaration "
+                         "names no `probe` (the module whose output is the first block's modulated input, which "
+                         "cache=teacache measures): declare `acceleration.<module>.probe`, or use cache=first_block")
     return "blocks"
 
 
@@ -184,19 +231,33 @@ def _parameters(block: torch.nn.Module, residual: Any, locate: Locate) -> dict[s
 
 def install_block_cache(module: torch.nn.Module, declaration: Any, locate: Locate) -> None:
     """Check `declaration` (spec.AccelerationSpec) against the loaded `module` and, when it declares the residual
-    stream, wrap its blocks for cache=first_block. DiffstageError at `locate(key)` for what does not fit."""
+    stream, wrap its blocks for cache=first_block (and hook its `probe` for cache=teacache). DiffstageError at
+    `locate(key)` for what does not fit."""
     blocks = [b for blocks in block_lists(module, declaration.blocks, locate) for b in blocks]
     residual = declaration.residual
     if residual is None:
         return
-    signature = (tuple(map(id, blocks)), residual.input, str(residual.returns))
-    if getattr(getattr(module, PLAN, None), "signature", None) == signature:
+    probe = declaration.probe
+    signature = (tuple(map(id, blocks)), residual.input, str(residual.returns), probe and probe.model_dump_json())
+    old = getattr(module, PLAN, None)
+    if getattr(old, "signature", None) == signature:
         return  # a module from the session's cache, wrapped by another pipeline's build with the same declaration
     params = {cls: _parameters(b, residual, locate) for cls, b in {type(b): b for b in blocks}.items()}
     returns = None if isinstance(residual.returns, str) else tuple(residual.returns)
     plan = BlockPlan(len(blocks), residual.input, returns, locate(("residual", "returns")), locate(("blocks",)),
-                     signature)
+                     signature, probe=locate(("probe",)) if probe else None)
+    if probe is not None:
+        plan.hook = attach_probe(module, probe, locate, lambda value: _probed(plan, value))
+    if old is not None and old.hook is not None:
+        old.hook.remove()
     for index, block in enumerate(blocks):
         block.__dict__[SLOT] = (plan, index, params[type(block)])
         block.forward = types.MethodType(_forward, block)  # this instance only; deepcopy rebinds it
     setattr(module, PLAN, plan)
+
+
+def _probed(plan: BlockPlan, value: Any) -> None:
+    """The probe hook of `plan`: hands the value to the cached call of this plan in progress, if any."""
+    call = ACTIVE.get()
+    if call is not None and call.plan is plan:
+        call.probed(value)

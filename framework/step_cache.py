@@ -13,7 +13,7 @@ instead of running the blocks. Two ways to measure it:
 
 A transformer takes part by taking a `step_cache` argument in its forward call and routing its
 blocks through it (see `Cacheable`), or, for a stock transformer, through the blocks its model YAML
-declares (`acceleration:`, see block_cache.py; first_block only). DenoisingStage makes a cache of its own for each run
+declares (`acceleration:`, see block_cache.py; teacache when it declares a `probe` too). DenoisingStage makes a cache of its own for each run
 (`for_run`), passes it with every transformer call and names the branch (cond, uncond, or both
 in one batch); each branch keeps its own state. The cache is an argument, not an attribute of
 the transformer, because pipelines share their loaded transformer: a cache set on it by one
@@ -165,8 +165,12 @@ class StepCache:
         """Blocks [0, blocks) over (hidden, context), or the cached residual in their place.
         On a skipped step the returned context is stale: the model must only read `hidden` after its blocks."""
         if self.kind == "teacache":
-            state = self._state()
-            return self._teacache(state, run, hidden, context, blocks, probe())
+            reused = self.skip_all(probe())
+            if reused is not None:
+                return hidden + reused, context
+            out_hidden, out_context = run(hidden, context, 0, blocks)
+            self.ran_all(out_hidden - hidden)
+            return out_hidden, out_context
         first = min(self.compute_first, blocks)
         head_hidden, head_context = run(hidden, context, 0, first)
         measure = head_hidden - hidden
@@ -197,17 +201,23 @@ class StepCache:
         state.measure = measure  # compared against the last computed step, so drift adds up
         self._keep(state, residual)
 
-    def _teacache(self, state: _Branch, run: RunBlocks, hidden, context, blocks: int, probe: torch.Tensor):
+    # teacache's decision, shared by the native path (__call__) and declared blocks (block_cache.py)
+    def skip_all(self, probe: torch.Tensor) -> torch.Tensor | None:
+        """teacache: given this call's probe (the first block's modulated input), the residual to add in place of
+        every block (counted as cached), or None when they must run (then call `ran_all`)."""
+        state = self._state()
         if state.measure is not None:
             change = relative_change(probe, state.measure)
             state.accumulated += abs(sum(c * change ** p for p, c in enumerate(reversed(self.coefficients))))
         state.measure = probe
         if self._may_skip(state) and state.accumulated < self.threshold:
-            return hidden + self._reused(state), context
+            return self._reused(state)
         state.accumulated = 0.0
-        out_hidden, out_context = run(hidden, context, 0, blocks)
-        self._keep(state, out_hidden - hidden)
-        return out_hidden, out_context
+        return None
+
+    def ran_all(self, residual: torch.Tensor) -> None:
+        """teacache: the blocks ran and added `residual`; keep it."""
+        self._keep(self._state(), residual)
 
 
 def _number(value: Any, key: str, low: float, high: float, integer: bool = False) -> list[str]:

@@ -138,17 +138,8 @@ def test_a_stock_transformer_without_a_declaration_is_refused_with_how_to_declar
         f"{yaml}:{line_of(yaml, 'DenoisingStage')}: stages[4] DenoisingStage: cache=first_block: "
         "WanTransformer3DModel does not support step caches (diffstage's native transformers take a `step_cache` "
         "argument; for a stock transformer, declare its blocks and residual stream under `acceleration.<module>` "
-        "in the model YAML for cache=first_block: see the README's \"Adding a model\"); use cache=none")
-
-
-def test_teacache_on_a_declared_stock_transformer_is_refused(checkpoints):
-    with pytest.raises(DiffstageError) as e:
-        build_pipeline("wan_t2v", model_path=checkpoints["wan_t2v"], overrides=["cache=teacache"])
-    assert "stages[4] DenoisingStage: cache=teacache: WanTransformer3DModel takes step caches through its " \
-           "declared blocks, which give cache=first_block; cache=teacache needs a probe of the first block's " \
-           "modulated input that only diffstage's native transformers have; use cache=first_block" \
-           in str(e.value)
-    assert str(e.value).startswith(str(REPO / "pipelines_yaml" / "wan_t2v.yaml") + ":")
+        "in the model YAML for cache=first_block, and a `probe` for cache=teacache: see the README's \"Adding a "
+        "model\"); use cache=none")
 
 
 def test_pipelines_sharing_a_transformer_do_not_share_a_cache(checkpoints):
