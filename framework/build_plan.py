@@ -19,12 +19,13 @@ from hydra.utils import instantiate
 from . import loader
 from .attention import get_backend
 from .attention.layer import DEFAULT_BACKEND
+from .acceleration_check import check_before_load, locator
 from .attention.route import install_attention_route
 from .block_cache import install_block_cache
 from .check import PlannedStage
 from .distributed import init_parallel
 from .distributed.split_plan import install_sequence_plan
-from .errors import DiffstageError, Problem
+from .errors import DiffstageError
 from .kernels import resolve_kernels
 from .model_check import CheckedModel
 from .pipeline import Pipeline, checked_request
@@ -36,7 +37,6 @@ from .spec import ModelSpec
 from .stage import PipelineStage
 from .step_cache import StepCache, make_step_cache
 from .torch_utils import parse_device, parse_dtype
-from .yaml_lines import format_key
 
 
 def _substitute(value: Any, path: tuple, obj: Any) -> Any:
@@ -103,11 +103,9 @@ def apply_acceleration(checked: CheckedModel, modules: dict[str, Any]) -> list[A
     by this declaration (a shared module may be wrapped by another's)."""
     cacheable = []
     for name, declared in checked.spec.acceleration.items():
-        def locate(key: tuple, name: str = name) -> str:  # "file:line: acceleration.NAME.KEY", as problems say
-            path = ("acceleration", name, *key)
-            return Problem("", format_key(path), *checked.lines.where(path)).location()
-
-        install_block_cache(modules[name], declared, locate)
+        locate = locator(checked, name)
+        if declared.blocks is not None or declared.residual is not None:  # else: no blocks to find
+            install_block_cache(modules[name], declared, locate)
         install_sequence_plan(modules[name], declared.sequence, locate)
         install_attention_route(modules[name], declared.attention.local)
         if declared.residual is not None:
@@ -160,7 +158,8 @@ class BuildPlan:
         step_cache = make_step_cache(run.cache, spec.step_cache)  # settings checked before weights load
         dtype = parse_dtype(run.runtime.get("dtype", "float32"))
         device = parse_device(run.runtime.get("device", "cpu"))
-        init_parallel(run.parallel, device)  # before any weight loads: the layout is checked here
+        state = init_parallel(run.parallel, device)  # before any weight loads: the layout is checked here
+        check_before_load(checked, model_path, checked.allowlist, state)  # and the acceleration declarations
         for planned in checked.plan:  # a stage that builds the checkpoint's own pipeline: its class is checked first
             if planned.cls.takes_all_modules:
                 loader.pipeline_class(model_path, checked.allowlist)

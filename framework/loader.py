@@ -158,7 +158,7 @@ def _runtime_for(name: str, cls: type, folder: Path, execution: dict[str, Any], 
     return options
 
 
-def _checkpoint_folders(spec: ModelSpec, model_path: str | os.PathLike) -> tuple[Path, dict, dict[str, str]]:
+def checkpoint_folders(spec: ModelSpec, model_path: str | os.PathLike) -> tuple[Path, dict, dict[str, str]]:
     """(the checkpoint's directory, its model_index.json, module name -> subfolder for each module to load),
     once the checkpoint is known to be one the spec serves."""
     subfolders = {n: spec.module_spec(n).subfolder or n for n in spec.modules}
@@ -185,7 +185,7 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
     cache = cache if cache is not None else default_session().modules
     allow_pickle = strict_bool(allow_pickle, "allow_pickle")
     allowlist = tuple(allowlist)
-    root, index, subfolders = _checkpoint_folders(spec, model_path)
+    root, index, subfolders = checkpoint_folders(spec, model_path)
     modules: dict[str, Any] = {}
     for name, sub in subfolders.items():
         cls = module_class(spec, name, index, allowlist)
