@@ -37,6 +37,7 @@ from .spec import ModelSpec
 from .stage import PipelineStage
 from .step_cache import StepCache, make_step_cache
 from .torch_utils import parse_device, parse_dtype
+from .vae_decode import attach_decode_options
 
 
 def _substitute(value: Any, path: tuple, obj: Any) -> Any:
@@ -171,6 +172,7 @@ class BuildPlan:
         declared = apply_acceleration(checked, modules)
         stages = [self.early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
         attach_step_cache(stages, step_cache, checked, declared)
+        attach_decode_options(stages, run.runtime, spec.name)
         route_attention(stages, execution["attention"])
         return Pipeline(spec, stages, modules, defaults=self.defaults, source=str(checked.file),
                         config={"run": run.plain, "model": checked.data}, checkpoint=str(model_path), device=device,

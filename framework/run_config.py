@@ -19,6 +19,7 @@ from .errors import DiffstageError, did_you_mean, shown
 from .req import Req
 from .reuse import DEFAULT_MAX_BYTES
 from .step_cache import SETTINGS, settings_problems
+from .vae_decode import decode_option_problems
 
 
 @lru_cache(maxsize=1)
@@ -100,6 +101,7 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
         if not isinstance(value, bool) and not (key == "runtime.compile" and value == "auto"):
             also = " (or auto)" if key == "runtime.compile" else ""
             problems.append(f"{key} must be true or false{also}, got {shown(value)} ({type(value).__name__})")
+    problems += decode_option_problems(runtime)
     max_mb = reuse.get("max_mb", 0)
     if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not 0 <= max_mb <= 2 ** 40:
         problems.append(f"reuse.max_mb must be a number of megabytes in [0, 2**40], got {shown(max_mb)}")

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import threading
 import weakref
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from PIL import Image
 
+from diffstage.distributed import current
 from diffstage.errors import StageError
 from diffstage.memory import config_value
+from diffstage.patch_decode import decode_across_ranks
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, PipelineStage
 from diffstage.torch_utils import module_device, module_dtype
+from diffstage.vae_decode import DecodeOptions, tiling_args, vae_tiling
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -66,6 +70,36 @@ class DecodingStage(PipelineStage):
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
+        self.decode_options = DecodeOptions()  # the run config's runtime.vae_* (set_decode_options)
+
+    def set_decode_options(self, options: DecodeOptions) -> None:
+        """Decode with the VAE's tiling and/or one band per rank; a VAE without tiling is refused now, before
+        any step runs."""
+        if options.tiling:
+            tiling_args(self.vae, options.tile_size)
+        self.decode_options = options
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's pixels for `latents`, as the decode options ask; one decode at a time per VAE."""
+        vae, options = self.vae, self.decode_options
+
+        def whole(z: torch.Tensor) -> torch.Tensor:
+            return vae.decode(z, return_dict=False)[0]
+
+        with vae_lock(vae), vae_tiling(vae, options.tile_size) if options.tiling else nullcontext():
+            return decode_across_ranks(whole, latents, options.halo) if options.parallel else whole(latents)
+
+    def decoded_at_once(self, h: int, w: int, ratio: int) -> tuple[int, int]:
+        """The pixels one VAE call works on: a rank's band with its halo (runtime.vae_parallel), at most a tile
+        (runtime.vae_tiling), else the whole frame; `ratio`: pixels per latent pixel, where the VAE does not say."""
+        options, world = self.decode_options, current().world_size
+        ratio = int(getattr(self.vae, "spatial_compression_ratio", None) or ratio)
+        if options.parallel and world > 1:
+            h = min(h, (-(-h // ratio // world) + 2 * options.halo) * ratio)
+        tile = options.tile_size or getattr(self.vae, "tile_sample_min_height", None)
+        if options.tiling and isinstance(tile, int):
+            h, w = min(h, tile), min(w, tile)
+        return h, w
 
     @staticmethod
     def default_unpack(latents, req, settings, vae):
@@ -89,15 +123,15 @@ class DecodingStage(PipelineStage):
         frames = getattr(req, "num_frames", None)
         b = req.batch_size if req.batch_size is not None else req.requested_batch_size()
         b *= frames if isinstance(frames, int) and frames > 0 else 1
-        h, w = req.height, req.width
         itemsize = module_dtype(self.vae).itemsize
         channels = list(config_value(self.vae, "block_out_channels") or [128])
+        h, w = self.decoded_at_once(req.height, req.width, 2 ** (len(channels) - 1))
         # The decoder's widest activation: level i runs at 1/4**i of the pixels, with block_out_channels[i]
         # channels and the upsampled output of level i+1 as its input; a resnet block holds its input,
         # its output, a normalised copy and the residual (measured: 4x is within 10% of the peak RSS).
         widest = max(max(channels[i:i + 2]) * h * w // 4 ** i for i in range(len(channels)))
-        return {"VAE decode": 4 * b * widest * itemsize,
-                "decoded images": b * 3 * h * w * (itemsize + 4 + 1)}  # tensor, float32 array, 8-bit image
+        frame = 3 * req.height * req.width  # the decoded frames: a tensor, a float32 array, 8-bit images
+        return {"VAE decode": 4 * b * widest * itemsize, "decoded images": b * frame * (itemsize + 4 + 1)}
 
     @torch.no_grad()
     def forward(self, req: Req) -> Req:
@@ -107,8 +141,7 @@ class DecodingStage(PipelineStage):
         latents = self.callback("unpack")(req.latents, req, self.settings, self.vae)
         latents = self.callback("denormalize")(latents, self.settings, self.vae)
         latents = latents.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
-        with vae_lock(self.vae):
-            decoded = self.vae.decode(latents, return_dict=False)[0]
+        decoded = self.decode(latents)
         image = self.callback("postprocess_image")(decoded, self.settings)
         check_finite_decoded(image, "DecodingStage", "and the model YAML's decoding callbacks")
         image = (image * 0.5 + 0.5).clamp(0, 1)
