@@ -28,6 +28,7 @@ from .distributed.split_plan import install_sequence_plan
 from .errors import DiffstageError
 from .kernels import resolve_kernels
 from .model_check import CheckedModel
+from .regional_compile import compile_blocks
 from .pipeline import Pipeline, checked_request
 from .req import Req
 from .resolve import callback_allowlist, given_object, resolve
@@ -97,18 +98,20 @@ def execution_options(cfg: Any, spec: ModelSpec, device: torch.device, planned_i
             "matmul_dtype": matmul_dtype, "planned_images": planned_images}
 
 
-def apply_acceleration(checked: CheckedModel, modules: dict[str, Any]) -> list[Any]:
+def apply_acceleration(checked: CheckedModel, modules: dict[str, Any], execution: dict | None = None) -> list[Any]:
     """The model YAML's `acceleration:` declarations checked against the loaded modules and applied: step
-    caches through the declared blocks, the sequence split plan (declared, else the class's _cp_plan) and the
-    attention modules routed through diffstage's attention. Returns the modules whose blocks take a step cache
-    by this declaration (a shared module may be wrapped by another's)."""
-    cacheable = []
+    caches through the declared blocks, the sequence split plan (declared, else the class's _cp_plan), the
+    attention modules routed through diffstage's attention, and the blocks compiled when `execution` (the run's
+    execution_options) says runtime.compile. Returns the modules whose blocks take a step cache by this
+    declaration (a shared module may be wrapped by another's)."""
+    cacheable, execution = [], execution or {}
     for name, declared in checked.spec.acceleration.items():
         locate = locator(checked, name)
         if declared.blocks is not None or declared.residual is not None:  # else: no blocks to find
             install_block_cache(modules[name], declared, locate)
         install_sequence_plan(modules[name], declared.sequence, locate)
         install_attention_route(modules[name], declared.attention.local)
+        compile_blocks(modules[name], declared, locate, execution.get("compile"), execution.get("planned_images"))
         if declared.residual is not None:
             cacheable.append(modules[name])
     return cacheable
@@ -169,7 +172,7 @@ class BuildPlan:
         modules = loader.load_modules(spec, model_path, dtype=dtype, device=device, allow_pickle=run.allow_pickle,
                                       allowlist=checked.allowlist, keys=keys, cache=session.modules,
                                       execution=execution)
-        declared = apply_acceleration(checked, modules)
+        declared = apply_acceleration(checked, modules, execution)
         stages = [self.early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
         attach_step_cache(stages, step_cache, checked, declared)
         attach_decode_options(stages, run.runtime, spec.name)
