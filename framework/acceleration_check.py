@@ -65,6 +65,8 @@ def check_before_load(checked: CheckedModel, model_path: str | Path, allowlist: 
         return
     root, index, subfolders = loader.checkpoint_folders(spec, model_path)
     for name, declared in spec.acceleration.items():
+        if name not in subfolders:
+            continue  # not a module this checkpoint has: the load says so
         folder = root / subfolders[name]
         config_file = folder / "config.json"
         if not config_file.is_file():

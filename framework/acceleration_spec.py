@@ -87,8 +87,8 @@ class SequenceSpec(Strict):
         default_factory=dict, description="module path -> {output index (0 for a single tensor): dim}: split as "
                                           "that module returns (e.g. rotary embeddings computed for every token)")
     gather: dict[str, int] = Field(
-        default_factory=dict, min_length=1, description="module path -> dim: that module's output gathered from "
-                                                        "every rank (the last projection)")
+        min_length=1, description="module path -> dim: that module's output gathered from every rank (the last "
+                                  "projection); required: without it each rank would return only its share")
 
     @field_validator("inputs", "outputs", "gather")
     @classmethod

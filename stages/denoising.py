@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from diffstage.distributed import current, gather_output, sequence_parallel, shard_inputs
 from diffstage.distributed.sequence import TRAFFIC
 from diffstage.distributed.split_plan import PLAN as SPLIT_PLAN, split_sequence
-from diffstage.attention.route import routed_attention
+from diffstage.attention.route import ROUTED, routed_attention
 from diffstage.attention.layer import DEFAULT_BACKEND
 from diffstage.errors import RequestError
 from diffstage.req import Req
@@ -115,10 +115,14 @@ class DenoisingStage(PipelineStage):
         name = type(self.transformer).__name__
         if not hasattr(self.transformer, "sequence_parallel_plan") and not hasattr(self.transformer, SPLIT_PLAN):
             raise ValueError(f"parallel.ulysses / parallel.ring split the transformer's sequence, but {name} "
-                             "declares no sequence_parallel_plan (diffstage's native transformers do), and no "
-                             "split plan was installed for it (declare `acceleration.<module>.sequence` in the "
-                             "model YAML, unless the class has a Diffusers _cp_plan: see the README's \"Adding a "
-                             "model\"); use parallel.cfg")
+                             "declares no sequence_parallel_plan (diffstage's native transformers do), and its "
+                             "model YAML no split plan: declare `acceleration.<module>.sequence`, or "
+                             "`acceleration: {<module>: {}}` for the class's Diffusers _cp_plan where it has one "
+                             "(see the README's \"Adding a model\"); or use parallel.cfg")
+        if not hasattr(self.transformer, "sequence_parallel_plan") and not getattr(self.transformer, ROUTED, None):
+            raise ValueError(f"parallel.ulysses / parallel.ring: {name} has a split plan but no attention module "
+                             "with a Diffusers attention processor, so its attention would see only each rank's "
+                             "tokens; use parallel.cfg")
         heads = getattr(getattr(self.transformer, "config", None), "num_attention_heads", None)
         if isinstance(heads, int) and heads % state.ulysses:
             raise ValueError(f"parallel.ulysses={state.ulysses} splits the attention heads, but {name} has {heads}; "

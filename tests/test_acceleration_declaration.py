@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import yaml
 
@@ -110,3 +111,39 @@ def test_heads_not_divisible_by_the_ulysses_degree_stop_before_weights_load(chec
             "that divides 4 (or parallel.ring)")):
         check_before_load(checked, broken, checked.allowlist,
                           ParallelState(ulysses=3, world_size=3))
+
+
+def test_a_split_plan_without_gather_is_refused_with_its_line(tmp_path):
+    from diffstage.model_check import check_model
+
+    path = family_yaml(tmp_path, {"sequence": {"outputs": {"pos_embed": {0: 1}}}})
+    with pytest.raises(DiffstageError) as e:
+        check_model(path)
+    assert re.search(rf"{re.escape(str(path))}:\d+: acceleration\.transformer\.sequence\.gather: "
+                     r"missing required key 'gather'", str(e.value)), str(e.value)
+
+
+def test_a_cp_plan_entry_diffstage_cannot_read_is_named():
+    from diffstage.distributed.split_plan import from_cp_plan
+
+    class Odd(torch.nn.Module):
+        _cp_plan = {"blocks.0": [object()]}
+
+    with pytest.raises(DiffstageError, match=re.escape(
+            "Odd._cp_plan['blocks.0'] holds list, which diffstage does not read; declare "
+            "acceleration.<module>.sequence in the model YAML instead")):
+        from_cp_plan(Odd())
+
+
+def test_a_split_plan_without_attention_modules_is_refused_for_sequence_parallelism(monkeypatch):
+    from diffstage.distributed import ParallelState, state
+    from diffstage.distributed.split_plan import PLAN
+    from diffstage.stages import DenoisingStage
+
+    monkeypatch.setattr(state, "_STATE", ParallelState(ring=2, rank=0, world_size=2))
+    model = torch.nn.Linear(2, 2)
+    setattr(model, PLAN, object())  # a split plan, and no attention module routed
+    with pytest.raises(ValueError, match=re.escape(
+            "parallel.ulysses / parallel.ring: Linear has a split plan but no attention module with a Diffusers "
+            "attention processor, so its attention would see only each rank's tokens; use parallel.cfg")):
+        DenoisingStage(model, None)

@@ -165,7 +165,7 @@ def test_sequence_parallel_refusals():
     with sequence_parallel(state), pytest.raises(DiffstageError, match=re.escape(
             "sequence parallelism splits attention masks over the keys only, but this model's attention takes a "
             "mask of shape (1, 1, 2, 2), which varies over heads or queries; run this model with parallel.cfg only")):
-        attention(q, q, q, mask=torch.ones(1, 1, 2, 2, dtype=torch.bool))
+        attention(q, q, q, mask=torch.ones(1, 1, 2, 2, dtype=torch.bool).tril())  # causal: varies over queries
 
 
 def test_sequence_parallel_needs_a_plan(monkeypatch):
@@ -177,7 +177,7 @@ def test_sequence_parallel_needs_a_plan(monkeypatch):
     monkeypatch.setattr(state, "_STATE", ParallelState(ring=2, rank=0, world_size=2))
     with pytest.raises(ValueError, match=re.escape(
             "parallel.ulysses / parallel.ring split the transformer's sequence, but Linear declares no "
-            "sequence_parallel_plan (diffstage's native transformers do), and no split plan was installed for it "
-            "(declare `acceleration.<module>.sequence` in the model YAML, unless the class has a Diffusers _cp_plan: "
-            "see the README's \"Adding a model\"); use parallel.cfg")):
+            "sequence_parallel_plan (diffstage's native transformers do), and its model YAML no split plan: declare "
+            "`acceleration.<module>.sequence`, or `acceleration: {<module>: {}}` for the class's Diffusers _cp_plan "
+            "where it has one (see the README's \"Adding a model\"); or use parallel.cfg")):
         DenoisingStage(torch.nn.Linear(2, 2), None)

@@ -21,7 +21,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     from ..distributed import sequence
 
     if sequence.active() is not None:  # inside a sequence-parallel model call: each rank has its own tokens
-        from .route import key_mask
-
-        return sequence.parallel_attention(q, k, v, key_mask(mask, "this model's attention"), backend)
+        return sequence.parallel_attention(q, k, v, sequence.key_mask(mask, "this model's attention"), backend)
     return get_backend(backend)(q, k, v, mask)

@@ -51,23 +51,6 @@ class Route:
 _ROUTE: ContextVar[Route | None] = ContextVar("diffstage_attention_route", default=None)
 
 
-def key_mask(mask: torch.Tensor | None, where: str) -> torch.Tensor | None:
-    """sdpa's mask (broadcastable to [B, H, Lq, Lk]) as an additive float32 mask per key [B or 1, Lk]: the one
-    kind of mask that splits with the keys. DiffstageError for a mask that varies over heads or queries
-    (`where`: whose attention, for the message)."""
-    if mask is None:
-        return None
-    full = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
-    if full.dim() != 4 or full.shape[1] != 1 or full.shape[2] != 1:
-        raise DiffstageError(f"sequence parallelism splits attention masks over the keys only, but {where} takes "
-                             f"a mask of shape {tuple(mask.shape)}, which varies over heads or queries; run this "
-                             "model with parallel.cfg only")
-    keys = full[:, 0, 0, :]
-    if keys.dtype == torch.bool:
-        return torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).masked_fill(~keys, float("-inf"))
-    return keys.float()
-
-
 class _Catch(TorchFunctionMode):
     """Inside one attention module's forward: its scaled_dot_product_attention computed by `attention()`."""
 
@@ -95,10 +78,10 @@ class _Catch(TorchFunctionMode):
                                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # sdpa's [B, H, L, D] -> ours [B, L, H, D]
         if split:
-            from ..distributed.sequence import parallel_attention
+            from ..distributed.sequence import key_mask, parallel_attention
 
-            out = parallel_attention(q, k, v, key_mask(attn_mask, f"attention module '{self.slot.path}'"), self.route.backend,
-                                     self.route.state)
+            mask = key_mask(attn_mask, f"attention module '{self.slot.path}'")
+            out = parallel_attention(q, k, v, mask, self.route.backend, self.route.state)
         else:
             out = get_backend(self.route.backend)(q, k, v, attn_mask)
         return out.transpose(1, 2)

@@ -104,12 +104,20 @@ def active() -> ParallelState | None:
     return _ACTIVE.get()
 
 
-def _lengths(n: int, state: ParallelState, mode: str) -> list[int]:
-    """Every member's local sequence length in the `mode` group."""
-    mine = torch.tensor([n])
+def _shapes(n_q: int, n_k: int, has_mask: bool, state: ParallelState, mode: str) -> tuple[list[int], list[int], bool]:
+    """Every member's local query and key lengths in the `mode` group, and whether any of them has a key mask
+    (then all take part in its exchange, a rank without one with zeros: the collectives must match)."""
+    mine = torch.tensor([n_q, n_k, int(has_mask)])
     out = [torch.zeros_like(mine) for _ in state.ranks[mode]]
     dist.all_gather(out, mine, group=state.groups[mode])
-    return [int(x) for x in out]
+    return [int(x[0]) for x in out], [int(x[1]) for x in out], any(int(x[2]) for x in out)
+
+
+def _agreed(mask: torch.Tensor | None, k: torch.Tensor, any_mask: bool) -> torch.Tensor | None:
+    """The key mask as [B, L_k] float32 when any member has one (zeros: attend to every key), else None."""
+    if mask is None:
+        return k.new_zeros(k.shape[:2], dtype=torch.float32) if any_mask else None
+    return mask.float().expand(k.shape[0], k.shape[1]).contiguous()
 
 
 def _ulysses_to_heads(x: torch.Tensor, lengths: list[int], state: ParallelState) -> torch.Tensor:
@@ -161,12 +169,22 @@ def _gather_keys(mask: torch.Tensor, lengths: list[int], state: ParallelState, m
     return torch.cat([piece[:, :n] for piece, n in zip(pieces, lengths)], dim=1)
 
 
+def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+           block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two partial results over disjoint keys, merged by their log-sum-exps (online softmax). A part whose keys
+    were all masked has log-sum-exp -inf and weighs nothing; a row masked everywhere stays 0."""
+    merged = torch.logaddexp(lse, block_lse)
+    weights = (torch.exp(lse - merged).nan_to_num(0.0), torch.exp(block_lse - merged).nan_to_num(0.0))
+    return out * weights[0] + block_out * weights[1], merged
+
+
 def _ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
           state: ParallelState) -> torch.Tensor:
     """Ring attention: keys and values go round the ring group; partial results merge by log-sum-exp."""
     ranks = state.ranks["ring"]
     p, me = len(ranks), state.index("ring")
-    lengths = _lengths(k.shape[1], state, "ring")
+    _, lengths, any_mask = _shapes(q.shape[1], k.shape[1], mask is not None, state, "ring")
+    mask = _agreed(mask, k, any_mask)
     masks = None if mask is None else torch.split(_gather_keys(mask, lengths, state, "ring"), lengths, dim=1)
     kv = torch.stack([k, v]).contiguous()
     out, lse = _block(q, k, v, None if masks is None else masks[me])
@@ -179,31 +197,47 @@ def _ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
             request.wait()
         TRAFFIC["bytes"] += kv.numel() * kv.element_size()
         kv = incoming
-        block_out, block_lse = _block(q, kv[0], kv[1], None if masks is None else masks[source])
-        merged = torch.logaddexp(lse, block_lse)
-        out = out * torch.exp(lse - merged).nan_to_num(0.0) + block_out * torch.exp(block_lse - merged).nan_to_num(0.0)
-        lse = merged
+        out, lse = _merge(out, lse, *_block(q, kv[0], kv[1], None if masks is None else masks[source]))
     return out.transpose(1, 2).to(q.dtype)
 
 
 def parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, backend,
                        state: ParallelState | None = None) -> torch.Tensor:
     """attention() over the whole sequence of the group of `state` (default: the active one), each rank holding
-    its own tokens. `mask`: None, or additive per key [B or 1, L_mine] (attention.route.key_mask), split as the
-    keys are."""
+    its own tokens (queries and keys may differ in length). `mask`: None, or additive per key [B or 1, L_k]
+    (key_mask), split as the keys are."""
     state = state or _ACTIVE.get()
     if state.ulysses > 1:
         if q.shape[2] % state.ulysses:
             raise DiffstageError(f"parallel.ulysses={state.ulysses} splits the attention heads, but this model "
                                  f"has {q.shape[2]}; use a degree that divides {q.shape[2]} (or parallel.ring)")
-        lengths = _lengths(q.shape[1], state, "ulysses")
-        q, k, v = (_ulysses_to_heads(t, lengths, state) for t in (q, k, v))
+        q_lengths, k_lengths, any_mask = _shapes(q.shape[1], k.shape[1], mask is not None, state, "ulysses")
+        mask = _agreed(mask, k, any_mask)
+        q = _ulysses_to_heads(q, q_lengths, state)
+        k, v = (_ulysses_to_heads(t, k_lengths, state) for t in (k, v))
         if mask is not None:
-            mask = _gather_keys(mask, lengths, state, "ulysses")
+            mask = _gather_keys(mask, k_lengths, state, "ulysses")
     if state.ring > 1:
         out = _ring(q, k, v, mask, state)
     else:
         from ..attention.backends import get_backend
 
         out = get_backend(backend)(q, k, v, None if mask is None else mask[:, None, None, :].to(q.dtype))
-    return _ulysses_to_sequence(out, lengths, state) if state.ulysses > 1 else out
+    return _ulysses_to_sequence(out, q_lengths, state) if state.ulysses > 1 else out
+
+
+def key_mask(mask: torch.Tensor | None, where: str) -> torch.Tensor | None:
+    """sdpa's mask (broadcastable to [B, H, Lq, Lk]) as an additive float32 mask per key [B or 1, Lk]: the one
+    kind of mask that splits with the keys. DiffstageError for a mask that varies over heads or queries
+    (`where`: whose attention, for the message); one only repeated over them is taken."""
+    if mask is None:
+        return None
+    full = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+    if full.dim() != 4 or not bool((full == full[:, :1, :1]).all()):
+        raise DiffstageError(f"sequence parallelism splits attention masks over the keys only, but {where} takes "
+                             f"a mask of shape {tuple(mask.shape)}, which varies over heads or queries; run this "
+                             "model with parallel.cfg only")
+    keys = full[:, 0, 0, :]
+    if keys.dtype == torch.bool:
+        return torch.zeros(keys.shape, dtype=torch.float32, device=keys.device).masked_fill(~keys, float("-inf"))
+    return keys.float()

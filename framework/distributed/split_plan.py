@@ -45,6 +45,10 @@ def from_cp_plan(module: torch.nn.Module) -> SequenceSpec | None:
         if hasattr(entry, "gather_dim"):
             gather[path] = entry.gather_dim
             continue
+        if not isinstance(entry, dict):
+            raise DiffstageError(f"{type(module).__name__}._cp_plan[{path!r}] holds {type(entry).__name__}, which "
+                                 "diffstage does not read; declare acceleration.<module>.sequence in the model YAML "
+                                 "instead")
         for key, split in entry.items():
             if not hasattr(split, "split_dim"):
                 raise DiffstageError(f"{type(module).__name__}._cp_plan[{path!r}][{key!r}] holds "
