@@ -109,6 +109,7 @@ class _Call:
                 self.cache.ran_all(hidden - self.start)
             else:
                 self.cache.ran_rest(self.measure, hidden - self.head)
+            self.decided = False  # the call is over (a next one in the same context decides afresh)
         self.next = (index + 1) % plan.count
         return out
 

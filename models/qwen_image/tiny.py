@@ -23,6 +23,13 @@ from diffstage.models.tiny_checkpoint import save_tiny_checkpoint
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
+# The transformer's dimensions: "tiny" for tests, "bench" for benchmarks (enough blocks and width that skipping
+# blocks shows in the time, still seconds per image on a CPU). The rotary axes add up to the head dimension.
+SIZES = {
+    "tiny": {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 4, "axes_dims_rope": (8, 4, 4)},
+    "bench": {"num_layers": 8, "attention_head_dim": 32, "num_attention_heads": 6, "axes_dims_rope": (16, 8, 8)},
+}
+
 
 def qwen_tokenizer(words=WORDS, special=("<|im_start|>", "<|im_end|>")) -> Qwen2Tokenizer:
     """Byte-level BPE over every byte plus whole-word merges for `words`, and Qwen's chat tokens."""
@@ -36,13 +43,12 @@ def qwen_tokenizer(words=WORDS, special=("<|im_start|>", "<|im_end|>")) -> Qwen2
     return tokenizer
 
 
-def _modules(seed: int, tokenizer, edit: bool) -> dict:
+def _modules(seed: int, tokenizer, edit: bool, size: str = "tiny") -> dict:
     """The models (the Edit checkpoint's VAE has Qwen's real 8x downsampling, so that the 1024x1024 copy of
     the input image it encodes stays at 4096 tokens, and its text encoder knows the vision tokens)."""
     torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                              attention_head_dim=16, num_attention_heads=4, joint_attention_dim=16,
-                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, joint_attention_dim=16,
+                                              guidance_embeds=False, **SIZES[size])
     torch.manual_seed(seed)
     if edit:
         vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
@@ -98,9 +104,9 @@ class _EditCheckpoint:
         self.pipe.processor.image_processor.save_pretrained(folder)
 
 
-def _build_pipeline(seed: int):
+def _build_pipeline(seed: int, size: str = "tiny"):
     tokenizer = qwen_tokenizer()
-    return QwenImagePipeline(tokenizer=tokenizer, **_modules(seed, tokenizer, edit=False))
+    return QwenImagePipeline(tokenizer=tokenizer, **_modules(seed, tokenizer, edit=False, size=size))
 
 
 def _build_edit_pipeline(seed: int):
@@ -110,10 +116,13 @@ def _build_edit_pipeline(seed: int):
     return _EditCheckpoint(pipe)
 
 
-def build_tiny_qwen_image(out_dir, *, seed: int = 0) -> pathlib.Path:
-    """Write the checkpoint to ``out_dir`` (deterministic in ``seed``); returns at once if it is there."""
-    return save_tiny_checkpoint(out_dir, {"family": "qwen_image", "seed": seed}, lambda: _build_pipeline(seed),
-                                index_classes=None)
+def build_tiny_qwen_image(out_dir, *, seed: int = 0, size: str = "tiny") -> pathlib.Path:
+    """Write the checkpoint of ``size`` (see SIZES) to ``out_dir`` (deterministic in ``seed``); returns at once if it
+    is there."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+    marker = {"family": "qwen_image", "seed": seed} | ({"size": size} if size != "tiny" else {})
+    return save_tiny_checkpoint(out_dir, marker, lambda: _build_pipeline(seed, size), index_classes=None)
 
 
 def build_tiny_qwen_image_edit(out_dir, *, seed: int = 0) -> pathlib.Path:
