@@ -84,6 +84,9 @@ class _Call:
     decided: bool = False  # teacache: this call's decision is taken
     inside: int | None = None  # the block whose forward is running
 
+    # Under runtime.compile (blocks compiled one at a time) this bookkeeping runs eagerly, as one frame: traced,
+    # it would be recompiled for every block index and cache state. The block's own forward is still compiled.
+    @torch.compiler.disable(recursive=False)
     def run(self, block: torch.nn.Module, index: int, params: dict, args: tuple, kwargs: dict) -> Any:
         plan, teacache = self.plan, self.cache.kind == "teacache"
         if index != self.next:
@@ -257,6 +260,7 @@ def install_block_cache(module: torch.nn.Module, declaration: Any, locate: Locat
     setattr(module, PLAN, plan)
 
 
+@torch.compiler.disable  # bookkeeping (a hook inside a compiled block), never traced
 def _probed(plan: BlockPlan, value: Any) -> None:
     """The probe hook of `plan`: hands the value to the cached call of this plan in progress, if any."""
     call = ACTIVE.get()
