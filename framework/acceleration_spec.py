@@ -122,7 +122,7 @@ class AccelerationSpec(Strict):
     residual: ResidualSpec | None = Field(
         None, description="where the blocks' call and return carry the hidden states; declaring it lets "
                           "cache=first_block skip the blocks after the first ones")
-    probe: ProbeSpec | None = Field(
+    probe: ProbeSpec | str | None = Field(  # a string is the module path alone (made a ProbeSpec on validation)
         None, description="what cache=teacache measures: the module path (relative to this module) whose output is "
                           "the first block's timestep-modulated input, or {module, input} for an argument of its "
                           "call; without it, cache=teacache is refused")

@@ -13,11 +13,11 @@ instead of running the blocks. Two ways to measure it:
 
 A transformer takes part by taking a `step_cache` argument in its forward call and routing its
 blocks through it (see `Cacheable`), or, for a stock transformer, through the blocks its model YAML
-declares (`acceleration:`, see block_cache.py; teacache when it declares a `probe` too). DenoisingStage makes a cache of its own for each run
-(`for_run`), passes it with every transformer call and names the branch (cond, uncond, or both
-in one batch); each branch keeps its own state. The cache is an argument, not an attribute of
-the transformer, because pipelines share their loaded transformer: a cache set on it by one
-pipeline's run would be used by another's running at the same time in another thread. Under
+declares (`acceleration:`, see block_cache.py; teacache when it declares a `probe` too). DenoisingStage
+makes a cache of its own for each run (`for_run`), passes it with every transformer call and names the
+branch (cond, uncond, or both in one batch); each branch keeps its own state. The cache is an argument,
+not an attribute of the transformer, because pipelines share their loaded transformer: a cache set on it
+by one pipeline's run would be used by another's running at the same time in another thread. Under
 torchrun the change is summed over all ranks before the comparison, so every rank takes
 the same decision (sequence and CFG parallelism stay in step).
 """

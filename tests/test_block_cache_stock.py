@@ -184,9 +184,9 @@ def test_a_probe_input_the_module_does_not_take_is_an_error(checkpoints, tmp_pat
                                              "      module: transformer_blocks.0.attn1\n      input: latents\n")
     with pytest.raises(DiffstageError) as e:
         build(yaml, checkpoints["pixart_sigma"])
-    assert str(e.value) == (f"{yaml}:{line_of(yaml, 'input:')}: acceleration.transformer.probe.input: Attention.forward "
-                            "takes no argument 'latents' (it takes hidden_states, encoder_hidden_states, "
-                            "attention_mask)")
+    assert str(e.value) == (f"{yaml}:{line_of(yaml, 'input:')}: acceleration.transformer.probe.input: "
+                            "Attention.forward takes no argument 'latents' (it takes hidden_states, "
+                            "encoder_hidden_states, attention_mask)")
 
 
 def test_a_probe_that_runs_after_the_first_block_is_named_on_the_first_cached_call(checkpoints, tmp_path):
