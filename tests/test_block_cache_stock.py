@@ -7,24 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import REPO, line_of
-from diffstage import DiffstageError, build_pipeline
+from test_block_cache import FAMILIES as FIRST_BLOCK_FAMILIES, build, cache_stats, output
+from diffstage import DiffstageError
 
 STEPS = 5
-FAMILIES = {  # model: (request, transformer calls per step, the Diffusers block class)
-    "sd3": (dict(height=32, width=48, guidance_scale=4.0), 1, "JointTransformerBlock"),  # CFG batched
-    "pixart_sigma": (dict(height=32, width=48, negative_prompt="blurry", guidance_scale=4.0), 1,
-                     "BasicTransformerBlock"),
-    "qwen_image": (dict(height=32, width=48, negative_prompt="blurry", true_cfg_scale=4.0), 2,
-                   "QwenImageTransformerBlock"),  # CFG in two calls
-    "qwen_image_edit": (dict(height=32, width=48, negative_prompt="blurry", true_cfg_scale=4.0,
-                             image=Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8))),
-                        2, "QwenImageTransformerBlock"),
-    "wan_t2v": (dict(height=32, width=48, num_frames=5, max_sequence_length=16, guidance_scale=4.0,
-                     negative_prompt="blurry"), 1, "WanTransformerBlock"),
-}
+FAMILIES = {"sd3": (dict(height=32, width=48, guidance_scale=4.0), 1, "JointTransformerBlock"),  # CFG batched
+            **FIRST_BLOCK_FAMILIES}  # model: (request, transformer calls per step, the Diffusers block class)
 BLOCKS = 2  # every checkpoint here has two blocks
 # cache=teacache, threshold 100 (warmup 1, final 1: the 3 middle steps from the cache): max |Δ| of the decoded
 # output ([0, 1]) against uncached; measured 0.013, 0.0020, 0.0047, 0.010, 0.036 (in FAMILIES' order), and 0.0084
@@ -70,18 +60,6 @@ def uncached(checkpoints):
         return made[model]
 
     return get
-
-
-def output(out):
-    return np.asarray(out.frames if out.frames is not None else out.images, dtype=np.float64)
-
-
-def cache_stats(out):
-    return next(r["step_cache"] for r in out.reports.values() if r and "step_cache" in r)
-
-
-def build(model, ckpt, overrides=()):
-    return build_pipeline(model, model_path=ckpt, overrides=["reuse.enabled=false", *overrides])
 
 
 def run(pipe, model):
