@@ -14,7 +14,7 @@ parallel.ulysses=2 and parallel.ring=2 (one thread per process: the same two cor
 collectives; per step they are compared with the formula below. For Wan,
 Diffusers' WanPipeline runs the same job in one process and with its own
 `transformer.enable_parallelism(ContextParallelConfig(ulysses_degree=2 | ring_degree=2))` (see
-`diffusers_worker` for what it takes on a CPU).
+`diffusers_worker` for what it takes on a CPU; its Ulysses all-to-alls are counted as ours are).
 
 Projected: the same formula for FLUX.1-dev (hidden 3072 = 24 heads x 128, 19 + 38 blocks, 512 text
 tokens) at 1024x1024 (4096 image tokens) and 2048x2048 (16384), and for Wan2.1-14B (hidden 5120 = 40 heads
@@ -148,6 +148,21 @@ def error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {e} ({Path(frame.filename).name}:{frame.lineno}, {frame.name})"
 
 
+def count_all_to_all(world: int) -> dict:
+    """Count the bytes this rank sends in Diffusers' Ulysses all-to-alls (torch's functional all_to_all_single,
+    which its attention dispatch calls), as diffstage counts its own: all but this rank's own share."""
+    from torch.distributed import _functional_collectives as funcol
+
+    sent, original = {"bytes": 0}, funcol.all_to_all_single
+
+    def counted(x, *args, **kwargs):
+        sent["bytes"] += x.numel() * x.element_size() * (world - 1) // world
+        return original(x, *args, **kwargs)
+
+    funcol.all_to_all_single = counted
+    return sent
+
+
 def diffusers_worker(out_dir: Path, checkpoint: Path, mode: str, reps: int, request: dict) -> None:
     """Diffusers' WanPipeline on the same job, in one process or with its enable_parallelism under torchrun."""
     import numpy as np
@@ -157,7 +172,7 @@ def diffusers_worker(out_dir: Path, checkpoint: Path, mode: str, reps: int, requ
 
     pipe = WanPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    record, rank = {}, 0
+    record, rank, sent = {}, 0, {"bytes": 0}
     if DIFFUSERS_MODES[mode]:
         dist.init_process_group("gloo")
         rank = dist.get_rank()
@@ -171,6 +186,7 @@ def diffusers_worker(out_dir: Path, checkpoint: Path, mode: str, reps: int, requ
             torch.accelerator.device_count = lambda: 1
             pipe.transformer.enable_parallelism(config=config)
             record["shim"] = "torch.accelerator.device_count = lambda: 1"
+        sent = count_all_to_all(dist.get_world_size())
     kwargs = {k: v for k, v in request.items() if k != "seed"}
     marks = {}  # denoising: from the first transformer call's start to the last step's end
 
@@ -189,10 +205,13 @@ def diffusers_worker(out_dir: Path, checkpoint: Path, mode: str, reps: int, requ
     else:
         for _ in range(reps):
             marks.clear()
+            sent["bytes"] = 0
             start = time.perf_counter()
             frames = call()
             times.append(time.perf_counter() - start)
             denoise.append(marks["end"] - marks["start"])
+        if DIFFUSERS_MODES[mode]:
+            record["all_to_all_bytes_per_run"] = sent["bytes"]
     if rank == 0:
         if times:
             np.save(out_dir / f"{mode}.npy", np.asarray(frames))
@@ -237,8 +256,9 @@ def measure(checkpoint: Path, model: str, reps: int, request: dict) -> dict:
             results[mode] = {"processes": 1 if mode in ONE_PROCESS else 2, "threads_per_process": threads(mode),
                              "median_s": round(statistics.median(times), 3) if times else None,
                              "denoise_median_s": round(statistics.median(denoise), 3) if denoise else None}
-            if "bytes_per_run" in data:
-                results[mode]["bytes_sent_per_step"] = data.pop("bytes_per_run") / steps
+            for key in ("bytes_per_run", "all_to_all_bytes_per_run"):
+                if key in data:
+                    results[mode]["bytes_sent_per_step"] = data.pop(key) / steps
             results[mode].update(data)  # Diffusers: the error enable_parallelism raised as shipped, the shim
             print(f"{mode}: {results[mode]}", file=sys.stderr)
         for mode, r in results.items():
