@@ -43,7 +43,14 @@ def module_device(module) -> torch.device:
 
 
 def module_dtype(module) -> torch.dtype:
+    """The dtype a module computes in: its first floating parameter's, past those a Diffusers class keeps in
+    float32 (`_keep_in_fp32_modules`: Wan's first parameter is such a table, in a bfloat16 model)."""
+    kept = getattr(module, "_keep_in_fp32_modules", None) or ()
     try:
-        return next(module.parameters()).dtype
-    except (AttributeError, StopIteration):
+        named = list(module.named_parameters())
+    except AttributeError:
         return torch.float32
+    for name, param in named:
+        if param.is_floating_point() and not any(k in name for k in kept):
+            return param.dtype
+    return named[0][1].dtype if named else torch.float32
