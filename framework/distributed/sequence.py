@@ -153,6 +153,9 @@ def _block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention of q over one key/value block in float32: (output [B, H, Lq, D], log-sum-exp [B, H, Lq, 1]).
     `mask`: additive per key [B or 1, Lk]. A row whose keys are all masked here gives 0 with weight -inf."""
     qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
+    if mask is None and qh.device.type == "cpu":  # torch's fused CPU kernel gives the log-sum-exp too
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh)[:2]
+        return out, lse.unsqueeze(-1)
     scores = qh @ kh.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores + mask[:, None, None, :]
