@@ -44,7 +44,7 @@ def module_device(module) -> torch.device:
 
 def module_dtype(module) -> torch.dtype:
     """The dtype a module computes in: its first floating parameter's, past those a Diffusers class keeps in
-    float32 (`_keep_in_fp32_modules`: Wan's first parameter is such a table, in a bfloat16 model)."""
+    float32 (`_keep_in_fp32_modules`: a transformer whose first parameter is such a table, in a bfloat16 model)."""
     kept = getattr(module, "_keep_in_fp32_modules", None) or ()
     try:
         named = list(module.named_parameters())
