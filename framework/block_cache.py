@@ -15,9 +15,8 @@ is (the same computation; one context-variable read per block). Only instances a
 """
 from __future__ import annotations
 
-import inspect
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -27,11 +26,11 @@ import torch
 
 from .block_probe import attach_probe
 from .errors import DiffstageError, did_you_mean
+from .forward_args import Arguments, Locate, argument, forward_arguments, require_argument
 from .step_cache import StepCache, takes_step_cache
 
 PLAN = "_diffstage_block_plan"  # attribute of a wrapped transformer: its BlockPlan
 SLOT = "_diffstage_block_slot"  # attribute of a wrapped block: (plan, index, argument positions)
-Locate = Callable[[tuple], str]  # key path under the declaration -> "file:line: acceleration.NAME.KEY"
 
 
 @dataclass(eq=False)
@@ -62,13 +61,6 @@ class BlockPlan:
         return tuple(hidden if name == self.input else item for name, item in zip(self.returns, out))
 
 
-def _argument(name: str, args: tuple, kwargs: dict, params: dict) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    position, default = params[name]
-    return args[position] if position is not None and position < len(args) else default
-
-
 @dataclass
 class _Call:
     """One transformer call made with a step cache: where it is in the blocks, what the first ones added."""
@@ -93,7 +85,7 @@ class _Call:
             raise DiffstageError(f"{plan.order}: block {index} of the declared lists ran when block {self.next} "
                                  "was next: declare `blocks` in the order the forward runs them, each once a call")
         if index == 0:
-            self.start, self.reused = _argument(plan.input, args, kwargs, params), None
+            self.start, self.reused = argument(plan.input, args, kwargs, params), None
             if teacache and self.probe is not None:  # the probe ran before the blocks
                 self.decide(self.probe)
         out = self._block(block, index, params, args, kwargs)
@@ -127,8 +119,8 @@ class _Call:
             finally:
                 self.inside = None
         if self.plan.returns is None:
-            return _argument(self.plan.input, args, kwargs, params)
-        return tuple(_argument(n, args, kwargs, params) for n in self.plan.returns)
+            return argument(self.plan.input, args, kwargs, params)
+        return tuple(argument(n, args, kwargs, params) for n in self.plan.returns)
 
     def decide(self, probe: Any) -> None:
         """teacache: this call's probe value; skip or run the blocks (at its first value of the call)."""
@@ -218,18 +210,13 @@ def block_lists(module: torch.nn.Module, declared: list[str] | None, locate: Loc
     return [lists[name] for name in declared]
 
 
-def _parameters(block: torch.nn.Module, residual: Any, locate: Locate) -> dict[str, tuple[int | None, Any]]:
+def _parameters(block: torch.nn.Module, residual: Any, locate: Locate) -> Arguments:
     """The block forward's arguments by name: (position, default); every declared name must be one."""
-    params = list(inspect.signature(type(block).forward).parameters.values())[1:]  # without self
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    out = {p.name: (i if p.kind in positional else None, None if p.default is p.empty else p.default)
-           for i, p in enumerate(params) if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    out = forward_arguments(block)
     returns = [residual.returns] if isinstance(residual.returns, str) else residual.returns
     for key, names in (("input", [residual.input]), ("returns", returns)):
         for name in names:
-            if name not in out:
-                raise DiffstageError(f"{locate(('residual', key))}: {type(block).__name__}.forward takes no "
-                                     f"argument {name!r} (it takes {', '.join(out)})")
+            require_argument(block, out, name, locate(("residual", key)))
     return out
 
 

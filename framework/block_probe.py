@@ -8,7 +8,6 @@ module for good; it hands values on only while a cached call of this declaration
 from __future__ import annotations
 
 import difflib
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +15,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .errors import DiffstageError
-
-Locate = Callable[[tuple], str]  # key path under the declaration -> "file:line: acceleration.NAME.KEY"
-
+from .forward_args import Locate, argument, forward_arguments, require_argument
 
 def probe_module(module: torch.nn.Module, path: str, locate: Locate) -> torch.nn.Module:
     """The module at `path` inside `module`; DiffstageError at `probe` naming what is there instead."""
@@ -37,18 +34,6 @@ def probe_module(module: torch.nn.Module, path: str, locate: Locate) -> torch.nn
     return found
 
 
-def _positions(probe: torch.nn.Module, name: str, locate: Locate) -> tuple[int | None, Any]:
-    """Where the argument `name` of the probe module's forward comes in a call: (position, default)."""
-    params = list(inspect.signature(type(probe).forward).parameters.values())[1:]  # without self
-    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    for i, p in enumerate(named):
-        if p.name == name:
-            positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-            return (i if positional else None), (None if p.default is p.empty else p.default)
-    raise DiffstageError(f"{locate(('probe', 'input'))}: {type(probe).__name__}.forward takes no argument {name!r} "
-                         f"(it takes {', '.join(p.name for p in named)})")
-
-
 def attach_probe(module: torch.nn.Module, declared: Any, locate: Locate,
                  seen: Callable[[Any], None]) -> RemovableHandle:
     """Hook the probe `declared` (acceleration_spec.ProbeSpec) names in `module`: each call of it gives `seen` its
@@ -59,12 +44,10 @@ def attach_probe(module: torch.nn.Module, declared: Any, locate: Locate,
             seen(out[0] if isinstance(out, (tuple, list)) and out else out)
 
         return probe.register_forward_hook(output_hook)
-    position, default = _positions(probe, declared.input, locate)
+    arguments = forward_arguments(probe)
+    require_argument(probe, arguments, declared.input, locate(("probe", "input")))
 
     def input_hook(_module, args, kwargs):
-        if declared.input in kwargs:
-            seen(kwargs[declared.input])
-        else:
-            seen(args[position] if position is not None and position < len(args) else default)
+        seen(argument(declared.input, args, kwargs, arguments))
 
     return probe.register_forward_pre_hook(input_hook, with_kwargs=True)

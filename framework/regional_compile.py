@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .block_cache import Locate, block_lists
+from .block_cache import block_lists
+from .forward_args import Locate
 from .hardware import auto_compile
 
 log = logging.getLogger(__name__)

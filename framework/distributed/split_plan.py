@@ -9,8 +9,7 @@ runs as it is. Attention in between runs across the ranks through attention/rout
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +18,11 @@ import torch
 
 from ..acceleration_spec import SequenceSpec, SplitSpec
 from ..errors import DiffstageError, did_you_mean
+from ..forward_args import Arguments, Locate, forward_arguments, require_argument
 from .sequence import gather_output, shard
 from .state import ParallelState
 
 PLAN = "_diffstage_sequence_plan"  # attribute of a module with a split plan installed: its SequencePlan
-Locate = Callable[[tuple], str]  # key path under the declaration -> "file:line: acceleration.NAME.KEY"
 _SPLITTING: ContextVar[ParallelState | None] = ContextVar("diffstage_sequence_split", default=None)
 
 
@@ -68,13 +67,6 @@ def _matching(module: torch.nn.Module, path: str) -> list[tuple[str, torch.nn.Mo
             and all(w in ("*", n) for w, n in zip(want, name.split(".")))]
 
 
-def _argument_positions(m: torch.nn.Module) -> dict[str, int | None]:
-    params = list(inspect.signature(type(m).forward).parameters.values())[1:]  # without self
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {p.name: (i if p.kind in positional else None) for i, p in enumerate(params)
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-
-
 def _as_split(value: Any) -> SplitSpec:
     return value if isinstance(value, SplitSpec) else SplitSpec(dim=value)
 
@@ -85,7 +77,7 @@ def _split(value: Any, split: SplitSpec, name: str, state: ParallelState) -> Any
     return shard(value, split.dim, name, state)
 
 
-def _input_hook(splits: dict[str, SplitSpec], positions: dict[str, int | None]):
+def _input_hook(splits: dict[str, SplitSpec], arguments: Arguments):
     def hook(_module, args, kwargs):
         state = _SPLITTING.get()
         if state is None:
@@ -94,8 +86,8 @@ def _input_hook(splits: dict[str, SplitSpec], positions: dict[str, int | None]):
         for name, split in splits.items():
             if name in kwargs:
                 kwargs[name] = _split(kwargs[name], split, name, state)
-            elif positions[name] is not None and positions[name] < len(args):
-                args[positions[name]] = _split(args[positions[name]], split, name, state)
+            elif arguments[name][0] is not None and arguments[name][0] < len(args):
+                args[arguments[name][0]] = _split(args[arguments[name][0]], split, name, state)
         return tuple(args), kwargs
     return hook
 
@@ -145,12 +137,10 @@ def install_sequence_plan(module: torch.nn.Module, declared: SequenceSpec | None
     hooks = []  # (module, kind, hook): checked whole before any is registered
     for path, splits in spec.inputs.items():
         for name, m in _where(module, path, at("inputs", path)):
-            positions = _argument_positions(m)
-            for argument in splits:
-                if argument not in positions:
-                    raise DiffstageError(f"{at('inputs', path, argument)}: {type(m).__name__}.forward takes no "
-                                         f"argument {argument!r} (it takes {', '.join(positions)})")
-            hooks.append((m, "pre", _input_hook({a: _as_split(s) for a, s in splits.items()}, positions)))
+            arguments = forward_arguments(m)
+            for argument_name in splits:
+                require_argument(m, arguments, argument_name, at("inputs", path, argument_name))
+            hooks.append((m, "pre", _input_hook({a: _as_split(s) for a, s in splits.items()}, arguments)))
     for path, splits in spec.outputs.items():
         hooks += [(m, "post", _output_hook({i: _as_split(s) for i, s in splits.items()}, name))
                   for name, m in _where(module, path, at("outputs", path))]
