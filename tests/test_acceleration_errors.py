@@ -24,7 +24,7 @@ def test_a_module_path_must_be_names_and_indices():
         SequenceSpec(inputs={"blocks[0]": {"hidden_states": 1}}, gather={"proj_out": 1})
 
 
-@pytest.mark.parametrize("kwargs", [dict(is_causal=True), dict(dropout_p=0.1), dict(scale=0.25)]  # head_dim 4: the usual scale is 0.5)
+@pytest.mark.parametrize("kwargs", [dict(is_causal=True), dict(dropout_p=0.1), dict(scale=0.25)])  # usual: 0.5
 def test_attention_diffstage_cannot_split_is_refused_under_sequence_parallelism(kwargs):
     q = torch.zeros(1, 2, 3, 4)  # sdpa's [B, H, L, D]
     state = ParallelState(ulysses=2, rank=0, world_size=2)
