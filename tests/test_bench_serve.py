@@ -1,0 +1,106 @@
+"""benchmarks/bench_serve.py: the load client's counting (429 retried and counted, a dropped connection lost),
+the batch-size histogram read from Prometheus text, and the baseline configuration end to end on a real
+uvicorn server with tiny counts. Timings are recorded, never asserted."""
+import base64
+import io
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_serve  # noqa: E402
+
+DROP_SEED = 13  # the stub server closes the connection without answering this seed
+
+
+def png_answer() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(buffer, format="PNG")
+    return json.dumps({"created": 0, "data": [{"b64_json": base64.b64encode(buffer.getvalue()).decode()}]}).encode()
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """Answers the first POST with 429 (Retry-After 0.1 s), drops DROP_SEED, answers the rest with one PNG."""
+    first = threading.Event()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body["seed"] == DROP_SEED:
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if not self.first.is_set():
+            self.first.set()
+            self.send_response(429)
+            self.send_header("Retry-After", "0.1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        payload = png_answer()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_load_counts_429_retries_and_lost_requests():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        jobs = [(k % 10, 10 + k) for k in range(6)]  # seeds 10..15: one is DROP_SEED
+        outcomes, _ = bench_serve.load(url, jobs, clients=2, timeout=10, time_limit=20)
+    finally:
+        server.shutdown()
+        server.server_close()
+    answers = bench_serve.count_answers(outcomes)
+    assert answers["answers_429"] == 1 and answers["requests_retried"] == 1
+    assert answers["lost"] == 1 and answers["final_2xx"] == 5 and answers["unsent"] == 0
+    assert answers["undecodable"] == 0
+    assert all(o.image.shape == (32, 32, 3) for o in outcomes if o.seed != DROP_SEED)
+
+
+def test_batch_histogram_from_prometheus_text():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    sizes = Histogram(bench_serve.BATCH_METRIC, "requests per pipeline call", ["model"], registry=registry,
+                      buckets=(1, 2, 4, 8, 16))
+    sizes.labels(model="digits").observe(1)  # before the load: subtracted
+    before = bench_serve.histogram_buckets(generate_latest(registry).decode(), bench_serve.BATCH_METRIC)
+    for size in (1, 3, 4, 16, 16):
+        sizes.labels(model="digits").observe(size)
+    sizes.labels(model="other").observe(2)
+    after = bench_serve.histogram_buckets(generate_latest(registry).decode(), bench_serve.BATCH_METRIC)
+    histogram = bench_serve.batch_histogram(before, after)
+    assert histogram == {"batches": 6, "requests_in_batches": 42, "mean_batch_size": 7.0,
+                         "by_size": {"1": 1, "2": 1, "3-4": 2, "9-16": 2}}
+    assert bench_serve.histogram_buckets("# nothing here\n", bench_serve.BATCH_METRIC) is None
+
+
+def test_baseline_end_to_end(tmp_path):
+    out = tmp_path / "bench_serve.json"
+    report = bench_serve.main(["--configs", "baseline", "--clients", "2", "--requests", "4", "--warmup", "1",
+                               "--time-limit", "60", "--start-timeout", "90", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["machine"]["cpu"] and "torch" in written["machine"] and "diffusers" in written["machine"]
+    row = written["results"]["baseline"]
+    assert row["answers"]["lost"] == 0 and row["answers"]["unsent"] == 0
+    assert row["answers"]["final_2xx"] == 4 and row["images"] == 4 and row["answers"]["answers_5xx"] == 0
+    assert row["batch_size"]["by_size"] == {"1": 4}
+    assert set(row["latency_s"]) >= {"p50", "p95", "p99"} and row["images_per_s"] > 0
+    assert row["rss"]["samples"] >= 1 and row["rss"]["peak_mb"] > 0
+    assert row["server_exit_code"] is not None  # the server was stopped, not left running
+    assert written["ratios"]["lost_requests"] == 0 and written["ratios"]["throughput_batching_on_over_baseline"] is None
