@@ -357,7 +357,18 @@ def accuracy(outcomes: list[Outcome | None]) -> float | None:
     return round(float(np.mean(predicted == np.array([o.digit for o in made]))), 4)
 
 
-def measure(config: str, args, log_dir: Path) -> dict:
+def agreement(outcomes: list[Outcome | None], reference: list[Outcome | None]) -> dict:
+    """The images of two configurations for the same (prompt, seed), as 8-bit PNGs: how many are identical, and
+    the largest difference in [0, 1] units (batching and another library round differently: not bit for bit)."""
+    pairs = [(o.image, r.image) for o, r in zip(outcomes, reference)
+             if o is not None and r is not None and o.image is not None and r.image is not None]
+    diffs = [float(np.abs(a - b).max()) for a, b in pairs]
+    return {"compared": len(pairs), "identical": sum(d == 0 for d in diffs),
+            "max_abs_diff": round(max(diffs), 4) if diffs else None,
+            "mean_abs_diff": round(float(np.mean([np.abs(a - b).mean() for a, b in pairs])), 6) if pairs else None}
+
+
+def measure(config: str, args, log_dir: Path) -> tuple[dict, list]:
     port = free_port()
     server = Server(server_command(config, port, args.diffstage), port, log_dir / f"{config}.log")
     display = " ".join(server.command).replace(str(ROOT) + "/", "")
@@ -392,7 +403,7 @@ def measure(config: str, args, log_dir: Path) -> dict:
     print(f"  {made} images in {wall:.1f} s: {row['images_per_s']} images/s, latency {row['latency_s']}, "
           f"lost {answers['lost']}, 429s {answers['answers_429']}, 5xx {answers['answers_5xx']}, "
           f"accuracy {row['accuracy']}, batches {batches}", file=sys.stderr, flush=True)
-    return row
+    return row, outcomes
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -452,6 +463,7 @@ def main(argv=None) -> dict:
     args.warmup = args.clients if args.warmup is None else args.warmup
 
     results: dict = {}
+    outcomes: dict[str, list] = {}
     report = {"benchmark": "diffstage serve (dynamic batching on / off) beside a FastAPI app with one Diffusers "
                            "FluxPipeline behind a lock; digits, closed-loop clients on 127.0.0.1",
               "machine": machine(),
@@ -470,7 +482,9 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as logs:
         for config in args.configs:
-            results[config] = measure(config, args, Path(logs))
+            results[config], outcomes[config] = measure(config, args, Path(logs))
+            if config != "baseline" and "baseline" in outcomes:
+                results[config]["images_vs_baseline"] = agreement(outcomes[config], outcomes["baseline"])
             write()
     print(json.dumps(report["ratios"], indent=2))
     print(f"wrote {args.out}", file=sys.stderr)

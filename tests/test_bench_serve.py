@@ -104,3 +104,14 @@ def test_baseline_end_to_end(tmp_path):
     assert row["rss"]["samples"] >= 1 and row["rss"]["peak_mb"] > 0
     assert row["server_exit_code"] is not None  # the server was stopped, not left running
     assert written["ratios"]["lost_requests"] == 0 and written["ratios"]["throughput_batching_on_over_baseline"] is None
+
+
+def test_agreement_compares_images_of_the_same_request():
+    image = np.zeros((32, 32, 3), dtype=np.float32)
+    shifted = image.copy()
+    shifted[0, 0, 0] = 2 / 255
+    ours = [bench_serve.Outcome(0, 1, 200, 0.1, [200], image), bench_serve.Outcome(1, 2, 200, 0.1, [200], shifted),
+            bench_serve.Outcome(2, 3, None), None]
+    reference = [bench_serve.Outcome(d, s, 200, 0.1, [200], image) for d, s in ((0, 1), (1, 2), (2, 3), (3, 4))]
+    result = bench_serve.agreement(ours, reference)
+    assert result["compared"] == 2 and result["identical"] == 1 and result["max_abs_diff"] == round(2 / 255, 4)
