@@ -28,10 +28,10 @@ demo: install
 sheet: install
 	HF_HUB_OFFLINE=1 $(BIN)/diffstage sheet
 
-# The tests also run the Triton kernels (interpreted on the CPU) and read back MP4s, so they install
-# the triton and video extras.
+# The tests also run the Triton kernels (interpreted on the CPU), read back MP4s and start the server, so they
+# install the triton, video and serve extras.
 $(VENV)/.installed-triton: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[test,triton,video]"
+	$(BIN)/pip install --quiet -e ".[test,triton,video,serve]"
 	touch $@
 
 test: install $(VENV)/.installed-triton

@@ -1,6 +1,7 @@
 """Pipeline: runs a Req through the checked stages and records per-stage time and memory."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ import torch
 
 from .errors import ConcurrentUseError, DiffstageError, RequestError, StageError, clipped, did_you_mean
 from .memory import check_fits
-from .req import Req, recording_reads
+from .req import Req, recording_reads, unrecorded
 from .setting_use import given_settings, ignored_settings, warn_ignored
 from .reuse import DEFAULT_MAX_BYTES, ReuseCache
 from .spec import ModelSpec
@@ -95,6 +96,7 @@ class Pipeline:
         # Stages share stateful modules (a scheduler keeps its timesteps): one run at a time.
         self._lock = threading.Lock()
         self._running_in: int | None = None  # thread id of the run in progress
+        self._stage_index: int | None = None  # the stage it is in (for preview)
 
     def stage_labels(self) -> list[str]:
         return [f"{i}:{type(s).__name__}" for i, s in enumerate(self.stages)]
@@ -109,11 +111,31 @@ class Pipeline:
     def check_request(self, req: Req) -> None:
         """Every stage's objections to `req`, then the memory it would need; raises RequestError."""
         raise_request_problems(req, self.stages)
+        if isinstance(req.seed, (list, tuple)) and not self.takes_seed_lists():
+            raise RequestError("seed is a list, but no stage of this pipeline draws noise per prompt (diffstage's "
+                               "LatentPreparationStage does): give one seed")
         estimates: dict[str, int] = {}
         for stage in self.stages:
             for what, n in stage.memory_estimate(req).items():
                 estimates[what] = estimates.get(what, 0) + n
         check_fits(estimates, self.device)
+
+    def takes_seed_lists(self) -> bool:
+        """Whether a request may give one seed per prompt (a server batches requests of different seeds so)."""
+        return any(getattr(stage, "per_prompt_seeds", False) for stage in self.stages)
+
+    def preview(self, req: Req, latents: Any) -> Any:
+        """What the stages after the running one make of `latents` (a denoising stage's latents so far), as PIL
+        images: a server's streaming preview. Only from inside a run of this pipeline (its step observer)."""
+        if self._running_in != threading.get_ident() or self._stage_index is None:
+            raise ConcurrentUseError("Pipeline.preview runs the remaining stages of a run in progress; call it from "
+                                     "that run's step observer (diffstage.run_events.observing)")
+        draft = copy.copy(req)
+        draft.latents, draft.output_type = latents, "pil"
+        with unrecorded():  # a preview uses no setting the run did not
+            for stage in self.stages[self._stage_index + 1:]:
+                draft = stage(draft)
+        return draft.output
 
     def run(self, req: Req) -> PipelineOutput:
         """Run `req` through the stages. Calls from several threads take turns; a call from inside a
@@ -132,7 +154,7 @@ class Pipeline:
                 with recording_reads() as reads:  # which settings the stages and callbacks used
                     out = self._run_stages(req)
             finally:
-                self._running_in = None
+                self._running_in = self._stage_index = None
         out.ignored = ignored_settings(given, reads, self.spec, self.stages)
         warn_ignored(out.ignored)
         return out
@@ -141,7 +163,8 @@ class Pipeline:
     def _run_stages(self, req: Req) -> PipelineOutput:
         timings, memory, reused = {}, {}, []
         cuda = torch.cuda.is_available()
-        for label, stage in zip(self.stage_labels(), self.stages):
+        for index, (label, stage) in enumerate(zip(self.stage_labels(), self.stages)):
+            self._stage_index = index
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()

@@ -25,8 +25,8 @@ from .vae_decode import decode_option_problems
 @lru_cache(maxsize=1)
 def conf_keys() -> dict[str, tuple[str, ...]]:
     """The keys of conf/: "" -> the top-level keys of `diffstage generate`'s config (its own, then its config
-    groups), "sheet" -> those `diffstage sheet`'s config adds, and each section -> its keys (a group's from the
-    option it picks by default)."""
+    groups), "sheet" -> those `diffstage sheet`'s and `diffstage serve`'s configs add, and each section -> its keys
+    (a group's from the option it picks by default)."""
     conf = resources.files("diffstage.conf")
     config = yaml.safe_load(conf.joinpath("config.yaml").read_text(encoding="utf-8"))
     keys = {"": [k for k in config if k != "defaults"]}
@@ -38,6 +38,9 @@ def conf_keys() -> dict[str, tuple[str, ...]]:
     keys.update({k: list(v) for k, v in config.items() if isinstance(v, dict) and k not in ("hydra", "sampling")})
     sheet = yaml.safe_load(conf.joinpath("sheet.yaml").read_text(encoding="utf-8"))
     keys["sheet"] = [k for k in sheet if k != "defaults" and k not in keys[""]]
+    serve = yaml.safe_load(conf.joinpath("serve.yaml").read_text(encoding="utf-8"))
+    keys["sheet"].append("serve")  # `diffstage serve`'s section, checked like the sheet's keys
+    keys["serve"] = list(serve["serve"])
     return {k: tuple(v) for k, v in keys.items()}
 
 

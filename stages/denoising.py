@@ -14,6 +14,7 @@ from diffstage.attention.route import ROUTED, routed_attention
 from diffstage.attention.layer import DEFAULT_BACKEND
 from diffstage.errors import RequestError
 from diffstage.req import Req
+from diffstage.run_events import report_step
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
 from diffstage.block_cache import cached_blocks, step_cache_route
 from diffstage.step_cache import StepCache
@@ -293,4 +294,5 @@ class DenoisingStage(PipelineStage):
                     noise_pred = out
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             check_finite_latents(latents, type(self).__name__, i + 1, len(req.timesteps), t)
+            report_step(i + 1, len(req.timesteps), latents, req)  # progress, previews, cancellation
         return latents

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from diffstage.req import Req
+from diffstage.run_events import report_step
 from diffstage.stage import PipelineStage
 from diffstage.stages.decoding import check_finite_decoded, to_pil
 from diffstage.stages.denoising import check_finite_latents
@@ -62,6 +63,7 @@ class DiffusersPipelineStage(PipelineStage):
 
         def on_step_end(pipe, i, t, callback_kwargs):
             check(i, t, callback_kwargs.get("latents"))
+            report_step(i + 1, steps, None, None)  # progress and cancellation (its latents' layout is the pipeline's)
             return callback_kwargs
 
         if "callback_on_step_end" in self.accepted:

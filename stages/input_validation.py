@@ -95,7 +95,7 @@ class InputValidationStage(PipelineStage):
         # seed=N means what Diffusers' torch.Generator("cpu").manual_seed(N) means.
         req.generator = torch.Generator("cpu")
         if req.seed is not None:
-            req.generator.manual_seed(req.seed)
+            req.generator.manual_seed(first_seed(req.seed))
         else:
             req.seed = int(req.generator.seed())
         scale = getattr(req, self.cfg_scale_field)
@@ -139,10 +139,27 @@ class InputValidationStage(PipelineStage):
                           f"got {shown(req.num_images_per_prompt)}")
         if req.output_type not in OUTPUT_TYPES:
             errors.append(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {shown(req.output_type)}")
-        if req.seed is not None and (not _is_int(req.seed) or not SEED_MIN <= req.seed <= SEED_MAX):
-            errors.append(f"seed must be an integer in [-2**63, 2**64 - 1], got {shown(req.seed)}")
+        errors += _seed_problems(req.seed, len(prompts))
         errors += input_latents_problems(req.input_latents)
         return errors
+
+
+def _seed_problems(seed, prompts: int) -> list[str]:
+    """A seed is an integer; a list of them (one per prompt) draws each prompt's images from its own seed."""
+    def ok(v):
+        return _is_int(v) and SEED_MIN <= v <= SEED_MAX
+
+    if seed is None or ok(seed):
+        return []
+    if isinstance(seed, (list, tuple)) and seed and all(ok(v) for v in seed):
+        return [] if len(seed) == prompts else \
+            [f"seed is a list of {len(seed)} seeds; a list needs one seed per prompt ({prompts})"]
+    return [f"seed must be an integer in [-2**63, 2**64 - 1] (or a list of them, one per prompt), got {shown(seed)}"]
+
+
+def first_seed(seed):
+    """The seed of the request's generator: the seed, or the first of a list of seeds (one per prompt)."""
+    return seed[0] if isinstance(seed, (list, tuple)) else seed
 
 
 def _text_problems(req: Req) -> list[str]:

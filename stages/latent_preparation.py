@@ -87,6 +87,19 @@ class LatentPreparationStage(PipelineStage):
             out["transformer activations"] = ACTIVATION_WIDTHS * packed[0] * packed[1] * width * itemsize
         return out
 
+    per_prompt_seeds = True  # a list of seeds draws each prompt's noise from its own generator (see noise)
+
+    @staticmethod
+    def noise(req: Req, shape: tuple[int, ...], dtype) -> torch.Tensor:
+        """The initial noise: from the request's generator, or, for a list of seeds (one per prompt), each
+        prompt's images from a generator of its own seed, as that prompt would draw them alone (a server's batch
+        of requests gives each the noise it would get by itself)."""
+        if not isinstance(req.seed, (list, tuple)) or len(req.seed) < 2:
+            return torch.randn(shape, generator=req.generator, device=req.generator.device, dtype=dtype)
+        per_prompt = shape[0] // len(req.seed)
+        return torch.cat([torch.randn((per_prompt, *shape[1:]), generator=torch.Generator("cpu").manual_seed(seed),
+                                      dtype=dtype) for seed in req.seed])
+
     def forward(self, req: Req) -> Req:
         shape = self.raw_shape(req)
         device, dtype = module_device(self.transformer), module_dtype(self.transformer)
@@ -97,7 +110,7 @@ class LatentPreparationStage(PipelineStage):
                 raise RequestError(self.request_problems(req)[0])
             req.latents = req.input_latents.to(device=device, dtype=dtype)
         else:
-            noise = torch.randn(shape, generator=req.generator, device=req.generator.device, dtype=dtype)
+            noise = self.noise(req, shape, dtype)
             req.latents = self.callback("pack")(noise.to(device), req, self.settings)
         req.image_position_ids = self.callback("position_ids")(req, self.settings)
         return req

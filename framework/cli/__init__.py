@@ -2,6 +2,7 @@
 
     diffstage generate [HYDRA OVERRIDES...]   generate an image (a Hydra app: -m, --cfg job, ... work)
     diffstage sheet [HYDRA OVERRIDES...]      a labelled contact sheet of the model's example prompts
+    diffstage serve [HYDRA OVERRIDES...]      an OpenAI-compatible server (serve.* settings: conf/serve.yaml)
     diffstage validate NAME_OR_PATH          check a model YAML without loading weights
     diffstage graph NAME_OR_PATH             print its stage graph as Mermaid text (--png PATH: with Graphviz)
     diffstage schema                          print the JSON Schema of model YAMLs (for editors)
@@ -11,7 +12,7 @@ Errors in user input print a message and exit 2; set DIFFSTAGE_DEBUG=1 (or
 pass --debug to validate) to see the traceback instead.
 
 This module is the entry point and the dispatch; each command lives in the module of its job (generate.py:
-generate and sheet, hydra_app.py: their Hydra plumbing, inspection.py: validate, graph, schema, models)."""
+generate and sheet, serve.py: serve, hydra_app.py: their Hydra plumbing, inspection.py: validate, graph, schema, models)."""
 from __future__ import annotations
 
 import importlib
@@ -30,6 +31,8 @@ commands:
                          model=NAME_OR_YAML model_path=DIR sampling.num_inference_steps=4 (-m, --cfg job, --help)
   sheet [overrides]      a labelled contact sheet: one image per example prompt of the model (or
                          prompts=[...]) and seed (seeds=[0,1]); same overrides as generate
+  serve [overrides]      an OpenAI-compatible HTTP server (Images API, video jobs): serve.port=8000
+                         serve.models=[NAME,...] serve.max_batch=8 serve.api_key=KEY (needs the serve extra)
   validate NAME_OR_PATH  check a model YAML (schema + stage contracts) without loading weights
   graph NAME_OR_PATH     its stage graph: the Req fields flowing between stages, as Mermaid text
                          (--png PATH draws it with Graphviz: pip install graphviz, plus its dot program)
@@ -43,7 +46,8 @@ Set DIFFSTAGE_DEBUG=1 to see tracebacks.
 # command -> (module of cli/, function): each command imports only its own module, when it runs.
 COMMANDS = {"generate": ("generate", "generate_command"), "sheet": ("generate", "sheet_command"),
             "validate": ("inspection", "validate_command"), "models": ("inspection", "models_command"),
-            "graph": ("inspection", "graph_command"), "schema": ("inspection", "schema_command")}
+            "graph": ("inspection", "graph_command"), "schema": ("inspection", "schema_command"),
+            "serve": ("serve", "serve_command")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,7 +71,7 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     job.__module__, job.__name__ = __package__, task.__name__
     app = hydra.main(version_base=None, config_path="pkg://diffstage.conf", config_name=config_name)(job)
     try:  # typos get a did-you-mean, a model's request fields their `+` (see overrides.py)
-        argv = prepare_argv(argv, sheet=config_name == "sheet")
+        argv = prepare_argv(argv, sheet=config_name in ("sheet", "serve"))
     except DiffstageError as e:
         fail(e)
     sys.argv = [f"diffstage {command}"] + argv

@@ -1,0 +1,45 @@
+"""`diffstage serve`: the OpenAI-compatible server (diffstage/server/), a Hydra app like `diffstage generate`:
+model=, runtime, cache, parallel and overrides mean the same; serve.* sets the server (conf/serve.yaml)."""
+from __future__ import annotations
+
+import logging
+
+from ..errors import DiffstageError
+from .exits import fail
+from .hydra_app import HydraJob, rank_app
+
+
+def serve_command(argv: list[str]) -> None:
+    rank_app(_serve_task, "serve", argv, "serve")
+
+
+def _serve_task(cfg, job: HydraJob) -> None:
+    try:
+        from omegaconf import OmegaConf
+
+        from ..run_config import parse_run_config
+        from ..server import ServerState, serve_settings
+
+        plain = OmegaConf.to_container(cfg, resolve=False)
+        settings = serve_settings(plain.pop("serve", None))
+        state = ServerState(parse_run_config(OmegaConf.create(plain)), settings)
+    except ImportError as e:
+        fail(DiffstageError(f"diffstage serve needs the serve extra: pip install 'diffstage[serve]' ({e})"))
+        return
+    except DiffstageError as e:
+        fail(e)
+        return
+    run_server(state)
+
+
+def run_server(state) -> None:
+    """Serve until SIGINT/SIGTERM; running requests get serve.shutdown_grace_s to finish."""
+    import uvicorn
+
+    from ..server import create_app
+
+    settings = state.settings
+    logging.getLogger("diffstage.server").info("serving %s on http://%s:%d", ", ".join(state.pool.names()),
+                                               settings.host, settings.port)
+    uvicorn.run(create_app(state), host=settings.host, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=settings.shutdown_grace_s)

@@ -1,0 +1,126 @@
+"""What one server holds: its settings, models, a worker per model, the files it serves, its metrics; and how
+its requests wait (for their images, their client, their deadline) and end (an HTTP status per error)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from ..errors import DiffstageError, RequestError, StageError
+from ..run_config import RunConfig
+from ..run_events import RunCancelled
+from .batcher import DeadlineExceeded, Job, ModelWorker, QueueFull, ShuttingDown
+from .media import FileStore
+from .metrics import Metrics
+from .pool import ModelPool, NotFound
+from .settings import ServeSettings
+
+log = logging.getLogger("diffstage.server")
+
+
+class ClientGone(DiffstageError):
+    """The client closed the connection before its answer was ready."""
+
+
+def error_status(error: BaseException) -> tuple[int, str, str]:
+    """HTTP status, OpenAI error type and our outcome label for an error that ended a request."""
+    for cls, status, kind, outcome in (
+            (NotFound, 404, "invalid_request_error", "not_found"),
+            (QueueFull, 429, "rate_limit_error", "rejected"),
+            (DeadlineExceeded, 504, "timeout_error", "timeout"),
+            (ShuttingDown, 503, "server_error", "rejected"),
+            (ClientGone, 499, "invalid_request_error", "cancelled"),
+            (RunCancelled, 499, "invalid_request_error", "cancelled"),
+            (StageError, 500, "server_error", "error"),
+            (RequestError, 400, "invalid_request_error", "bad_request"),
+            (MemoryError, 503, "server_error", "out_of_memory")):
+        if isinstance(error, cls):
+            return status, kind, outcome
+    if type(error).__name__ == "OutOfMemoryError":  # torch's, for CUDA and other devices
+        return 503, "server_error", "out_of_memory"
+    if isinstance(error, DiffstageError):  # what the CLI reports with exit status 2
+        return 400, "invalid_request_error", "bad_request"
+    return 500, "server_error", "error"
+
+
+def error_body(error: BaseException, status: int, kind: str, param: str | None = None) -> dict:
+    message = str(error) if isinstance(error, (DiffstageError, MemoryError)) else \
+        f"internal error: {type(error).__name__}: {error}"
+    if status == 503 and "out_of_memory" in kind + type(error).__name__.lower():
+        message = f"out of memory: {message}"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+class ServerState:
+    def __init__(self, run: RunConfig, settings: ServeSettings):
+        self.run, self.settings = run, settings
+        self.pool = ModelPool(run, settings.models, settings.memory_budget_gb)
+        self.metrics = Metrics()
+        self.files = FileStore(settings.url_ttl_s)
+        self.workers = {name: ModelWorker(self.pool, model, settings.max_batch, settings.max_wait_ms,
+                                          settings.queue_size, self._observe_call)
+                        for name, model in self.pool.models.items()}
+        self.started = time.time()
+        self.preloading: threading.Thread | None = None
+        self.preload_error: BaseException | None = None
+
+    def preload(self) -> None:
+        """Load every model in the background (/ready says when they are)."""
+        def load():
+            try:
+                for model in self.pool.models.values():
+                    self.pool.pipeline(model, model.cache_kind(None))
+                    self.metrics.loaded.set(len(self.pool.loaded()))
+            except Exception as e:  # noqa: BLE001 - reported by /ready and the log; requests say it again
+                self.preload_error = e
+                log.error("cannot load the models: %s", e)
+
+        self.preloading = threading.Thread(target=load, name="diffstage-preload", daemon=True)
+        self.preloading.start()
+
+    def ready(self) -> tuple[bool, str]:
+        if self.preload_error is not None:
+            return False, f"loading failed: {self.preload_error}"
+        if self.settings.preload and (self.preloading is None or self.preloading.is_alive()):
+            return False, "loading models"
+        return True, "ready"
+
+    def submit(self, job: Job) -> Job:
+        self.workers[job.model.name].submit(job)
+        return job
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout_s
+
+    async def wait(self, job: Job, request: Any) -> list:
+        """The job's images; ClientGone when the client leaves first, DeadlineExceeded past its deadline (both
+        cancel the job between denoising steps)."""
+        future = asyncio.wrap_future(job.future)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.05)
+            if done:
+                return future.result()
+            if request is not None and await request.is_disconnected():
+                job.cancelled.set()
+                raise ClientGone("the client closed the connection")
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                job.cancelled.set()
+                raise DeadlineExceeded(f"the request did not finish within serve.request_timeout_s="
+                                       f"{self.settings.request_timeout_s:g} seconds")
+
+    def _observe_call(self, outcome: str, batch: list[Job], result: Any, seconds: float) -> None:
+        model = batch[0].model.name
+        self.metrics.observe_call(model, outcome, sum(j.images for j in batch), result)
+        self.metrics.loaded.set(len(self.pool.loaded()))
+
+    def shutdown(self) -> dict[str, int]:
+        """Stop every worker: waiting jobs fail (503), running ones get serve.shutdown_grace_s to finish."""
+        report = {"cancelled_waiting": 0, "running": 0}
+        for worker in self.workers.values():
+            for key, n in worker.stop(self.settings.shutdown_grace_s).items():
+                report[key] += n
+        log.info("shutdown: %d running requests finished or cancelled, %d waiting requests cancelled",
+                 report["running"], report["cancelled_waiting"])
+        return report
