@@ -322,6 +322,21 @@ def read_metrics(url: str) -> tuple | None:
     return histogram_buckets(answer.body.decode(errors="replace"), BATCH_METRIC) if answer.status == 200 else None
 
 
+def read_metrics_settled(url: str, images: float, timeout: float = 5.0) -> tuple | None:
+    """The batch histogram once it counts `images` images: a server may record a batch just after it answers,
+    so a reading taken the moment the last answer arrives can miss the last batch."""
+    deadline = time.perf_counter() + timeout
+    reading = read_metrics(url)
+    while reading is not None and reading[2] < images and time.perf_counter() < deadline:
+        time.sleep(0.1)
+        reading = read_metrics(url)
+    return reading
+
+
+def made_images(outcomes: list[Outcome | None]) -> int:
+    return sum(o is not None and o.image is not None for o in outcomes)
+
+
 # --- one configuration -------------------------------------------------------------------------------------
 
 def percentiles(latencies: list[float]) -> dict:
@@ -377,12 +392,12 @@ def measure(config: str, args, log_dir: Path) -> tuple[dict, list]:
     try:
         ready_s = server.start(args.start_timeout)
         warmup = [(k % 10, args.seed_base - 1 - k) for k in range(args.warmup)]
-        load(server.url, warmup, args.clients, args.request_timeout, args.time_limit)
-        before = read_metrics(server.url)
+        warm, _ = load(server.url, warmup, args.clients, args.request_timeout, args.time_limit)
+        before = read_metrics_settled(server.url, made_images(warm))
         jobs = [(k % 10, args.seed_base + k) for k in range(args.requests)]
         with RssSampler(server.process.pid, args.rss_interval) as rss:
             outcomes, wall = load(server.url, jobs, args.clients, args.request_timeout, args.time_limit)
-        after = read_metrics(server.url)
+        after = read_metrics_settled(server.url, (before[2] if before else 0) + made_images(outcomes))
         hwm_mb = status_kib(server.process.pid, "VmHWM") / 1024
     finally:
         server.stop()
