@@ -160,6 +160,7 @@ def images_router(state: ServerState) -> APIRouter:
     async def generations(request: Request):
         body = await json_body(request)
         model = state.pool.get(body.get("model"))
+        request.state.model = model.name
         parsed = parse_image_request(body, model, GENERATION_FIELDS)
         return await answer(state, request, parsed, True, "image_generation")
 
@@ -167,6 +168,7 @@ def images_router(state: ServerState) -> APIRouter:
     async def edits(request: Request):
         body, images = await form_body(request)
         model = state.pool.get(body.get("model"))
+        request.state.model = model.name
         if "image" not in model.checked.req_cls.request_fields():
             raise RequestError(f"model '{model.name}' takes no input image (its YAML declares no `image` request "
                                f"field); /v1/images/edits serves: "
