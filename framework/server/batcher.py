@@ -181,25 +181,25 @@ class ModelWorker:
                 return
             out = self._call(pipe, batch)
         except RunCancelled:
+            self._observed("cancelled", batch, None, start)
             for job in batch:
                 job.settle(error=job.why_dead())
-            self._observed("cancelled", batch, None, start)
             return
         except Exception as e:  # noqa: BLE001 - a batch that fails is retried job by job; a job alone fails alone
             if len(batch) > 1:
                 for job in batch:
                     self._run([job])
                 return
-            batch[0].settle(error=e)
             self._observed("error", batch, e, start)
+            batch[0].settle(error=e)
             return
         finally:
             model.in_use -= 1
+        self._observed("ok", batch, out, start)  # counted before anyone hears of it
         offset = 0
         for job in batch:
             job.settle(result=out.images[offset:offset + job.images])
             offset += job.images
-        self._observed("ok", batch, out, start)
 
     def _observed(self, outcome: str, batch: list[Job], result: Any, start: float) -> None:
         if self.observe is not None:
