@@ -99,6 +99,19 @@ def status_kib(pid: int, key: str) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) and its children: less sensitive than wall time to
+    other work on a shared machine."""
+    ticks = 0
+    for p in descendants(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class RssSampler:
     """The summed VmRSS of a process and its children, every `interval` seconds, on a thread of its own."""
 
@@ -395,8 +408,10 @@ def measure(config: str, args, log_dir: Path) -> tuple[dict, list]:
         warm, _ = load(server.url, warmup, args.clients, args.request_timeout, args.time_limit)
         before = read_metrics_settled(server.url, made_images(warm))
         jobs = [(k % 10, args.seed_base + k) for k in range(args.requests)]
+        cpu_before = cpu_seconds(server.process.pid)
         with RssSampler(server.process.pid, args.rss_interval) as rss:
             outcomes, wall = load(server.url, jobs, args.clients, args.request_timeout, args.time_limit)
+        cpu = cpu_seconds(server.process.pid) - cpu_before
         after = read_metrics_settled(server.url, (before[2] if before else 0) + made_images(outcomes))
         hwm_mb = status_kib(server.process.pid, "VmHWM") / 1024
     finally:
@@ -411,11 +426,13 @@ def measure(config: str, args, log_dir: Path) -> tuple[dict, list]:
         batches = batch_histogram(before, after)
     row = {"command": display.replace(str(port), "PORT"), "ready_s": round(ready_s, 2), "warmup_requests": args.warmup,
            "wall_s": round(wall, 3), "images": made, "images_per_s": round(made / wall, 4) if wall else None,
+           "server_cpu_s_per_image": round(cpu / made, 4) if made else None,
            "latency_s": percentiles(latencies), "answers": answers, "accuracy": accuracy(outcomes),
            "batch_size": batches, "rss": {**rss.summary(), "server_process_peak_mb_since_start": round(hwm_mb, 1)},
            "server_exit_code": server.exit_code, "load_average_before": [round(x, 2) for x in load_before],
            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
-    print(f"  {made} images in {wall:.1f} s: {row['images_per_s']} images/s, latency {row['latency_s']}, "
+    print(f"  {made} images in {wall:.1f} s: {row['images_per_s']} images/s, "
+          f"{row['server_cpu_s_per_image']} CPU s/image, latency {row['latency_s']}, "
           f"lost {answers['lost']}, 429s {answers['answers_429']}, 5xx {answers['answers_5xx']}, "
           f"accuracy {row['accuracy']}, batches {batches}", file=sys.stderr, flush=True)
     return row, outcomes
@@ -431,7 +448,9 @@ def ratios(results: dict) -> dict:
         row = results.get(config)
         if not row:
             return None
-        return row["images_per_s"] if what == "throughput" else row["latency_s"].get("p99")
+        figures = {"throughput": row["images_per_s"], "cpu": row["server_cpu_s_per_image"],
+                   "p99": row["latency_s"].get("p99")}
+        return figures[what]
 
     out = {}
     for other in ("baseline", "batching_off"):
@@ -440,6 +459,8 @@ def ratios(results: dict) -> dict:
     out["throughput_batching_off_over_baseline"] = ratio(get("batching_off", "throughput"),
                                                          get("baseline", "throughput"))
     out["p99_batching_off_over_baseline"] = ratio(get("batching_off", "p99"), get("baseline", "p99"))
+    # CPU seconds per image, baseline over batching on: the throughput ratio as the server's own CPU time sees it
+    out["cpu_per_image_baseline_over_batching_on"] = ratio(get("baseline", "cpu"), get("batching_on", "cpu"))
     on_vs_base, p99_vs_base = out["throughput_batching_on_over_baseline"], out["p99_batching_on_over_baseline"]
     out["target_throughput_3x_met"] = None if on_vs_base is None else on_vs_base >= 3.0
     out["target_p99_no_worse_met"] = None if p99_vs_base is None else p99_vs_base <= 1.0

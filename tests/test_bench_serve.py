@@ -101,6 +101,7 @@ def test_baseline_end_to_end(tmp_path):
     assert row["answers"]["final_2xx"] == 4 and row["images"] == 4 and row["answers"]["answers_5xx"] == 0
     assert row["batch_size"]["by_size"] == {"1": 4}
     assert set(row["latency_s"]) >= {"p50", "p95", "p99"} and row["images_per_s"] > 0
+    assert row["server_cpu_s_per_image"] > 0  # the server's threads did the work, and were counted
     assert row["rss"]["samples"] >= 1 and row["rss"]["peak_mb"] > 0
     assert row["server_exit_code"] is not None  # the server was stopped, not left running
     assert written["ratios"]["lost_requests"] == 0 and written["ratios"]["throughput_batching_on_over_baseline"] is None
