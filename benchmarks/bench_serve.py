@@ -232,6 +232,14 @@ def decode_image(body: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0
 
 
+def retry_after(value: str | None) -> float:
+    """Retry-After in seconds (an HTTP date, which OpenAI's servers do not send, counts as 1 s)."""
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        return 1.0
+
+
 def generate(url: str, digit: int, seed: int, timeout: float, deadline: float) -> Outcome:
     """One image request, retried after each 429's Retry-After until `deadline`."""
     body = {"model": "digits", "prompt": PROMPTS[digit], "n": 1, "response_format": "b64_json", "seed": seed}
@@ -244,7 +252,7 @@ def generate(url: str, digit: int, seed: int, timeout: float, deadline: float) -
             return outcome
         outcome.statuses.append(answer.status)
         if answer.status == 429:
-            wait = min(float(answer.headers.get("Retry-After") or 1.0), MAX_RETRY_AFTER_S)
+            wait = min(retry_after(answer.headers.get("Retry-After")), MAX_RETRY_AFTER_S)
             if time.perf_counter() + wait < deadline:
                 time.sleep(wait)
                 continue
@@ -273,6 +281,7 @@ def load(url: str, jobs: list[tuple[int, int]], clients: int, timeout: float, ti
                 index = next(next_job, None)
             if index is None:
                 return
+            outcomes[index] = Outcome(*jobs[index])  # sent, no answer yet: lost if its thread never returns
             outcomes[index] = generate(url, *jobs[index], timeout, deadline)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
