@@ -24,9 +24,14 @@ class Metrics:
                                        ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("diffstage_images_generated", "Images (and videos) generated", ["model"], registry=r)
         self.loaded = Gauge("diffstage_models_loaded", "Models whose weights are loaded", registry=r)
+        self.cancelled_calls = Counter("diffstage_calls_cancelled", "Pipeline calls ended between denoising steps "
+                                       "because every request in them was cancelled or timed out", ["model"],
+                                       registry=r)
 
     def observe_call(self, model: str, outcome: str, images: int, output) -> None:
         """After a pipeline call: its batch size, stage times and images made."""
+        if outcome == "cancelled":
+            self.cancelled_calls.labels(model).inc()
         if outcome != "ok":
             return
         self.batch_size.labels(model).observe(images)

@@ -104,9 +104,11 @@ class ServerState:
                 return future.result()
             if request is not None and await request.is_disconnected():
                 job.cancelled.set()
+                future.cancel()  # nobody will read its result
                 raise ClientGone("the client closed the connection")
             if job.deadline is not None and time.monotonic() > job.deadline:
                 job.cancelled.set()
+                future.cancel()
                 raise DeadlineExceeded(f"the request did not finish within serve.request_timeout_s="
                                        f"{self.settings.request_timeout_s:g} seconds")
 
