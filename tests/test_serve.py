@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,56 @@ def test_serve_settings_errors():
         "{model: NAME_OR_YAML, model_path: DIR_OR_REPO_ID}, got []")
     with pytest.raises(DiffstageError, match=r"unknown key 'serve.prot' \(did you mean 'port'\?\)"):
         prepare_overrides(["serve.prot=1"], sheet=True)
+
+
+def test_request_deadline():
+    """A request still running at serve.request_timeout_s gets 504 and its run stops between steps."""
+    with running_server(request_timeout_s=0.5) as (url, _):
+        with pytest.raises(openai.APIStatusError) as e:
+            client(url).images.generate(prompt=PROMPTS[1], extra_body={"seed": 1, "num_inference_steps": 1000})
+        assert e.value.status_code == 504
+        assert "did not finish within serve.request_timeout_s=0.5 seconds" in e.value.message
+        for _ in range(100):
+            if metric(url, "diffstage_calls_cancelled_total", model="digits") >= 1:
+                break
+            time.sleep(0.05)
+        assert metric(url, "diffstage_calls_cancelled_total", model="digits") == 1
+
+
+def test_diffstage_serve_command_shuts_down_gracefully(tmp_path):
+    """`diffstage serve` from the command line: serves, and on SIGTERM lets the running request finish, then
+    reports the shutdown and exits 0."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "diffstage"), "serve", f"serve.port={port}",
+                               "serve.max_wait_ms=1", f"hydra.run.dir={tmp_path}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if http_get(f"{url}/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        answer = {}
+        asking = threading.Thread(target=lambda: answer.setdefault("r", client(url).images.generate(
+            prompt=PROMPTS[4], extra_body={"seed": 2, "num_inference_steps": 400})))
+        asking.start()
+        time.sleep(1.0)  # the request runs (400 steps: seconds)
+        server.send_signal(signal.SIGTERM)
+        asking.join(60)
+        _, err = server.communicate(timeout=60)
+    finally:
+        server.kill() if server.poll() is None else None
+    assert server.returncode in (0, -signal.SIGTERM), err  # uvicorn ends as the signal asks, once it is done
+    assert len(answer["r"].data) == 1  # the running request finished after the signal
+    assert "serving digits on http://127.0.0.1:" in err
+    assert err.index("Shutting down") < err.index('"path": "/v1/images/generations", "status": 200') < \
+        err.index("shutdown: 0 running requests finished or cancelled, 0 waiting requests cancelled")

@@ -75,7 +75,7 @@ class AccessMiddleware:
                 self.state.metrics.latency.labels(model, endpoint).observe(seconds)
         log.info(json.dumps({"method": scope["method"], "path": scope["path"], "status": status,
                              "seconds": round(seconds, 4), "model": model, "images": info.get("images"),
-                             "outcome": info.get("outcome")}))
+                             "outcome": info.get("outcome"), "user": info.get("user")}))
 
 
 def _authorized(scope, key: str) -> bool:

@@ -36,6 +36,10 @@ class ShuttingDown(DiffstageError):
 _ids = itertools.count()
 
 
+def timed_out(seconds: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"the request did not finish within serve.request_timeout_s={seconds:g} seconds")
+
+
 @dataclass(eq=False)
 class Job:
     """One request: its prompt and seed, the request fields it shares with its batch, and how it ends."""
@@ -45,12 +49,16 @@ class Job:
     fields: dict[str, Any]  # other request fields (num_images_per_prompt, sizes, steps, ...)
     cache: str  # step cache kind
     batchable: bool = True  # False: runs alone (an input image, a video job)
-    deadline: float | None = None  # time.monotonic() after which it is dropped
+    timeout_s: float | None = None  # how long it may take from its arrival (serve.request_timeout_s)
     on_step: Callable[[Job, StepEvent, Callable[[], list]], None] | None = None  # progress, previews
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout_s is None else self.created + self.timeout_s
 
     @property
     def images(self) -> int:
@@ -68,7 +76,7 @@ class Job:
     def why_dead(self) -> DiffstageError:
         if self.cancelled.is_set():
             return RunCancelled("the request was cancelled")
-        return DeadlineExceeded("the request did not finish within serve.request_timeout_s")
+        return timed_out(self.timeout_s)
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
         try:

@@ -69,7 +69,7 @@ async def _read_image(upload, key: str) -> Image.Image:
 
 def _job(state: ServerState, parsed: ImageRequest, batchable: bool = True, on_step=None) -> Job:
     return Job(parsed.model, parsed.prompt, parsed.seed, parsed.fields, parsed.cache, batchable=batchable,
-               deadline=state.deadline(), on_step=on_step)
+               timeout_s=state.settings.request_timeout_s, on_step=on_step)
 
 
 def _data(state: ServerState, parsed: ImageRequest, images: list, request: Request) -> list[dict]:
@@ -159,6 +159,7 @@ def images_router(state: ServerState) -> APIRouter:
     @router.post("/v1/images/generations")
     async def generations(request: Request):
         body = await json_body(request)
+        request.state.user = body.get("user")
         model = state.pool.get(body.get("model"))
         request.state.model = model.name
         parsed = parse_image_request(body, model, GENERATION_FIELDS)

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import DiffstageError, RequestError, StageError
 from ..run_config import RunConfig
 from ..run_events import RunCancelled
-from .batcher import DeadlineExceeded, Job, ModelWorker, QueueFull, ShuttingDown
+from .batcher import DeadlineExceeded, Job, ModelWorker, QueueFull, ShuttingDown, timed_out
 from .media import FileStore
 from .metrics import Metrics
 from .pool import ModelPool, NotFound
@@ -91,9 +91,6 @@ class ServerState:
         self.workers[job.model.name].submit(job)
         return job
 
-    def deadline(self) -> float:
-        return time.monotonic() + self.settings.request_timeout_s
-
     async def wait(self, job: Job, request: Any) -> list:
         """The job's images; ClientGone when the client leaves first, DeadlineExceeded past its deadline (both
         cancel the job between denoising steps)."""
@@ -109,8 +106,7 @@ class ServerState:
             if job.deadline is not None and time.monotonic() > job.deadline:
                 job.cancelled.set()
                 future.cancel()
-                raise DeadlineExceeded(f"the request did not finish within serve.request_timeout_s="
-                                       f"{self.settings.request_timeout_s:g} seconds")
+                raise timed_out(job.timeout_s)
 
     def _observe_call(self, outcome: str, batch: list[Job], result: Any, seconds: float) -> None:
         model = batch[0].model.name
