@@ -17,7 +17,7 @@ from ..images import FORMATS
 from .batcher import Job
 from .media import IMAGE_FORMATS, encode_image
 from .openai_api import ImageRequest, parse_image_request
-from .state import ServerState
+from .state import ServerState, error_body, error_status
 
 GENERATION_FIELDS = {"model", "prompt", "n", "size", "response_format", "output_format", "output_compression",
                      "stream", "partial_images"}
@@ -125,8 +125,6 @@ async def _events(state: ServerState, request: Request, parsed: ImageRequest, ba
             yield _sse(f"{event}.completed", {**_common(parsed, [image]), "b64_json": _b64(image, parsed),
                                               "usage": _usage()})
     except Exception as e:  # noqa: BLE001 - the stream has begun: the error is an event
-        from .state import error_body, error_status
-
         status, kind, outcome = error_status(e)
         request.state.outcome = outcome
         yield _sse("error", error_body(e, status, kind))

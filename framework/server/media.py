@@ -59,9 +59,6 @@ class FileStore:
             entry = self._files.get(file_id)
         return None if entry is None else entry[:2]
 
-    def expires_in(self) -> float:
-        return self.ttl_s
-
     def _expire(self) -> None:
         now = time.monotonic()
         for file_id in [k for k, (_, _, expiry) in self._files.items() if expiry < now]:

@@ -126,8 +126,11 @@ class ModelPool:
     def pipeline(self, model: ServedModel, kind: str) -> Pipeline:
         """The model's pipeline with step cache `kind`, loaded now if it is not (unloading others past the budget).
         The caller holds `model.in_use` while it runs."""
+        model.last_used = time.monotonic()
+        pipe = model.pipelines.get(kind)
+        if pipe is not None:  # loaded: no lock (another model's load, minutes long, holds it)
+            return pipe
         with self._lock:
-            model.last_used = time.monotonic()
             if kind not in model.pipelines:
                 pipe = model.plan(kind).load(model.session)
                 model.pipelines[kind] = pipe
