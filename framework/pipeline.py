@@ -112,8 +112,7 @@ class Pipeline:
         """Every stage's objections to `req`, then the memory it would need; raises RequestError."""
         raise_request_problems(req, self.stages)
         if isinstance(req.seed, (list, tuple)) and not self.takes_seed_lists():
-            raise RequestError("seed is a list, but no stage of this pipeline draws noise per prompt (diffstage's "
-                               "LatentPreparationStage does): give one seed")
+            raise RequestError(f"seed is a list, but {self.seed_list_problem()}: give one seed")
         estimates: dict[str, int] = {}
         for stage in self.stages:
             for what, n in stage.memory_estimate(req).items():
@@ -122,7 +121,15 @@ class Pipeline:
 
     def takes_seed_lists(self) -> bool:
         """Whether a request may give one seed per prompt (a server batches requests of different seeds so)."""
-        return any(getattr(stage, "per_prompt_seeds", False) for stage in self.stages)
+        return self.seed_list_problem() is None
+
+    def seed_list_problem(self) -> str | None:
+        """Why a request may not give one seed per prompt: no stage draws noise per prompt, or one (a stochastic
+        scheduler's step) draws from one generator for the whole batch."""
+        if not any(getattr(stage, "per_prompt_seeds", False) for stage in self.stages):
+            return "no stage of this pipeline draws noise per prompt (diffstage's LatentPreparationStage does)"
+        return next((why for stage in self.stages if hasattr(stage, "seed_list_problem")
+                     and (why := stage.seed_list_problem()) is not None), None)
 
     def preview(self, req: Req, latents: Any) -> Any:
         """What the stages after the running one make of `latents` (a denoising stage's latents so far), as PIL

@@ -12,9 +12,9 @@ from diffstage.distributed.sequence import TRAFFIC
 from diffstage.distributed.split_plan import PLAN as SPLIT_PLAN, split_sequence
 from diffstage.attention.route import ROUTED, routed_attention
 from diffstage.attention.layer import DEFAULT_BACKEND
-from diffstage.errors import RequestError
 from diffstage.req import Req
 from diffstage.run_events import report_step
+from diffstage.sampling import check_finite_latents, seed_list_problem
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
 from diffstage.block_cache import cached_blocks, step_cache_route
 from diffstage.step_cache import StepCache
@@ -22,14 +22,6 @@ from diffstage.step_cache import StepCache
 # Signature of a step hook: hook(stage, req, step_index, t, noise_pred) -> noise_pred | None.
 # Hooks run after the model call and before the scheduler step (step caches act inside the transformer).
 StepHook = Callable[..., "torch.Tensor | None"]
-
-
-def check_finite_latents(latents: torch.Tensor, stage: str, step: int, steps: int, t) -> None:
-    """Refuse latents with NaN or Inf at the step they appear (one reduction a step; NaN never recovers)."""
-    if not bool(torch.isfinite(latents).all()):
-        raise RequestError(f"{stage}: the latents became NaN or infinite at step {step} of {steps} (timestep "
-                           f"{float(t):g}); the model diverged: try a lower guidance scale, float32 (runtime.dtype), "
-                           "or another seed")
 
 
 class DenoisingStage(PipelineStage):
@@ -166,6 +158,10 @@ class DenoisingStage(PipelineStage):
         if "eta" in accepted:
             kwargs["eta"] = settings.get("eta", 0.0)
         return kwargs
+
+    def seed_list_problem(self) -> str | None:
+        """Why a request may not give one seed per prompt here (None: it may)."""
+        return seed_list_problem(self.scheduler, self.settings)
 
     def add_step_hook(self, hook: StepHook) -> None:
         self.step_hooks.append(hook)

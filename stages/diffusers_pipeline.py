@@ -14,7 +14,7 @@ from diffstage.req import Req
 from diffstage.run_events import report_step
 from diffstage.stage import PipelineStage
 from diffstage.stages.decoding import check_finite_decoded, to_pil
-from diffstage.stages.denoising import check_finite_latents
+from diffstage.sampling import check_finite_latents
 
 # Request fields handed to the pipeline's __call__ when it takes them (and they are set).
 PASSED = ("prompt", "prompt_2", "negative_prompt", "num_inference_steps", "height", "width", "guidance_scale",

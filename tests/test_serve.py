@@ -22,6 +22,13 @@ PROMPTS = [f"a handwritten digit {w}" for w in ("zero", "one", "two", "three", "
 BATCH_TOLERANCE = 2
 
 
+def wait_until(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def digits_server():
     # a wide window, so that requests sent together surely share a pipeline call
@@ -65,21 +72,27 @@ def test_concurrent_requests_share_a_batch_and_each_gets_its_seed(digits_server)
     """Requests sent together run as one pipeline call; each image is the one its seed gives alone."""
     url, _ = digits_server
     c = client(url)
-    calls_before = metric(url, "diffstage_batch_size_count", model="digits")
-    images_before = metric(url, "diffstage_batch_size_sum", model="digits")
     answers = {}
 
     def ask(i):
-        answers[i] = c.images.generate(prompt=PROMPTS[i], extra_body={"seed": 100 + i})
+        steps = {"num_inference_steps": 300} if i == 7 else {}
+        answers[i] = c.images.generate(prompt=PROMPTS[i], extra_body={"seed": 100 + i, **steps})
 
+    # a long request keeps the model busy, so that the six surely wait together for the next call
+    busy = threading.Thread(target=ask, args=(7,))
+    busy.start()
+    wait_until(lambda: metric(url, "diffstage_running_images", model="digits") == 1, "the busy request runs")
+    calls_before = metric(url, "diffstage_batch_size_count", model="digits")
+    images_before = metric(url, "diffstage_batch_size_sum", model="digits")
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    for t in threads:
+    wait_until(lambda: metric(url, "diffstage_queue_depth", model="digits") == 6, "six requests wait")
+    for t in threads + [busy]:
         t.join(120)
     calls = metric(url, "diffstage_batch_size_count", model="digits") - calls_before
     images = metric(url, "diffstage_batch_size_sum", model="digits") - images_before
-    assert images == 6 and calls < 6  # fewer pipeline calls than requests: they were batched
+    assert (calls, images) == (2, 7)  # the busy request's call, then one call for the six
     for i in range(6):
         alone = c.images.generate(prompt=PROMPTS[i], extra_body={"seed": 100 + i})
         batched = b64_pixels(answers[i].data[0].b64_json)
@@ -188,11 +201,11 @@ def test_serve_settings_errors():
 
 def test_request_deadline():
     """A request still running at serve.request_timeout_s gets 504 and its run stops between steps."""
-    with running_server(request_timeout_s=0.5) as (url, _):
+    with running_server(request_timeout_s=1.5) as (url, _):
         with pytest.raises(openai.APIStatusError) as e:
             client(url).images.generate(prompt=PROMPTS[1], extra_body={"seed": 1, "num_inference_steps": 1000})
         assert e.value.status_code == 504
-        assert "did not finish within serve.request_timeout_s=0.5 seconds" in e.value.message
+        assert "did not finish within serve.request_timeout_s=1.5 seconds" in e.value.message
         for _ in range(100):
             if metric(url, "diffstage_calls_cancelled_total", model="digits") >= 1:
                 break
@@ -211,7 +224,7 @@ def test_diffstage_serve_command_shuts_down_gracefully(tmp_path):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([str(Path(sys.executable).parent / "diffstage"), "serve", f"serve.port={port}",
-                               "serve.max_wait_ms=1", f"hydra.run.dir={tmp_path}"],
+                               "serve.max_wait_ms=1", "serve.shutdown_grace_s=600", f"hydra.run.dir={tmp_path}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -226,7 +239,7 @@ def test_diffstage_serve_command_shuts_down_gracefully(tmp_path):
         asking = threading.Thread(target=lambda: answer.setdefault("r", client(url).images.generate(
             prompt=PROMPTS[4], extra_body={"seed": 2, "num_inference_steps": 400})))
         asking.start()
-        time.sleep(1.0)  # the request runs (400 steps: seconds)
+        wait_until(lambda: metric(url, "diffstage_running_images", model="digits") == 1, "the request runs")
         server.send_signal(signal.SIGTERM)
         asking.join(60)
         _, err = server.communicate(timeout=60)
@@ -235,5 +248,44 @@ def test_diffstage_serve_command_shuts_down_gracefully(tmp_path):
     assert server.returncode in (0, -signal.SIGTERM), err  # uvicorn ends as the signal asks, once it is done
     assert len(answer["r"].data) == 1  # the running request finished after the signal
     assert "serving digits on http://127.0.0.1:" in err
+    assert not (tmp_path / ".hydra").exists()  # the command line (an API key) is not written to disk
     assert err.index("Shutting down") < err.index('"path": "/v1/images/generations", "status": 200') < \
         err.index("shutdown: 0 running requests finished or cancelled, 0 waiting requests cancelled")
+
+
+def test_malformed_requests_get_openai_shaped_errors(digits_server):
+    import urllib.request
+
+    url, _ = digits_server
+
+    def post(path, data: bytes, content_type="application/json", headers=None):
+        request = urllib.request.Request(f"{url}{path}", data=data, method="POST",
+                                         headers={"Content-Type": content_type, **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    import json
+    status, body = post("/v1/images/generations", b"{not json")
+    assert status == 400 and json.loads(body)["error"]["message"].startswith("the request body is not JSON")
+    status, body = post("/v1/images/generations", b"[1, 2]")
+    assert (status, json.loads(body)["error"]["message"]) == (400, "the request body must be a JSON object")
+    status, body = http_get(f"{url}/v1/nothing")
+    assert status == 404 and json.loads(body)["error"]["message"] == "GET /v1/nothing: Not Found"
+    status, body = http_get(f"{url}/v1/images/generations")
+    assert status == 405 and json.loads(body)["error"]["type"] == "invalid_request_error"
+    status, body = post("/v1/images/generations", b"{}", headers={"Content-Length": str(2 ** 30)})
+    assert (status, json.loads(body)["error"]["message"]) == (413, "the request is larger than 65 MiB")
+    with pytest.raises(openai.BadRequestError, match="image: in.png is not an image in one of the formats"):
+        client(url).images.edit(image=("in.png", b"not an image", "image/png"), prompt="x")
+    with pytest.raises(openai.BadRequestError, match="model 'digits' takes no input image"):
+        import io
+
+        from PIL import Image
+        png = io.BytesIO()
+        Image.new("RGB", (32, 32)).save(png, format="PNG")
+        client(url).images.edit(image=("in.png", png.getvalue(), "image/png"), prompt="x")
+    status, body = http_get(f"{url}/v1/videos/video_nope")
+    assert status == 404 and "no video job 'video_nope'" in json.loads(body)["error"]["message"]

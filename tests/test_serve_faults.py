@@ -56,9 +56,9 @@ def test_faults_affect_only_their_own_request(tmp_path):
             for j in range(k, len(steady), 4):
                 _ask_until_accepted(c, *steady[j], results, ("steady", j), deadline)
 
-        def quitter(k):  # long requests whose client gives up after 0.3 s
+        def quitter(k):  # long requests whose client gives up after 1.5 s (their call runs by then)
             try:
-                client(url).with_options(timeout=0.3).images.generate(
+                client(url).with_options(timeout=1.5).images.generate(
                     model="digits_faulty", prompt="a handwritten digit one",
                     extra_body={"seed": k, "num_inference_steps": 400})
             except Exception as e:  # noqa: BLE001
@@ -123,3 +123,19 @@ def test_faults_affect_only_their_own_request(tmp_path):
         assert not isinstance(response, Exception), response
         expected = np.asarray(pipe(prompt, seed=seed).images[0]).astype(np.int16)
         assert np.abs(b64_pixels(response.data[0].b64_json) - expected).max() <= TOLERANCE, (prompt, seed)
+
+
+def test_out_of_memory_in_a_stage_is_503_and_the_server_goes_on(tmp_path):
+    overrides = [f"model={_model_yaml(tmp_path)}", "allowlist=[fault_callbacks]"]
+    with running_server(overrides) as (url, _):
+        c = client(url)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.images.generate(model="digits_faulty", prompt="oom", extra_body={"seed": 1})
+        assert e.value.status_code == 503
+        assert e.value.body["message"] == ("out of memory: LatentPreparationStage: callback 'latent_preparation.pack' "
+                                           "(fault_callbacks.pack_or_explode) failed: MemoryError: cannot allocate "
+                                           "the latents")
+        assert metric(url, "diffstage_requests_total", model="digits_faulty", endpoint="generations",
+                      outcome="out_of_memory") == 1
+        assert len(c.images.generate(model="digits_faulty", prompt="a handwritten digit one",
+                                     extra_body={"seed": 1}).data) == 1

@@ -172,6 +172,14 @@ def test_a_video_request_to_an_image_model_is_refused(server):
     assert "model 'digits' makes images, not videos; /v1/videos serves: wan_t2v" in e.value.message
 
 
+def test_an_image_request_to_a_video_model_is_refused(server):
+    _, c = server
+    with pytest.raises(openai.BadRequestError) as e:
+        c.images.generate(model="wan_t2v", prompt="a cat")
+    assert e.value.body["message"] == ("model 'wan_t2v' makes videos: create a job with POST /v1/videos (the Images "
+                                       "API serves: digits, qwen_image_edit)")
+
+
 # --- stream=true ---------------------------------------------------------------------------------------------
 
 def test_a_stream_sends_the_partial_images_then_the_same_final_image(server):

@@ -33,13 +33,19 @@ def _serve_task(cfg, job: HydraJob) -> None:
 
 
 def run_server(state) -> None:
-    """Serve until SIGINT/SIGTERM; running requests get serve.shutdown_grace_s to finish."""
+    """Serve until SIGINT/SIGTERM; running requests get serve.shutdown_grace_s (from the signal) to finish."""
     import uvicorn
 
     from ..server import create_app
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # the grace counts from the signal, for uvicorn and the workers alike
+            state.stop_requested()
+            super().handle_exit(sig, frame)
+
     settings = state.settings
     logging.getLogger("diffstage.server").info("serving %s on http://%s:%d", ", ".join(state.pool.names()),
                                                settings.host, settings.port)
-    uvicorn.run(create_app(state), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=settings.shutdown_grace_s)
+    config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s)
+    Server(config).run()

@@ -11,17 +11,23 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import DiffstageError
-from .images_api import images_router
-from .pool import NotFound
-from .state import ServerState, error_body, error_status, log
+from ..errors import DiffstageError, RequestError
+from .images_api import MAX_UPLOAD_BYTES, images_router
+from .ops_api import ops_router
+from .state import ServerState, TooLarge, error_body, error_status, log
 from .videos_api import videos_router
 
 OPEN_PATHS = ("/health",)  # answered without the API key (a load balancer's probe has none)
+MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 2 ** 20  # an upload and its form fields
+
+
+def _json(status: int, message: str, kind: str, code: str | None = None) -> tuple[dict, bytes]:
+    return ({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]},
+            json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode())
 
 
 def _error_response(error: BaseException, state: ServerState, request: Request | None = None) -> JSONResponse:
@@ -44,15 +50,20 @@ class AccessMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [0]
-        key = self.state.settings.api_key
-        if key is not None and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
-            body = json.dumps({"error": {"message": "missing or wrong API key: send `Authorization: Bearer KEY` "
-                                                    "(serve.api_key)", "type": "invalid_request_error",
-                                         "param": None, "code": "invalid_api_key"}}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            head, body = refusal
+            await send(head)
             await send({"type": "http.response.body", "body": body})
-            return self._log(scope, 401, start)
+            return self._log(scope, head["status"], start)
+        received = [0]
+
+        async def receiving():
+            message = await receive()
+            received[0] += len(message.get("body", b""))
+            if received[0] > MAX_REQUEST_BYTES:
+                raise TooLarge(f"the request is larger than {MAX_REQUEST_BYTES // 2 ** 20} MiB")
+            return message
 
         async def sending(message):
             if message["type"] == "http.response.start":
@@ -60,16 +71,34 @@ class AccessMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, sending)
+            await self.app(scope, receiving, sending)
+        except Exception:  # answered 500 by Starlette's outermost handler: counted as the error it is
+            status[0], scope.setdefault("state", {})["outcome"] = 500, "error"
+            raise
         finally:
             self._log(scope, status[0], start)
+
+    def _refusal(self, scope) -> tuple[dict, bytes] | None:
+        """The answer to a request refused before it runs: no API key, or a declared size past the limit."""
+        key = self.state.settings.api_key
+        if key is not None and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
+            head, body = _json(401, "missing or wrong API key: send `Authorization: Bearer KEY` (serve.api_key)",
+                               "invalid_request_error", "invalid_api_key")
+            head["headers"].append((b"www-authenticate", b"Bearer"))
+            return head, body
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > MAX_REQUEST_BYTES:
+            return _json(413, f"the request is larger than {MAX_REQUEST_BYTES // 2 ** 20} MiB",
+                         "invalid_request_error")
+        return None
 
     def _log(self, scope, status: int, start: float) -> None:
         info = scope.get("state") or {}
         seconds = time.perf_counter() - start
         model = info.get("model")
         if scope["path"] in ("/v1/images/generations", "/v1/images/edits"):
-            endpoint, outcome = scope["path"].rsplit("/", 1)[-1], info.get("outcome", "ok" if status < 400 else "error")
+            endpoint = scope["path"].rsplit("/", 1)[-1]
+            outcome = info.get("outcome") or ("ok" if 0 < status < 400 else "error")
             self.state.metrics.requests.labels(model or "none", endpoint, outcome).inc()
             if model is not None:
                 self.state.metrics.latency.labels(model, endpoint).observe(seconds)
@@ -95,54 +124,32 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(AccessMiddleware, state=state)
     app.include_router(images_router(state))
     app.include_router(videos_router(state))
+    app.include_router(ops_router(state))
 
+    _error_handlers(app, state)
+    return app
+
+
+def _error_handlers(app: FastAPI, state: ServerState) -> None:
+    """Every error answered in OpenAI's shape, with the status error_status gives it."""
     @app.exception_handler(DiffstageError)
     async def diffstage_error(request: Request, error: DiffstageError):
         return _error_response(error, state, request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
-        return _error_response(DiffstageError(f"invalid request: {error.errors()[0].get('msg')}"), state, request)
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("query", "path", "body"))
+        return _error_response(RequestError(f"{where or 'the request'}: {first.get('msg')}"), state, request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):  # unknown paths, wrong methods
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {error.detail}",
+                                       "type": kind, "param": None, "code": None}},
+                            status_code=error.status_code, headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
         log.exception("internal error on %s", request.url.path)
         return _error_response(error, state, request)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready():
-        ok, why = state.ready()
-        return JSONResponse({"status": why, "loaded": state.pool.loaded()}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        for name, worker in state.workers.items():
-            state.metrics.queue_depth.labels(name).set(worker.depth())
-        return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [_model_card(state, name) for name in state.pool.names()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str):
-        return _model_card(state, state.pool.get(name).name)
-
-    @app.get("/v1/files/{file_id}", name="file")
-    async def file(file_id: str):
-        found = state.files.get(file_id)
-        if found is None:
-            raise NotFound(f"no file {file_id} (files are kept for serve.url_ttl_s={state.settings.url_ttl_s:g} s)")
-        return Response(found[0], media_type=found[1])
-
-    return app
-
-
-def _model_card(state: ServerState, name: str) -> dict:
-    model = state.pool.models[name]
-    return {"id": name, "object": "model", "created": int(state.started), "owned_by": "diffstage",
-            "task": model.task, "loaded": bool(model.pipelines), "description": model.checked.spec.description}

@@ -8,6 +8,7 @@ that breaks a stage fails alone; a batch stops early only when every job in it i
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -34,6 +35,7 @@ class ShuttingDown(DiffstageError):
 
 
 _ids = itertools.count()
+log = logging.getLogger("diffstage.server")
 
 
 def timed_out(seconds: float) -> DeadlineExceeded:
@@ -104,6 +106,7 @@ class ModelWorker:
         with self._cond:
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
+            self._drop_dead()  # jobs whose clients left hold no place in the queue
             if len(self.queue) >= self.queue_size:
                 raise QueueFull(f"model '{self.model.name}' has {len(self.queue)} requests waiting "
                                 f"(serve.queue_size); retry later")
@@ -112,7 +115,17 @@ class ModelWorker:
         return job.future
 
     def depth(self) -> int:
-        return len(self.queue)
+        """Jobs waiting (those whose clients left are not counted: they go at the next look)."""
+        return sum(1 for job in list(self.queue) if not job.dead())
+
+    def running_images(self) -> int:
+        return sum(job.images for job in self.running)
+
+    def _drop_dead(self) -> None:
+        """Settle and remove the queued jobs that were cancelled or passed their deadline (holding _cond)."""
+        for job in [j for j in self.queue if j.dead()]:
+            self.queue.remove(job)
+            job.settle(error=job.why_dead())
 
     def stop(self, grace_s: float) -> dict[str, int]:
         """Take no more jobs, fail the waiting ones, give the running batch `grace_s` to finish, then cancel it."""
@@ -139,6 +152,10 @@ class ModelWorker:
                 self.running = batch
             try:
                 self._run(batch)
+            except Exception as e:  # noqa: BLE001 - a bug here must not stop the model: its jobs hear of it
+                log.exception("the worker of model '%s' failed", self.model.name)
+                for job in batch:
+                    job.settle(error=e)
             finally:
                 with self._cond:
                     self.running = []
@@ -146,9 +163,7 @@ class ModelWorker:
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
             while True:
-                for job in [j for j in self.queue if j.dead()]:
-                    self.queue.remove(job)
-                    job.settle(error=job.why_dead())
+                self._drop_dead()
                 if not self.queue:
                     if self.stopping:
                         return None
@@ -179,10 +194,15 @@ class ModelWorker:
         if not batch:
             return
         model = self.model
-        model.in_use += 1
         start = time.perf_counter()
         try:
-            pipe = self.pool.pipeline(model, batch[0].cache)
+            pipe = self.pool.acquire(model, batch[0].cache)
+        except Exception as e:  # noqa: BLE001 - the model cannot load: every job of the batch hears why
+            self._observed("error", batch, e, start)
+            for job in batch:
+                job.settle(error=e)
+            return
+        try:
             if len(batch) > 1 and not pipe.takes_seed_lists():  # its stages cannot give each prompt its seed
                 for job in batch:
                     self._run([job])
@@ -202,7 +222,7 @@ class ModelWorker:
             batch[0].settle(error=e)
             return
         finally:
-            model.in_use -= 1
+            self.pool.release(model)
         self._observed("ok", batch, out, start)  # counted before anyone hears of it
         offset = 0
         for job in batch:
@@ -229,7 +249,11 @@ class ModelWorker:
             offset = 0
             for job in batch:
                 if job.on_step is not None and not job.dead():
-                    job.on_step(job, event, lambda o=offset, n=job.images: preview()[o:o + n])
+                    try:
+                        job.on_step(job, event, lambda o=offset, n=job.images: preview()[o:o + n])
+                    except Exception:  # noqa: BLE001 - a preview that fails costs the previews, not the images
+                        log.warning("step report of request %d failed; it gets no more", job.id, exc_info=True)
+                        job.on_step = None
                 offset += job.images
 
         with observing(observer):

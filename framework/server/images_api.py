@@ -17,6 +17,7 @@ from ..images import FORMATS
 from .batcher import Job
 from .media import IMAGE_FORMATS, encode_image
 from .openai_api import ImageRequest, parse_image_request
+from .pool import ServedModel
 from .state import ServerState, error_body, error_status
 
 GENERATION_FIELDS = {"model", "prompt", "n", "size", "response_format", "output_format", "output_compression",
@@ -60,11 +61,25 @@ async def _read_image(upload, key: str) -> Image.Image:
     if len(data) > MAX_UPLOAD_BYTES:
         raise RequestError(f"{key}: the file is larger than {MAX_UPLOAD_BYTES // 2 ** 20} MiB")
     try:
-        with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return await asyncio.to_thread(_decode, data)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise RequestError(f"{key}: {upload.filename or 'the upload'} is not an image in one of the formats diffstage "
                            f"reads ({', '.join(FORMATS.values())}): {e}") from None
+
+
+def image_model(state: ServerState, request: Request, name) -> ServedModel:
+    """The model a request to the Images API names, if it makes images (a video model's are jobs)."""
+    model = state.pool.get(name)
+    request.state.model = model.name
+    if model.makes_videos:
+        raise RequestError(f"model '{model.name}' makes videos: create a job with POST /v1/videos (the Images API "
+                           f"serves: {', '.join(n for n, m in state.pool.models.items() if not m.makes_videos) or 'no model here'})")
+    return model
+
+
+def _decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
+        return image.convert("RGB")
 
 
 def _job(state: ServerState, parsed: ImageRequest, batchable: bool = True, on_step=None) -> Job:
@@ -87,18 +102,22 @@ def _data(state: ServerState, parsed: ImageRequest, images: list, request: Reque
 async def answer(state: ServerState, request: Request, parsed: ImageRequest, batchable: bool, event: str):
     """Submit the request and answer it: the images as JSON, or (stream) SSE events with previews."""
     request.state.model = parsed.model.name
-    if parsed.stream:
-        return StreamingResponse(_events(state, request, parsed, batchable, event), media_type="text/event-stream")
+    if parsed.stream:  # submitted before the stream starts: a full queue is still a 429
+        queue = asyncio.Queue()
+        job = state.submit(_job(state, parsed, batchable, _previews(parsed.partial_images, queue)))
+        return StreamingResponse(_events(state, request, parsed, job, queue, event), media_type="text/event-stream")
     job = state.submit(_job(state, parsed, batchable))
     images = await state.wait(job, request)
     request.state.images = len(images)
-    return {"created": int(time.time()), "data": _data(state, parsed, images, request), "size": _size(images),
-            "output_format": parsed.output_format}
+    data = await asyncio.to_thread(_data, state, parsed, images, request)  # encoding: off the event loop
+    return {"created": int(time.time()), "data": data, "size": _size(images), "output_format": parsed.output_format}
 
 
-async def _events(state: ServerState, request: Request, parsed: ImageRequest, batchable: bool, event: str):
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    wanted = parsed.partial_images
+def _previews(wanted: int, queue: asyncio.Queue):
+    """The job's step report: a decoded preview into `queue` at `wanted` evenly spaced steps (None: no previews)."""
+    if not wanted:
+        return None
+    loop = asyncio.get_running_loop()
 
     def on_step(job, step, preview):
         marks = {round(step.total * (k + 1) / (wanted + 1)) for k in range(wanted)}
@@ -106,8 +125,11 @@ async def _events(state: ServerState, request: Request, parsed: ImageRequest, ba
             images = preview()
             if images:
                 loop.call_soon_threadsafe(queue.put_nowait, images[0])
+    return on_step
 
-    job = state.submit(_job(state, parsed, batchable, on_step if wanted else None))
+
+async def _events(state: ServerState, request: Request, parsed: ImageRequest, job: Job, queue: asyncio.Queue,
+                  event: str):
     waiter = asyncio.ensure_future(state.wait(job, request))
     sent = 0
     try:
@@ -117,13 +139,13 @@ async def _events(state: ServerState, request: Request, parsed: ImageRequest, ba
             except asyncio.TimeoutError:
                 continue
             yield _sse(f"{event}.partial_image", {**_common(parsed, [image]), "partial_image_index": sent,
-                                                  "b64_json": _b64(image, parsed)})
+                                                  "b64_json": await asyncio.to_thread(_b64, image, parsed)})
             sent += 1
         images = waiter.result()
         request.state.images = len(images)
         for image in images:
-            yield _sse(f"{event}.completed", {**_common(parsed, [image]), "b64_json": _b64(image, parsed),
-                                              "usage": _usage()})
+            yield _sse(f"{event}.completed", {**_common(parsed, [image]), "usage": _usage(),
+                                              "b64_json": await asyncio.to_thread(_b64, image, parsed)})
     except Exception as e:  # noqa: BLE001 - the stream has begun: the error is an event
         status, kind, outcome = error_status(e)
         request.state.outcome = outcome
@@ -158,16 +180,15 @@ def images_router(state: ServerState) -> APIRouter:
     async def generations(request: Request):
         body = await json_body(request)
         request.state.user = body.get("user")
-        model = state.pool.get(body.get("model"))
-        request.state.model = model.name
+        model = image_model(state, request, body.get("model"))
         parsed = parse_image_request(body, model, GENERATION_FIELDS)
         return await answer(state, request, parsed, True, "image_generation")
 
     @router.post("/v1/images/edits")
     async def edits(request: Request):
         body, images = await form_body(request)
-        model = state.pool.get(body.get("model"))
-        request.state.model = model.name
+        request.state.user = body.get("user")
+        model = image_model(state, request, body.get("model"))
         if "image" not in model.checked.req_cls.request_fields():
             raise RequestError(f"model '{model.name}' takes no input image (its YAML declares no `image` request "
                                f"field); /v1/images/edits serves: "

@@ -20,10 +20,11 @@ MAX_STORED_BYTES = 2 * 2 ** 30  # the oldest files go first past this, whatever 
 
 
 def encode_image(image, output_format: str = "png", compression: int | None = None) -> bytes:
-    """One PIL image in `output_format`; `compression` (0-100, OpenAI's output_compression) for JPEG/WebP."""
+    """One PIL image in `output_format`; `compression` (OpenAI's output_compression, 0-100, default 100: its
+    quality) for JPEG and WebP."""
     fmt, _ = IMAGE_FORMATS[output_format]
     out = io.BytesIO()
-    options = {} if fmt == "PNG" or compression is None else {"quality": max(1, 100 - compression)}
+    options = {} if fmt == "PNG" else {"quality": max(1, 100 if compression is None else compression)}
     image.convert("RGB").save(out, format=fmt, **options)
     return out.getvalue()
 

@@ -18,6 +18,8 @@ class Metrics:
         self.latency = Histogram("diffstage_request_seconds", "Time from a request's arrival to its answer",
                                  ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("diffstage_queue_depth", "Requests waiting for their model", ["model"], registry=r)
+        self.running = Gauge("diffstage_running_images", "Images of the pipeline call in progress", ["model"],
+                             registry=r)
         self.batch_size = Histogram("diffstage_batch_size", "Images per pipeline call", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.stage_seconds = Histogram("diffstage_stage_seconds", "Time of each stage per pipeline call",

@@ -57,8 +57,9 @@ def _typed(name: str, value: Any, kind: str, form: bool) -> Any:
 
 def model_extensions(model: ServedModel) -> dict[str, str]:
     """Every field a request to `model` may set beyond OpenAI's: ours, then its YAML's request fields."""
+    # an image field takes uploads (edits' `image`), never a string: that would be a path on the server
     declared = {spec.name: spec.type for spec in model.checked.req_cls.extra_fields()
-                if spec.role == "request" and spec.name not in NOT_REQUEST}
+                if spec.role == "request" and spec.name not in NOT_REQUEST and spec.type not in ("image", "any")}
     return {**EXTENSIONS, **declared}
 
 

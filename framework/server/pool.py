@@ -31,6 +31,9 @@ class UnknownModel(NotFound):
     """A request names a model this server does not serve."""
 
 
+VIDEO_TASKS = ("t2v", "i2v", "ti2v")  # served by /v1/videos; the other tasks by /v1/images
+
+
 @functools.lru_cache(maxsize=1)
 def cache_kinds() -> dict[str, dict]:
     """The step caches a request may pick (`cache`): conf/cache's options, by name."""
@@ -60,12 +63,16 @@ class ServedModel:
     pipelines: dict[str, Pipeline] = dataclasses.field(default_factory=dict)  # step cache kind -> pipeline
     plans: dict[str, BuildPlan] = dataclasses.field(default_factory=dict)
     last_used: float = 0.0
-    in_use: int = 0  # batches running: never unloaded under them
+    in_use: int = 0  # calls running or about to: never unloaded under them (ModelPool.acquire/release)
     bytes: int = 0
 
     @property
     def task(self) -> str:
         return self.checked.spec.task.value
+
+    @property
+    def makes_videos(self) -> bool:
+        return self.task in VIDEO_TASKS
 
     def cache_kind(self, cache: Any) -> str:
         """The step cache a request asks for (None: the server's); RequestError for an unknown one."""
@@ -98,7 +105,8 @@ class ModelPool:
         self.models: dict[str, ServedModel] = {}
         self.aliases: dict[str, str] = {}  # the names given in serve.models -> the model's name
         self.budget = int(memory_budget_gb * 2 ** 30) if memory_budget_gb else None
-        self._lock = threading.Lock()
+        self._loading = threading.Lock()  # held while a model loads
+        self._books = threading.Lock()  # in_use, pipelines and eviction, briefly
         for given, model_path in models or ((run.model, run.model_path),):
             checked = check_model(given, run.allowlist)  # every model checked before the server starts
             name = checked.spec.name
@@ -123,20 +131,31 @@ class ModelPool:
                                + f"; served: {', '.join(self.models)}")
         return self.models[key]
 
-    def pipeline(self, model: ServedModel, kind: str) -> Pipeline:
-        """The model's pipeline with step cache `kind`, loaded now if it is not (unloading others past the budget).
-        The caller holds `model.in_use` while it runs."""
-        model.last_used = time.monotonic()
-        pipe = model.pipelines.get(kind)
-        if pipe is not None:  # loaded: no lock (another model's load, minutes long, holds it)
+    def acquire(self, model: ServedModel, kind: str) -> Pipeline:
+        """The model's pipeline with step cache `kind`, loaded now if it is not (unloading idle models past the
+        budget); the model is in use, and never unloaded, until `release`."""
+        with self._books:
+            model.in_use += 1
+            model.last_used = time.monotonic()
+            pipe = model.pipelines.get(kind)
+        if pipe is not None:
             return pipe
-        with self._lock:
-            if kind not in model.pipelines:
-                pipe = model.plan(kind).load(model.session)
-                model.pipelines[kind] = pipe
-                model.bytes = max(model.bytes, weight_bytes(pipe.modules))
-                self._evict(keep=model)
-            return model.pipelines[kind]
+        try:
+            with self._loading:  # one load at a time; requests to loaded models go on meanwhile
+                if kind not in model.pipelines:
+                    pipe = model.plan(kind).load(model.session)
+                    with self._books:
+                        model.pipelines[kind] = pipe
+                        model.bytes = max(model.bytes, weight_bytes(pipe.modules))
+                        self._evict(keep=model)
+                return model.pipelines[kind]
+        except BaseException:
+            self.release(model)
+            raise
+
+    def release(self, model: ServedModel) -> None:
+        with self._books:
+            model.in_use -= 1
 
     def _evict(self, keep: ServedModel) -> None:
         """Unload the least recently used idle models while the loaded weights pass the budget."""

@@ -20,35 +20,49 @@ from .settings import ServeSettings
 log = logging.getLogger("diffstage.server")
 
 
+class TooLarge(RequestError):
+    """The request body passes the server's limit (HTTP 413)."""
+
+
 class ClientGone(DiffstageError):
     """The client closed the connection before its answer was ready."""
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """MemoryError or torch's OutOfMemoryError, also behind the StageError that names the stage it hit."""
+    for _ in range(5):  # the error, and the few it was raised from
+        if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+            return True
+        if error.__cause__ is None:
+            return False
+        error = error.__cause__
+    return False
+
+
 def error_status(error: BaseException) -> tuple[int, str, str]:
     """HTTP status, OpenAI error type and our outcome label for an error that ended a request."""
+    if _out_of_memory(error):
+        return 503, "server_error", "out_of_memory"
     for cls, status, kind, outcome in (
             (NotFound, 404, "invalid_request_error", "not_found"),
+            (TooLarge, 413, "invalid_request_error", "bad_request"),
             (QueueFull, 429, "rate_limit_error", "rejected"),
             (DeadlineExceeded, 504, "timeout_error", "timeout"),
             (ShuttingDown, 503, "server_error", "rejected"),
             (ClientGone, 499, "invalid_request_error", "cancelled"),
             (RunCancelled, 499, "invalid_request_error", "cancelled"),
             (StageError, 500, "server_error", "error"),
-            (RequestError, 400, "invalid_request_error", "bad_request"),
-            (MemoryError, 503, "server_error", "out_of_memory")):
+            (RequestError, 400, "invalid_request_error", "bad_request")):
         if isinstance(error, cls):
             return status, kind, outcome
-    if type(error).__name__ == "OutOfMemoryError":  # torch's, for CUDA and other devices
-        return 503, "server_error", "out_of_memory"
     if isinstance(error, DiffstageError):  # what the CLI reports with exit status 2
         return 400, "invalid_request_error", "bad_request"
     return 500, "server_error", "error"
 
 
 def error_body(error: BaseException, status: int, kind: str, param: str | None = None) -> dict:
-    message = str(error) if isinstance(error, (DiffstageError, MemoryError)) else \
-        f"internal error: {type(error).__name__}: {error}"
-    if status == 503 and "out_of_memory" in kind + type(error).__name__.lower():
+    message = str(error) if isinstance(error, DiffstageError) else f"internal error: {type(error).__name__}: {error}"
+    if _out_of_memory(error):
         message = f"out of memory: {message}"
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
@@ -65,13 +79,15 @@ class ServerState:
         self.started = time.time()
         self.preloading: threading.Thread | None = None
         self.preload_error: BaseException | None = None
+        self.stopping_since: float | None = None
 
     def preload(self) -> None:
         """Load every model in the background (/ready says when they are)."""
         def load():
             try:
                 for model in self.pool.models.values():
-                    self.pool.pipeline(model, model.cache_kind(None))
+                    self.pool.acquire(model, model.cache_kind(None))
+                    self.pool.release(model)
                     self.metrics.loaded.set(len(self.pool.loaded()))
             except Exception as e:  # noqa: BLE001 - reported by /ready and the log; requests say it again
                 self.preload_error = e
@@ -95,6 +111,13 @@ class ServerState:
         """The job's images; ClientGone when the client leaves first, DeadlineExceeded past its deadline (both
         cancel the job between denoising steps)."""
         future = asyncio.wrap_future(job.future)
+        try:
+            return await self._wait(job, future, request)
+        except asyncio.CancelledError:  # the server stopped waiting (shutdown past its grace): so does the job
+            job.cancelled.set()
+            raise
+
+    async def _wait(self, job: Job, future, request: Any) -> list:
         while True:
             done, _ = await asyncio.wait({future}, timeout=0.05)
             if done:
@@ -113,11 +136,20 @@ class ServerState:
         self.metrics.observe_call(model, outcome, sum(j.images for j in batch), result)
         self.metrics.loaded.set(len(self.pool.loaded()))
 
+    def stop_requested(self) -> None:
+        """The signal to stop came (SIGTERM, Ctrl-C): serve.shutdown_grace_s counts from now."""
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+
     def shutdown(self) -> dict[str, int]:
-        """Stop every worker: waiting jobs fail (503), running ones get serve.shutdown_grace_s to finish."""
+        """Stop every worker: waiting jobs fail (503), running ones get what is left of serve.shutdown_grace_s
+        (counted from the signal) to finish, then are cancelled."""
         report = {"cancelled_waiting": 0, "running": 0}
+        grace = self.settings.shutdown_grace_s
+        if self.stopping_since is not None:
+            grace = max(0.0, grace - (time.monotonic() - self.stopping_since))
         for worker in self.workers.values():
-            for key, n in worker.stop(self.settings.shutdown_grace_s).items():
+            for key, n in worker.stop(grace).items():
                 report[key] += n
         log.info("shutdown: %d running requests finished or cancelled, %d waiting requests cancelled",
                  report["running"], report["cancelled_waiting"])

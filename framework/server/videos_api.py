@@ -24,7 +24,6 @@ from .pool import NotFound
 from .state import ServerState, error_body, error_status, log
 
 VIDEO_FIELDS = {"model", "prompt", "seconds", "size", "input_reference"}
-VIDEO_TASKS = ("t2v", "i2v", "ti2v")
 
 
 @dataclass(eq=False)
@@ -54,6 +53,7 @@ class VideoJobs:
     def __init__(self, state: ServerState):
         self.state = state
         self.jobs: dict[str, VideoJob] = {}
+        self.finishing: set[asyncio.Task] = set()
         self._lock = threading.Lock()
 
     def get(self, video_id: str) -> VideoJob:
@@ -65,8 +65,8 @@ class VideoJobs:
 
     async def create(self, body: dict[str, Any]) -> VideoJob:
         model = self.state.pool.get(body.get("model"))
-        if model.task not in VIDEO_TASKS:
-            served = [n for n, m in self.state.pool.models.items() if m.task in VIDEO_TASKS]
+        if not model.makes_videos:
+            served = [n for n, m in self.state.pool.models.items() if m.makes_videos]
             raise RequestError(f"model '{model.name}' makes images, not videos; /v1/videos serves: "
                                f"{', '.join(served) or 'no model here'}")
         if body.get("input_reference") is not None:
@@ -87,7 +87,9 @@ class VideoJobs:
         self.state.submit(video.job)
         with self._lock:
             self.jobs[video.id] = video
-        asyncio.get_running_loop().create_task(self._finish(video))
+        task = asyncio.get_running_loop().create_task(self._finish(video))
+        self.finishing.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self.finishing.discard)
         return video
 
     async def _finish(self, video: VideoJob) -> None:
