@@ -139,3 +139,32 @@ def test_out_of_memory_in_a_stage_is_503_and_the_server_goes_on(tmp_path):
                       outcome="out_of_memory") == 1
         assert len(c.images.generate(model="digits_faulty", prompt="a handwritten digit one",
                                      extra_body={"seed": 1}).data) == 1
+
+
+def test_a_stream_to_a_full_queue_is_a_429():
+    """A streamed request is queued before its stream starts, so a full queue answers it 429 like any other."""
+    with running_server(queue_size=1) as (url, _):
+        leaving = client(url).with_options(timeout=3)
+
+        def long_request(seed):
+            try:
+                leaving.images.generate(prompt="a handwritten digit one", extra_body={"seed": seed,
+                                                                                     "num_inference_steps": 1000})
+            except openai.APITimeoutError:
+                pass
+
+        threads = [threading.Thread(target=long_request, args=(seed,)) for seed in (1, 2)]
+        threads[0].start()
+        for _ in range(200):  # the first runs
+            if metric(url, "diffstage_running_images", model="digits") == 1:
+                break
+            time.sleep(0.02)
+        threads[1].start()
+        for _ in range(200):  # the second waits
+            if metric(url, "diffstage_queue_depth", model="digits") == 1:
+                break
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError, match="has 1 requests waiting"):
+            client(url).images.generate(prompt="a handwritten digit two", stream=True, partial_images=1)
+        for t in threads:
+            t.join(30)
