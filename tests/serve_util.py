@@ -2,6 +2,7 @@
 stopped (gracefully, bounded in time) when the block ends."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -18,28 +19,38 @@ def running_server(overrides=(), timeout_s: float = 120, **serve):
     from diffstage.run_config import parse_run_config
     from diffstage.server import ServerState, create_app, serve_settings
 
-    serve = {"max_wait_ms": 5, "shutdown_grace_s": 10, **serve}
-    state = ServerState(parse_run_config(compose_config(list(overrides))), serve_settings(serve))
-    config = uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    # the server's log lines stay out of the root logger, whose handlers an earlier in-process Hydra app may have
+    # pointed at a stream pytest has closed since (tests/test_serve.py checks the lines of `diffstage serve`)
+    quiet = [logging.getLogger(name) for name in ("diffstage.server", "uvicorn", "uvicorn.error")]
+    saved = [logger.propagate for logger in quiet]
+    for logger in quiet:
+        logger.propagate = False
+    server = thread = None
     try:
+        serve = {"max_wait_ms": 5, "shutdown_grace_s": 10, **serve}
+        state = ServerState(parse_run_config(compose_config(list(overrides))), serve_settings(serve))
+        config = uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_config=None, access_log=False,
+                                timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
         while not state.ready()[0]:  # the models load in the background (serve.preload)
             assert state.preload_error is None, state.preload_error
             assert time.monotonic() < deadline, "the test server's models did not load"
             time.sleep(0.05)
         yield url, state
     finally:
-        server.should_exit = True
-        thread.join(30)
+        if server is not None:
+            server.should_exit = True
+            thread.join(30)
+        for logger, propagate in zip(quiet, saved):
+            logger.propagate = propagate
 
 
 def client(url: str, api_key: str = "unused"):
