@@ -151,10 +151,12 @@ def _seed_problems(seed, prompts: int) -> list[str]:
 
     if seed is None or ok(seed):
         return []
-    if isinstance(seed, (list, tuple)) and seed and all(ok(v) for v in seed):
-        return [] if len(seed) == prompts else \
-            [f"seed is a list of {len(seed)} seeds; a list needs one seed per prompt ({prompts})"]
-    return [f"seed must be an integer in [-2**63, 2**64 - 1] (or a list of them, one per prompt), got {shown(seed)}"]
+    if not isinstance(seed, (list, tuple)):
+        return [f"seed must be an integer in [-2**63, 2**64 - 1], got {shown(seed)}"]
+    if not seed or not all(ok(v) for v in seed):
+        return [f"seed must be an integer in [-2**63, 2**64 - 1] or a list of them (one per prompt), got {shown(seed)}"]
+    return [] if len(seed) == prompts else \
+        [f"seed is a list of {len(seed)} seeds; a list needs one seed per prompt ({prompts})"]
 
 
 def first_seed(seed):

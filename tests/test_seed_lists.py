@@ -29,8 +29,8 @@ def test_each_prompt_of_a_batch_gets_its_own_seeds_images(digits):
 def test_a_seed_list_must_have_one_seed_per_prompt(digits):
     with pytest.raises(RequestError, match=r"seed is a list of 3 seeds; a list needs one seed per prompt \(2\)"):
         digits(PROMPTS, seed=[1, 2, 3])
-    with pytest.raises(RequestError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\] \(or a list of them, "
-                                           r"one per prompt\), got \[1, 'x'\]"):
+    with pytest.raises(RequestError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\] or a list of them "
+                                           r"\(one per prompt\), got \[1, 'x'\]"):
         digits(PROMPTS, seed=[1, "x"])
 
 
