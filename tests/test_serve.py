@@ -215,7 +215,7 @@ def test_request_deadline():
 
 def test_diffstage_serve_command_shuts_down_gracefully(tmp_path):
     """`diffstage serve` from the command line: serves, and on SIGTERM lets the running request finish, then
-    reports the shutdown and exits 0."""
+    reports the shutdown and exits 0 (a signal that asked for a graceful stop got one)."""
     import signal
     import socket
 
@@ -245,7 +245,7 @@ def test_diffstage_serve_command_shuts_down_gracefully(tmp_path):
         _, err = server.communicate(timeout=60)
     finally:
         server.kill() if server.poll() is None else None
-    assert server.returncode in (0, -signal.SIGTERM), err  # uvicorn ends as the signal asks, once it is done
+    assert server.returncode == 0, err
     assert len(answer["r"].data) == 1  # the running request finished after the signal
     assert "serving digits on http://127.0.0.1:" in err
     assert not (tmp_path / ".hydra").exists()  # the command line (an API key) is not written to disk

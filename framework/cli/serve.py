@@ -2,7 +2,10 @@
 model=, runtime, cache, parallel and overrides mean the same; serve.* sets the server (conf/serve.yaml)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 
 from ..errors import DiffstageError
 from .exits import fail
@@ -42,6 +45,21 @@ def run_server(state) -> None:
         def handle_exit(self, sig, frame):  # the grace counts from the signal, for uvicorn and the workers alike
             state.stop_requested()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """SIGINT and SIGTERM shut the server down gracefully, and then the command exits 0 (uvicorn would
+            raise the signal again once done, ending the process by it)."""
+            if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
     settings = state.settings
     logging.getLogger("diffstage.server").info("serving %s on http://%s:%d", ", ".join(state.pool.names()),
