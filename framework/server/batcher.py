@@ -240,12 +240,10 @@ class ModelWorker:
             fields.update(prompt=batch[0].prompt, seed=batch[0].seed)
         else:
             fields.update(prompt=[j.prompt for j in batch], seed=[j.seed for j in batch])
-        images: list = []
-
         def observer(event: StepEvent) -> None:
             if all(job.dead() for job in batch):
                 raise RunCancelled("every request of this batch was cancelled or passed its deadline")
-            preview = _preview(pipe, event, images)
+            preview = _preview(pipe, event)
             offset = 0
             for job in batch:
                 if job.on_step is not None and not job.dead():
@@ -260,9 +258,9 @@ class ModelWorker:
             return pipe(**fields)
 
 
-def _preview(pipe, event: StepEvent, memo: list) -> Callable[[], list]:
+def _preview(pipe, event: StepEvent) -> Callable[[], list]:
     """Decodes the step's latents once, when a job first asks for a preview at this step."""
-    memo.clear()
+    memo: list = []
 
     def get() -> list:
         if not memo:

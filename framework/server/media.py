@@ -43,6 +43,7 @@ class FileStore:
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
         self._files: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()  # id -> data, media type, expiry
+        self._bytes = 0  # held in _files
         self._lock = threading.Lock()
 
     def put(self, data: bytes, media_type: str, suffix: str) -> str:
@@ -50,8 +51,9 @@ class FileStore:
         with self._lock:
             self._expire()
             self._files[file_id] = (data, media_type, time.monotonic() + self.ttl_s)
-            while sum(len(d) for d, _, _ in self._files.values()) > MAX_STORED_BYTES and len(self._files) > 1:
-                self._files.popitem(last=False)
+            self._bytes += len(data)
+            while self._bytes > MAX_STORED_BYTES and len(self._files) > 1:
+                self._bytes -= len(self._files.popitem(last=False)[1][0])
         return file_id
 
     def get(self, file_id: str) -> tuple[bytes, str] | None:
@@ -63,4 +65,4 @@ class FileStore:
     def _expire(self) -> None:
         now = time.monotonic()
         for file_id in [k for k, (_, _, expiry) in self._files.items() if expiry < now]:
-            del self._files[file_id]
+            self._bytes -= len(self._files.pop(file_id)[0])

@@ -113,7 +113,7 @@ def parse_image_request(body: dict[str, Any], model: ServedModel, known: set[str
     if seed is None:
         seed = secrets.randbits(63)  # chosen here, so a batch can give this request its own
     kind = model.cache_kind(cache)
-    model.request(cache, prompt=prompt, seed=seed, **fields)  # the CLI's checks, before it waits in a queue
+    model.plan(kind).request(prompt=prompt, seed=seed, **fields)  # the CLI's checks, before it waits in a queue
     stream = _typed("stream", body.get("stream"), "bool", form)
     if stream is not None and not isinstance(stream, bool):
         raise RequestError(f"stream must be true or false, got {shown(stream)}")

@@ -18,7 +18,6 @@ from ..build_plan import BuildPlan, plan_build
 from ..errors import DiffstageError, RequestError, did_you_mean, shown
 from ..model_check import CheckedModel, check_model
 from ..pipeline import Pipeline
-from ..req import Req
 from ..run_config import RunConfig
 from ..session import Session
 
@@ -88,10 +87,6 @@ class ServedModel:
             run = self.run if own else dataclasses.replace(self.run, cache=dict(cache_kinds()[kind]))
             self.plans[kind] = plan_build(run, self.checked)
         return self.plans[kind]
-
-    def request(self, cache: Any, **fields: Any) -> Req:
-        """The request checked before it waits in a queue (RequestError: the message the CLI gives)."""
-        return self.plan(self.cache_kind(cache)).request(**fields)
 
     def unload(self) -> None:
         self.pipelines.clear()

@@ -55,8 +55,6 @@ def serve_settings(section: dict[str, Any] | None) -> ServeSettings:
     section = dict(section or {})
     problems = [p for key in _NUMBERS if section.get(key) is not None
                 and (p := _number_problem(key, section[key])) is not None]
-    if section.get("memory_budget_gb") is None:
-        section.pop("memory_budget_gb", None)
     models = section.get("models")
     if models is not None and (not isinstance(models, list) or not models or not all(map(_model_entry, models))):
         problems.append("serve.models must be a non-empty list of model names or YAML paths, each alone or as "
