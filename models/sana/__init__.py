@@ -1,0 +1,1 @@
+"""sana: YAML callbacks and a tiny-checkpoint builder."""

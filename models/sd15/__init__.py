@@ -1,0 +1,1 @@
+"""sd15: YAML callbacks and a tiny-checkpoint builder."""

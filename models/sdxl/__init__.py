@@ -1,0 +1,1 @@
+"""sdxl: YAML callbacks and a tiny-checkpoint builder."""
