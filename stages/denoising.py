@@ -16,6 +16,8 @@ from diffstage.req import Req
 from diffstage.run_events import report_step
 from diffstage.sampling import check_finite_latents, seed_list_problem
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
+
+from .cfg_join import UNJOINABLE, join_branches
 from diffstage.block_cache import cached_blocks, step_cache_route
 from diffstage.step_cache import StepCache
 
@@ -201,22 +203,8 @@ class DenoisingStage(PipelineStage):
     @staticmethod
     def joined_inputs(cond: dict, uncond: dict, batch: int) -> dict | None:
         """Both branches' inputs as one batch (cond first), or None when they cannot be joined."""
-        if cond.keys() != uncond.keys():
-            return None
-        joined = {}
-        for key, a in cond.items():
-            b = uncond[key]
-            if a is b:  # shared by both branches (position ids, a mask of the latents)
-                joined[key] = a
-            elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-                if a.dim() == 0 or a.shape != b.shape or a.shape[0] != batch:
-                    return None
-                joined[key] = torch.cat([a, b])
-            elif not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b:
-                joined[key] = a
-            else:
-                return None
-        return joined
+        both = join_branches(cond, uncond, batch)
+        return None if both is UNJOINABLE else both
 
     @torch.no_grad()
     def forward(self, req: Req) -> Req:
@@ -292,3 +280,4 @@ class DenoisingStage(PipelineStage):
             check_finite_latents(latents, type(self).__name__, i + 1, len(req.timesteps), t)
             report_step(i + 1, len(req.timesteps), latents, req)  # progress, previews, cancellation
         return latents
+
