@@ -3,8 +3,10 @@ from .decoding import DecodingStage
 from .denoising import DenoisingStage
 from .diffusers_pipeline import DiffusersPipelineStage
 from .image_encoding import ImageEncodingStage
+from .image_noising import ImageNoisingStage
 from .input_validation import InputValidationStage
 from .latent_preparation import LatentPreparationStage
+from .mask_preparation import MaskPreparationStage
 from .text_encoding import EncoderConfig, TextEncodingStage
 from .timestep_preparation import TimestepPreparationStage
 
@@ -13,7 +15,9 @@ STANDARD_STAGES = (
     TextEncodingStage,
     ImageEncodingStage,
     LatentPreparationStage,
+    MaskPreparationStage,
     TimestepPreparationStage,
+    ImageNoisingStage,
     DenoisingStage,
     DecodingStage,
     DiffusersPipelineStage,

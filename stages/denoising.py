@@ -44,7 +44,8 @@ class DenoisingStage(PipelineStage):
     A step cache (`set_step_cache`, or `cache=...` in the run config) lets the transformer skip its
     blocks on steps where its input barely changed; `report()` counts the calls computed and cached.
 
-    The noise is scaled by the scheduler's `init_noise_sigma` first (1 for flow matching).
+    The noise is scaled by the scheduler's `init_noise_sigma` first (1 for flow matching), unless it is an input
+    image's latents already noised to the first timestep (`latents_noised`, ImageNoisingStage).
     """
 
     reads = ("latents", "timesteps", "do_cfg", "cfg_scale")
@@ -212,8 +213,9 @@ class DenoisingStage(PipelineStage):
         cond_inputs = model_inputs(req, self.settings, self.transformer, False)
         uncond_inputs = model_inputs(req, self.settings, self.transformer, True) if req.do_cfg else None
         step_kwargs = self.callback("step_kwargs")(req, self.settings, self.scheduler)
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)
+        if hasattr(self.scheduler, "set_begin_index"):  # where req.timesteps start in the scheduler's (a strength
+            # keeps only the schedule's end: TimestepPreparationStage's strength_field)
+            self.scheduler.set_begin_index(max(len(self.scheduler.timesteps) - len(req.timesteps), 0))
         batch = req.latents.shape[0]
         state = current()
         cfg_parallel = state.cfg > 1 and uncond_inputs is not None  # a rank per branch
@@ -222,7 +224,9 @@ class DenoisingStage(PipelineStage):
 
         latents = req.latents
         init_sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
-        if not (isinstance(init_sigma, (int, float)) and init_sigma == 1.0):  # Euler, DPM: noise at the top sigma
+        noised = getattr(req, "latents_noised", None)  # an input image noised to the first step (ImageNoisingStage)
+        # Euler, DPM: pure noise starts at the top sigma
+        if not noised and not (isinstance(init_sigma, (int, float)) and init_sigma == 1.0):
             latents = latents * init_sigma
         cache = self.step_cache.for_run(len(req.timesteps)) if self.step_cache is not None else None
         self.last_cache_stats = None
