@@ -108,6 +108,22 @@ def test_without_the_instruction(ref, pipe):
     assert np.abs(ours - with_instruction).max() > 1e-2
 
 
+def test_a_transformer_with_another_timestep_scale_is_refused(pipe):
+    """SanaPipeline multiplies the timestep by the transformer's timestep_scale, which no denoising callback sees
+    (all SanaPipeline checkpoints have 1.0): another value is refused, not run wrongly."""
+    from diffstage import DiffstageError
+
+    config = pipe.modules["transformer"].config
+    pipe.modules["transformer"].register_to_config(timestep_scale=2.0)
+    try:
+        with pytest.raises(DiffstageError, match="the transformer's config has timestep_scale 2.0; this YAML serves "
+                                                 "SanaPipeline checkpoints, whose timestep_scale is 1.0"):
+            pipe("a red fox", seed=0, **SIZE)
+    finally:
+        pipe.modules["transformer"].register_to_config(timestep_scale=config.get("timestep_scale", 1.0))
+    assert pipe.modules["transformer"].config.timestep_scale == 1.0
+
+
 # --- step caches, from sana.yaml's acceleration declaration ----------------------------------------------------
 def cached_run(tiny_sana, *overrides):
     pipe = build_pipeline(str(REPO / "pipelines_yaml" / "sana.yaml"), model_path=tiny_sana,
