@@ -3,78 +3,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
-from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from diffstage.errors import StageError
+from diffstage.errors import StageError, shown
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
 from diffstage.images import open_image
 from diffstage.torch_utils import module_device, module_dtype
 
-
-class EncoderConfig(BaseModel):
-    """One text encoder, as configured in the YAML."""
-
-    model_config = ConfigDict(extra="forbid")
-    text_encoder: str  # module name
-    tokenizer: str  # module name
-    field: str  # Req field the embeddings go to; negatives go to "negative_<field>"
-    output: str = "last_hidden_state"  # attribute of the encoder output: pooler_output, last_hidden_state, ...
-    hidden_layer: int | None = None  # take hidden_states[hidden_layer] instead (-2: the penultimate layer)
-    max_length: Annotated[int, Field(ge=1)] | None = None  # fixed token length; default: tokenizer.model_max_length
-    max_length_field: Literal["max_sequence_length"] | None = None  # take the length from the request instead
-    prompt_field: str = "prompt"  # request field with this encoder's prompt; prompt when that is unset
-    negative_prompt_field: str = "negative_prompt"  # likewise for the negative prompt
-    template: str | None = None  # the text around each prompt, which goes where "{}" is (a chat template)
-    padding: Literal["max_length", "longest"] = "max_length"  # longest: pad to the longest prompt of the batch
-    mask_field: str | None = None  # Req field for the attention mask (1 = token, 0 = padding)
-    use_attention_mask: bool = False  # pass the mask to the encoder (masked T5 conditioning needs it)
-    # Req field with an image the encoder sees with every prompt (a vision-language encoder): `tokenizer`
-    # then names its processor, called with text= and images=, and what it returns beyond the tokens
-    # (pixel values, image grids) goes to the encoder too. The prompt (or template) places the image.
-    image_field: str | None = None
-
-    @model_validator(mode="after")
-    def _one_output(self):
-        if self.hidden_layer is not None and self.output != "last_hidden_state":
-            raise ValueError("set either `output` or `hidden_layer`, not both")
-        if self.output == "hidden_states" and self.hidden_layer is None:
-            raise ValueError("output 'hidden_states' is one tensor per layer: set hidden_layer (e.g. -2) instead")
-        if self.template is not None and self.template.count("{}") != 1:
-            raise ValueError("template must contain '{}' exactly once (where the prompt goes)")
-        if self.image_field is not None and self.padding != "longest":
-            raise ValueError("an encoder with image_field pads to the longest prompt: set padding: longest")
-        return self
-
-
-POSITION_KEYS = ("max_position_embeddings", "n_positions")  # sizes of an encoder's position table
-
-
-def _known(n) -> int | None:
-    # tokenizers without a limit report a huge sentinel (1e30)
-    return int(n) if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10 ** 7 else None
-
-
-def length_limit(enc: dict) -> tuple[int, str] | None:
-    """Most tokens an encoder takes, and where that comes from (None before modules are bound, as when the
-    builder checks a request early). The encoder's position table is the limit; a tokenizer's model_max_length
-    is advice (a model may run 1024 + 34 template tokens through a tokenizer advising 1024), used only for
-    encoders without a position table (relative positions) to keep a length bound at all."""
-    config = getattr(enc.get("text_encoder"), "config", None)
-    configs = [config, *([config.get_text_config()] if hasattr(config, "get_text_config") else [])]
-    for key in POSITION_KEYS:
-        for c in configs:
-            if (n := _known(getattr(c, key, None))) is not None:
-                return n, f"its {key}"
-    n = _known(getattr(enc.get("tokenizer"), "model_max_length", None))
-    return (n, "its tokenizer's model_max_length; the encoder has no position table") if n is not None else None
-
-
-def enc_name(enc: dict) -> str:
-    return enc["text_encoder"] if isinstance(enc.get("text_encoder"), str) else enc.get("field", "?")
+from .encoder_config import EncoderConfig, enc_name, length_limit
 
 
 class TextEncodingStage(PipelineStage):
@@ -90,9 +28,17 @@ class TextEncodingStage(PipelineStage):
     optional_reads = ("prompt_2", "negative_prompt", "max_sequence_length", "num_images_per_prompt")
     reusable = True  # deterministic in what it reads: a sweep over seeds encodes each prompt once
     callback_specs = (
-        CallbackSpec("combine", ("outputs", "req", "settings"),
-                     doc="takes {field: tensor} of one prompt branch and returns {field: tensor} for each of "
-                         "`combined_fields` (required when combined_fields is set)"),
+        CallbackSpec("combine", ("outputs", "req", "settings", "negative"),
+                     doc="takes {field: tensor} of one prompt branch (negative: True for the negative prompt's) "
+                         "and returns {field: tensor} for each of `combined_fields` (required when "
+                         "combined_fields is set)"),
+        CallbackSpec("prompt_transform", ("prompts", "req", "settings", "negative"),
+                     doc="returns one branch's prompts as the encoders see them, before any template, e.g. "
+                         "lower-cased (default: unchanged)"),
+        CallbackSpec("max_length", ("field", "tokenizer", "req", "settings", "negative"),
+                     doc="returns the token length the prompts of the encoder writing `field` are padded or cut "
+                         "to, or None for the configured one (e.g. an instruction's tokens plus the request's "
+                         "max_sequence_length, counted with `tokenizer`)"),
     )
 
     def __init__(self, encoders: list[EncoderConfig], combined_fields: list[str] = ()):
@@ -137,6 +83,14 @@ class TextEncodingStage(PipelineStage):
                         declares[name] = what
                 writes.add(f)
                 negatives.add(f"negative_{f}")
+            if c.template_tokens_field:
+                name = c.template_tokens_field
+                if name in Req.request_fields():
+                    raise ValueError(f"encoders[{i}].template_tokens_field: '{name}' is a request field; use a "
+                                     "state field")
+                if name not in Req.state_fields():
+                    declares[name] = f"tokens the template of text encoder '{c.text_encoder}' puts before the prompt"
+                writes.add(name)
             reads |= {c.prompt_field, c.negative_prompt_field}
             images |= {c.image_field} if c.image_field else set()
             modules[("encoders", i, "text_encoder")] = c.text_encoder
@@ -152,41 +106,71 @@ class TextEncodingStage(PipelineStage):
             negatives.add(f"negative_{f}")
         combine = replace(cls.callback_specs[0], required=bool(combined))
         return Contract(reads=frozenset(cls.reads) | images, writes=frozenset(writes), optional_writes=frozenset(negatives),
-                        optional_reads=frozenset(reads), modules=modules, declares=declares, callbacks=(combine,))
+                        optional_reads=frozenset(reads), modules=modules, declares=declares,
+                        callbacks=(combine, *cls.callback_specs[1:]))
 
     def required_reads(self) -> tuple[str, ...]:
         return tuple(self.reads) + tuple(e["image_field"] for e in self.encoders if e.get("image_field"))
 
     def guaranteed_writes(self) -> tuple[str, ...]:
-        return tuple(f for e in self.encoders for f in (e["field"], e.get("mask_field")) if f) \
-            + tuple(self.combined_fields)
+        return tuple(f for e in self.encoders for f in (e["field"], e.get("mask_field"), e.get("template_tokens_field"))
+                     if f) + tuple(self.combined_fields)
 
     @staticmethod
-    def default_combine(outputs, req, settings):
+    def default_combine(outputs, req, settings, negative):
         return {}
 
-    @torch.no_grad()
-    def encode(self, enc: dict, prompts: list[str], req: Req) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings, attention mask) of `prompts`, one copy per image."""
-        tokenizer, encoder = enc["tokenizer"], enc["text_encoder"]
-        if enc.get("template"):
-            prompts = [enc["template"].replace("{}", p) for p in prompts]
-        extra = {}
+    @staticmethod
+    def default_prompt_transform(prompts, req, settings, negative):
+        return prompts
+
+    @staticmethod
+    def default_max_length(field, tokenizer, req, settings, negative):
+        return None
+
+    def prepared(self, enc: dict, prompts: list[str], req: Req, negative: bool) -> list[str]:
+        """One branch's prompts as the encoder sees them: through `prompt_transform`, then the branch's template."""
+        out = self.callback("prompt_transform")(list(prompts), req, self.settings, negative)
+        if not isinstance(out, (list, tuple)) or len(out) != len(prompts) or not all(isinstance(p, str) for p in out):
+            raise StageError(f"TextEncodingStage: the prompt_transform callback must return a list of {len(prompts)} "
+                             f"strings (one per prompt), got {shown(out)}")
+        template = enc.get("negative_template") if negative and enc.get("negative_template") else enc.get("template")
+        return [template.replace("{}", p) for p in out] if template else list(out)
+
+    def token_length(self, enc: dict, req: Req, negative: bool) -> int | None:
+        """The length this branch's tokens are padded or cut to: the `max_length` callback's, else the YAML's."""
+        length = self.callback("max_length")(enc["field"], enc["tokenizer"], req, self.settings, negative)
+        if length is None:
+            if enc.get("image_field"):  # a processor: only an explicit max_length cuts (vision tokens)
+                return enc.get("max_length")
+            if enc.get("max_length_field"):
+                return getattr(req, enc["max_length_field"])
+            return enc.get("max_length") or enc["tokenizer"].model_max_length
+        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+            raise StageError(f"TextEncodingStage: the max_length callback must return a positive int or None, got "
+                             f"{shown(length)} (for text encoder '{enc_name(enc)}')")
+        return length
+
+    def tokenize(self, enc: dict, prompts: list[str], req: Req, negative: bool) -> dict:
+        tokenizer, max_length = enc["tokenizer"], self.token_length(enc, req, negative)
+        side = {"padding_side": enc["padding_side"]} if enc.get("padding_side") else {}
         if enc.get("image_field"):
             # The processor expands the image into vision tokens; truncating (unless asked) could cut them off.
             image = open_image(getattr(req, enc["image_field"]), enc["image_field"])
-            limit = {"max_length": enc["max_length"], "truncation": True} if enc.get("max_length") else {}
-            tokens = tokenizer(text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt",
-                               **limit)
-            accepted = inspect.signature(encoder.forward).parameters
-            extra = {k: v for k, v in tokens.items() if k not in ("input_ids", "attention_mask") and k in accepted}
-        else:
-            if enc.get("max_length_field"):
-                max_length = getattr(req, enc["max_length_field"])
-            else:
-                max_length = enc.get("max_length") or tokenizer.model_max_length
-            tokens = tokenizer(prompts, padding=True if enc.get("padding") == "longest" else "max_length",
-                               max_length=max_length, truncation=True, return_tensors="pt")
+            limit = {"max_length": max_length, "truncation": True} if max_length else {}
+            return tokenizer(text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt",
+                             **limit, **side)
+        return tokenizer(prompts, padding=True if enc.get("padding") == "longest" else "max_length",
+                         max_length=max_length, truncation=True, return_tensors="pt", **side)
+
+    @torch.no_grad()
+    def encode(self, enc: dict, prompts: list[str], req: Req, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, attention mask) of one branch's `prompts`, one copy per image."""
+        encoder = enc["text_encoder"]
+        tokens = self.tokenize(enc, self.prepared(enc, prompts, req, negative), req, negative)
+        accepted = inspect.signature(encoder.forward).parameters
+        extra = {k: v for k, v in tokens.items() if k not in ("input_ids", "attention_mask") and k in accepted} \
+            if enc.get("image_field") else {}  # pixel values, image grids
         device = module_device(encoder)
         mask = tokens["attention_mask"] if "attention_mask" in tokens else torch.ones_like(tokens["input_ids"])
         layer = enc.get("hidden_layer")
@@ -201,6 +185,12 @@ class TextEncodingStage(PipelineStage):
         return emb.repeat_interleave(n, dim=0), mask.to(device).repeat_interleave(n, dim=0)
 
     @staticmethod
+    def template_tokens(enc: dict) -> int:
+        """Tokens the template's text before "{}" encodes to, special tokens included."""
+        tokenizer = getattr(enc["tokenizer"], "tokenizer", enc["tokenizer"])  # a processor's own tokenizer
+        return len(tokenizer(enc["template"].split("{}")[0])["input_ids"])
+
+    @staticmethod
     def texts(req: Req, name: str, fallback: str, count: int) -> list[str] | None:
         """The prompts in request field `name` (`fallback` when unset), one per prompt; None if both unset."""
         value = getattr(req, name)
@@ -212,12 +202,14 @@ class TextEncodingStage(PipelineStage):
     def forward(self, req: Req) -> Req:
         count = len(req.prompts())
         for enc in self.encoders:
+            if enc.get("template_tokens_field"):  # set first: this stage's max_length callback may read it
+                setattr(req, enc["template_tokens_field"], self.template_tokens(enc))
             runs = [("", self.texts(req, enc["prompt_field"], "prompt", count))]
             if req.do_cfg:  # the empty prompt when no negative prompt is given
                 runs.append(("negative_", self.texts(req, enc["negative_prompt_field"], "negative_prompt", count)
                              or [""] * count))
             for prefix, texts in runs:
-                emb, mask = self.encode(enc, texts, req)
+                emb, mask = self.encode(enc, texts, req, negative=bool(prefix))
                 setattr(req, prefix + enc["field"], emb)
                 if enc.get("mask_field"):
                     setattr(req, prefix + enc["mask_field"], mask)
@@ -229,7 +221,7 @@ class TextEncodingStage(PipelineStage):
     def combine(self, req: Req, prefix: str) -> None:
         """Run the `combine` callback on one branch's encoder outputs and store what it returns."""
         names = [f for e in self.encoders for f in (e["field"], e.get("mask_field")) if f]
-        made = self.callback("combine")({n: getattr(req, prefix + n) for n in names}, req, self.settings)
+        made = self.callback("combine")({n: getattr(req, prefix + n) for n in names}, req, self.settings, bool(prefix))
         if not isinstance(made, dict) or sorted(made) != sorted(self.combined_fields):
             got = sorted(made) if isinstance(made, dict) else type(made).__name__
             raise StageError(f"TextEncodingStage: the combine callback must return a dict with the keys "

@@ -55,7 +55,7 @@ def test_stages_that_draw_randomness_are_never_reused():
 def test_a_callback_that_does_not_declare_its_reads_turns_reuse_off():
     from diffstage import PipelineBuilder
 
-    def combine(outputs, req, settings):  # gets the request, says nothing about what it reads
+    def combine(outputs, req, settings, negative):  # gets the request, says nothing about what it reads
         return {"prompt_embeds": outputs["prompt_embeds"] * 1.0}
 
     b = PipelineBuilder.from_yaml("digits").set_args("text_encoding", combined_fields=["prompt_embeds"])

@@ -48,7 +48,7 @@ def test_bound_method_callbacks_of_two_objects_get_different_keys():
             self.factor = factor
 
         @reads()
-        def combine(self, outputs, req, settings):
+        def combine(self, outputs, req, settings, negative):
             return {"prompt_embeds": outputs["prompt_embeds"] * self.factor}
 
     pipe = build_pipeline("digits")

@@ -67,7 +67,7 @@ def test_combined_fields_need_the_combine_callback(tmp_path):
     assert problem.key == "pipeline_config.callbacks.text_encoding" and problem.stage == "TextEncodingStage"
     assert problem.message == "missing required callback 'text_encoding.combine'"
     stage = TextEncodingStage([], combined_fields=["prompt_embeds"])
-    stage.bind({"combine": lambda outputs, req, settings: {"wrong": 1}}, {})
+    stage.bind({"combine": lambda outputs, req, settings, negative: {"wrong": 1}}, {})
     with pytest.raises(DiffstageError, match=r"the combine callback must return a dict with the keys \['prompt_embeds'\]"
                                              r" \(combined_fields\), got \['wrong'\]"):
         stage.combine(Req(), "")

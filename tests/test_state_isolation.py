@@ -116,7 +116,7 @@ def test_a_callback_key_for_a_new_function_does_not_collide_with_a_freed_one():
     settings = dict(stage.settings)
     keys, ids = [], set()
     for i in range(300):
-        def combine(outputs, req, settings, i=i):
+        def combine(outputs, req, settings, negative, i=i):
             return {"prompt_embeds": outputs["prompt_embeds"] * i}
 
         stage.bind({"combine": reads()(combine)}, settings)
@@ -213,7 +213,7 @@ def test_an_unhashable_callable_callback_makes_the_stage_run_not_fail():
         def __eq__(self, other):
             return isinstance(other, Combine)
 
-        def __call__(self, outputs, req, settings):
+        def __call__(self, outputs, req, settings, negative):
             return {"prompt_embeds": outputs["prompt_embeds"]}
 
     pipe = build_pipeline("digits")

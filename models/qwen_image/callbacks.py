@@ -27,7 +27,7 @@ def prompt_tokens(outputs, settings) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @reads("max_sequence_length")
-def combine(outputs, req, settings):
+def combine(outputs, req, settings, negative):
     """The prompt tokens and their mask, cut to max_sequence_length."""
     embeds, keep = prompt_tokens(outputs, settings)
     n = req.max_sequence_length

@@ -82,7 +82,7 @@ def drop_image_tokens(pred, req, settings):
 
 # --- text_encoding ------------------------------------------------------------
 @reads()  # nothing from the request: the encoder outputs only
-def combine(outputs, req, settings):
+def combine(outputs, req, settings, negative):
     """The prompt tokens and their mask, not cut to max_sequence_length: the image's vision tokens are among
     them, and Diffusers keeps them all."""
     embeds, keep = prompt_tokens(outputs, settings)

@@ -18,7 +18,7 @@ def vae_scale_factor(vae) -> int:
 
 # --- text_encoding ------------------------------------------------------------
 @reads()  # nothing from the request: the encoder outputs only
-def combine(outputs, req, settings):
+def combine(outputs, req, settings, negative):
     """Three encoders' outputs -> the transformer's prompt_embeds [B, 77 + L, D_t5] and pooled [B, 2 * D_clip]."""
     clip = torch.cat([outputs["clip_l_hidden"], outputs["clip_g_hidden"]], dim=-1)
     t5 = outputs["t5_embeds"]

@@ -12,7 +12,7 @@ from diffstage.callbacks import reads
 
 # --- text_encoding ------------------------------------------------------------
 @reads()  # nothing from the request: the encoder outputs only
-def combine(outputs, req, settings):
+def combine(outputs, req, settings, negative):
     """UMT5's states with the padding positions set to zero, as Wan's transformer was trained on."""
     embeds, mask = outputs["t5_embeds"], outputs["text_mask"]
     return {"prompt_embeds": embeds * mask[..., None].to(embeds.dtype)}
