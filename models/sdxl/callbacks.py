@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from diffstage.callbacks import reads
-from diffstage.errors import RequestError, shown
+from diffstage.errors import RequestError, StageError, shown
 
 MICRO = ("original_size", "crops_coords_top_left", "target_size")  # request fields, in the time ids' order
 
@@ -44,8 +44,8 @@ def _pair(req, name: str, default) -> list[int]:
         return list(default)
     if not (isinstance(value, (list, tuple)) and len(value) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-        raise RequestError(f"{name} must be two non-negative integers ({'height, width' if 'size' in name else 'top, left'}),"
-                           f" got {shown(value)}")
+        what = "top, left" if name.endswith("crops_coords_top_left") else "height, width"
+        raise RequestError(f"{name} must be two non-negative integers ({what}), got {shown(value)}")
     return list(value)
 
 
@@ -64,10 +64,10 @@ def _check_width(transformer, ids: list[int], pooled: torch.Tensor) -> None:
     expected = transformer.add_embedding.linear_1.in_features
     got = transformer.config.addition_time_embed_dim * len(ids) + pooled.shape[-1]
     if got != expected:
-        raise RequestError(f"the UNet's added embedding takes {expected} numbers, but {len(ids)} micro-conditioning "
-                           f"ids x addition_time_embed_dim {transformer.config.addition_time_embed_dim} + the pooled "
-                           f"text projection's {pooled.shape[-1]} make {got}: check the unet's and text_encoder_2's "
-                           "config.json")
+        raise StageError(f"the UNet's added embedding takes {expected} numbers, but {len(ids)} micro-conditioning "
+                         f"ids x addition_time_embed_dim {transformer.config.addition_time_embed_dim} + the pooled "
+                         f"text projection's {pooled.shape[-1]} make {got}: check the unet's and text_encoder_2's "
+                         "config.json")
 
 
 @reads("height", "width", optional=MICRO + tuple(f"negative_{m}" for m in MICRO))
