@@ -35,7 +35,7 @@ from .resolve import callback_allowlist, given_object, resolve
 from .run_config import RunConfig, check_sampling_keys, parse_run_config
 from .session import Session
 from .spec import ModelSpec
-from .stage import PipelineStage
+from .stage import PipelineStage, Settings
 from .step_cache import StepCache, make_step_cache
 from .torch_utils import parse_device, parse_dtype
 from .vae_decode import attach_decode_options
@@ -48,6 +48,16 @@ def _substitute(value: Any, path: tuple, obj: Any) -> Any:
     value = copy.copy(value)
     value[path[0]] = _substitute(value[path[0]], path[1:], obj)
     return value
+
+
+def model_settings(checked: CheckedModel, model_path: str | Path | None = None) -> dict[str, Any]:
+    """What callbacks read as `settings`: pipeline_config.settings, and each checkpoint_settings key from the
+    checkpoint's model_index.json (its YAML default when the checkpoint has none, or none is known yet)."""
+    pc = checked.spec.pipeline_config
+    index = {}
+    if pc.checkpoint_settings and model_path is not None:
+        index = loader.read_json_object(loader.resolve_checkpoint(model_path, ()) / "model_index.json")
+    return {**pc.settings, **{k: index.get(k, default) for k, default in pc.checkpoint_settings.items()}}
 
 
 def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dict[str, Any],
@@ -75,7 +85,8 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
     pc = checked.spec.pipeline_config
     group = pc.callbacks.get(planned.cls.callback_group(), {})
     callbacks = callback_allowlist(checked.allowlist)  # not diffusers./transformers./torch. functions
-    stage.bind({name: resolve(path, callbacks) for name, path in group.items()}, pc.settings, sources=group,
+    stage.bind({name: resolve(path, callbacks) for name, path in group.items()}, model_settings(checked, model_path),
+               sources=group,
                contract=planned.contract)
     return stage
 
@@ -174,6 +185,9 @@ class BuildPlan:
                                       execution=execution)
         declared = apply_acceleration(checked, modules, execution)
         stages = [self.early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
+        if spec.pipeline_config.checkpoint_settings:  # the stages made early saw only the YAML's defaults
+            for stage in self.early.values():
+                stage.settings = Settings(model_settings(checked, model_path))
         attach_step_cache(stages, step_cache, checked, declared)
         attach_decode_options(stages, run.runtime, spec.name)
         route_attention(stages, execution["attention"])

@@ -44,9 +44,24 @@ class ModuleSpec(_Strict):
 
 class PipelineConfigSpec(_Strict):
     settings: dict[str, Any] = Field(default_factory=dict, description="static model settings callbacks read")
+    checkpoint_settings: dict[str, Any] = Field(
+        default_factory=dict, description="settings whose value comes from the checkpoint's model_index.json "
+                                          "(a pipeline's own config, e.g. force_zeros_for_empty_prompt): key -> the "
+                                          "value when the checkpoint does not give one")
     callbacks: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="callback dotted paths, grouped by the stage that calls them"
     )
+
+    @model_validator(mode="after")
+    def _checkpoint_keys(self):
+        for key in self.checkpoint_settings:
+            if not key.isidentifier() or key.startswith("_"):
+                raise ValueError(f"checkpoint_settings: '{key}' is not a model_index.json config key (a name "
+                                 "without a leading underscore)")
+            if key in self.settings:
+                raise ValueError(f"'{key}' is in both settings and checkpoint_settings: keep it in "
+                                 "checkpoint_settings (its value there is the default for checkpoints without one)")
+        return self
 
 
 class SamplingSpec(_Strict):
