@@ -35,3 +35,20 @@ def argument(name: str, args: tuple, kwargs: dict, arguments: Arguments) -> Any:
         return kwargs[name]
     position, default = arguments[name]
     return args[position] if position is not None and position < len(args) else default
+
+
+def missing_argument(module: Any, **names: str) -> str | None:
+    """What is wrong when `module`'s forward takes no argument of one of `names` (setting -> argument name),
+    as the stage setting it would hear it (a UNet takes `sample`: latents_arg: sample); None when it takes
+    them all, takes **kwargs, or is not a module."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    taken = [p.name for p in params if p.kind is not p.VAR_POSITIONAL]
+    for setting, name in names.items():
+        if name not in taken:
+            return (f"{type(module).__name__}.forward takes no argument {name!r} (it takes {', '.join(taken)}): set "
+                    f"{setting} to the name it gives that input")
+    return None

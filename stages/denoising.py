@@ -12,6 +12,7 @@ from diffstage.distributed.sequence import TRAFFIC
 from diffstage.distributed.split_plan import PLAN as SPLIT_PLAN, split_sequence
 from diffstage.attention.route import ROUTED, routed_attention
 from diffstage.attention.layer import DEFAULT_BACKEND
+from diffstage.forward_args import missing_argument
 from diffstage.req import Req
 from diffstage.run_events import report_step
 from diffstage.sampling import check_finite_latents, seed_list_problem
@@ -87,6 +88,9 @@ class DenoisingStage(PipelineStage):
         self.cache_route = "argument"  # how the transformer takes it: an argument (native) or declared blocks
         self.last_cache_stats: dict | None = None
         self.attention_backend = DEFAULT_BACKEND  # for a stock transformer's routed attention (the run's choice)
+        problem = missing_argument(transformer, latents_arg=latents_arg, timestep_arg=timestep_arg)
+        if problem:  # refused when the pipeline is built, not on the first step
+            raise ValueError(problem)
         self._check_parallel()
 
     def set_step_cache(self, cache: StepCache | None, declared: Collection = ()) -> None:

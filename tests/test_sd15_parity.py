@@ -65,7 +65,8 @@ def test_validate_says_ok(capsys):
 
 
 def test_a_unet_needs_latents_arg(pipes, tmp_path):
-    """The README's word: without `latents_arg: sample` the UNet gets the stage's default keyword, and says so."""
+    """Without `latents_arg: sample` the UNet would get the stage's default keyword: the build refuses it, saying
+    which argument the forward lacks and which setting names it (the README says so)."""
     from diffstage import DiffstageError
 
     text = REPO_YAML.read_text()
@@ -73,10 +74,11 @@ def test_a_unet_needs_latents_arg(pipes, tmp_path):
     path = tmp_path / "sd15.yaml"
     path.write_text(text.replace("    latents_arg: sample", "    # latents_arg: sample"))
     ref, _ = pipes("pndm")
-    pipe = build_pipeline(str(path), model_path=ref.name_or_path)
-    with pytest.raises(DiffstageError, match=r"DenoisingStage failed: TypeError: UNet2DConditionModel.forward\(\) got "
-                                             r"an unexpected keyword argument 'hidden_states'"):
-        pipe("a red fox", seed=0, height=32, width=32, num_inference_steps=1)
+    with pytest.raises(DiffstageError, match=r"sd15.yaml:\d+: stages\[4\]: DenoisingStage could not be created: "
+                                             r"ValueError: UNet2DConditionModel.forward takes no argument "
+                                             r"'hidden_states' \(it takes sample, timestep, encoder_hidden_states, "
+                                             r".*\): set latents_arg to the name it gives that input"):
+        build_pipeline(str(path), model_path=ref.name_or_path)
 
 
 def test_the_readme_shows_the_whole_yaml_and_callbacks():
