@@ -134,6 +134,8 @@ class Req:
     image_position_ids: Any = _state("position ids of latent tokens (e.g. for RoPE)")
     timesteps: Any = _state("timestep schedule, one per step")
     sigmas: Any = _state("noise levels of the schedule")
+    latents_noised: bool | None = _state("the latents already carry the first timestep's noise (an input image's "
+                                         "latents, noised): DenoisingStage does not scale them by init_noise_sigma")
     decoded: Any = _state("decoded images as a tensor in [0, 1], [B, C, H, W]")
     output: Any = _state("final output in `output_type` form")
 

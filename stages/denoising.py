@@ -134,7 +134,7 @@ class DenoisingStage(PipelineStage):
         cond = list(args.get("conditioning", ["prompt_embeds"]))
         negatives = [f"negative_{c}" for c in cond]
         return Contract(reads=base.reads | frozenset(cond), writes=base.writes,
-                        optional_reads=frozenset(negatives) | {"generator"}, callbacks=base.callbacks,
+                        optional_reads=frozenset(negatives) | {"generator", "latents_noised"}, callbacks=base.callbacks,
                         modules=base.modules)
 
     def required_reads(self) -> tuple[str, ...]:
@@ -228,7 +228,7 @@ class DenoisingStage(PipelineStage):
 
         latents = req.latents
         init_sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
-        noised = getattr(req, "latents_noised", None)  # an input image noised to the first step (ImageNoisingStage)
+        noised = req.latents_noised  # an input image noised to the first step (ImageNoisingStage)
         # Euler, DPM: pure noise starts at the top sigma
         if not noised and not (isinstance(init_sigma, (int, float)) and init_sigma == 1.0):
             latents = latents * init_sigma

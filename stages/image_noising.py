@@ -30,8 +30,6 @@ class ImageNoisingStage(PipelineStage):
     reads = ("latents", "timesteps")
     writes = ("latents", NOISED)
     module_params = ("scheduler",)
-    declares = {NOISED: "the latents already carry the first timestep's noise (an input image's, noised): "
-                        "DenoisingStage does not scale them by init_noise_sigma"}
 
     def __init__(self, scheduler, image_field: str = "image_latents"):
         super().__init__()

@@ -169,7 +169,7 @@ def test_image_noising_needs_matching_shapes():
     scheduler.set_timesteps(4)
     stage = ImageNoisingStage(scheduler)
     stage.bind({}, {})
-    cls = Req.with_fields([FieldSpec("image_latents", "state"), FieldSpec("latents_noised", "state")])
+    cls = Req.with_fields([FieldSpec("image_latents", "state")])
     req = cls(latents=torch.zeros(1, 4, 4, 4), image_latents=torch.zeros(2, 4, 4, 4), timesteps=scheduler.timesteps)
     with pytest.raises(StageError, match=r"ImageNoisingStage: the image latents \('image_latents'\) have shape "
                                          r"\[2, 4, 4, 4\], the noise \[1, 4, 4, 4\]; they must match"):

@@ -32,8 +32,17 @@ def validate_command(argv: list[str]) -> None:
     spec = checked.spec
     say(f"OK {checked.file}: model '{spec.name}' ({spec.pipeline_name}, {spec.task.value}), "
         f"{len(spec.stages)} stages, {len(spec.modules)} modules\n" + "".join(
-            f"  stages[{p.index}] {p.cls.__name__}: reads {sorted(p.contract.reads)} -> writes "
-            f"{sorted(p.contract.writes)}\n" for p in checked.plan), end="")
+            f"  stages[{p.index}] {p.cls.__name__}: reads {sorted(p.contract.reads)}"
+            f"{_optional(p.contract.optional_reads - p.contract.reads, checked)} -> writes "
+            f"{sorted(p.contract.writes)}{_optional(p.contract.optional_writes - p.contract.writes, checked)}\n"
+            for p in checked.plan), end="")
+
+
+def _optional(fields, checked) -> str:
+    """` (+ optional [...])`: the fields a stage reads or writes only when they are set (or in some cases),
+    among this model's fields."""
+    known = sorted(f for f in fields if f in checked.req_cls.field_names())
+    return f" (+ optional {known})" if known else ""
 
 
 def graph_command(argv: list[str]) -> None:
