@@ -11,6 +11,8 @@ The schema is open: a model YAML may declare extra request fields
 with those fields added and typed; setting a name outside it is an error."""
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -162,8 +164,7 @@ class Req:
                              "; declare only new names")
         if not specs:
             return Req
-        extra = [(s.name, Any, field(default=s.default, metadata={"role": s.role, "doc": s.doc, "spec": s}))
-                 for s in specs]
+        extra = [(s.name, Any, _declared_field(s)) for s in specs]
         return make_dataclass("Req", extra, bases=(Req,), namespace={"__module__": Req.__module__})
 
     def __getattribute__(self, name: str) -> Any:
@@ -209,3 +210,12 @@ class Req:
         """Prompts times images per prompt: the batch the stages will run."""
         n = self.num_images_per_prompt
         return len(self.prompts()) * (n if isinstance(n, int) and not isinstance(n, bool) else 1)
+
+
+def _declared_field(spec: FieldSpec):
+    """The dataclass field of a declared field: a list or dict default is copied for each request (a YAML's
+    `default: [0, 0]`), so one request changing it changes no other."""
+    meta = {"role": spec.role, "doc": spec.doc, "spec": spec}
+    if isinstance(spec.default, (list, dict, set)):
+        return field(default_factory=functools.partial(copy.deepcopy, spec.default), metadata=meta)
+    return field(default=spec.default, metadata=meta)

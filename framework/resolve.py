@@ -193,4 +193,8 @@ def resolve(path: str, allowlist: Iterable[str] = DEFAULT_ALLOWLIST) -> Any:
                 raise DisallowedPathError(f"{shown(path)} reaches '{where}', which is outside the import allowlist "
                                           f"{list(allowlist)}; refused ({ALLOWLIST_HINT})")
         return obj
+    if getattr(last_error, "name", None) == parts[0]:  # not even its top package: not installed, or off the path
+        raise DiffstageError(f"cannot resolve {shown(path)}: no module named '{parts[0]}' can be imported; a package "
+                             "of your own must be installed (pip install -e DIR) or on PYTHONPATH, besides being in "
+                             "the allowlist")
     raise DiffstageError(f"cannot resolve {shown(path)}: no importable module in it ({last_error})")

@@ -42,8 +42,14 @@ def test_user_prefix_and_clear_errors():
     assert resolve("json.dumps", DEFAULT_ALLOWLIST + ("json",))([1]) == "[1]"
     with pytest.raises(DiffstageError, match="has no attribute 'Nope'"):
         resolve("diffstage.stages.Nope")
-    with pytest.raises(DiffstageError, match="no importable module"):
+    with pytest.raises(DiffstageError, match=r"cannot resolve 'diffstage_missing_pkg.x': no module named "
+                                             r"'diffstage_missing_pkg' can be imported; a package of your own must be "
+                                             r"installed \(pip install -e DIR\) or on PYTHONPATH, besides being in the "
+                                             r"allowlist"):
         resolve("diffstage_missing_pkg.x", ("diffstage_missing_pkg",))
+    with pytest.raises(DiffstageError, match=r"cannot resolve 'diffstage.no_such_module.x': module 'diffstage' has "
+                                             r"no attribute 'no_such_module'"):  # its package imports: not that hint
+        resolve("diffstage.no_such_module.x")
 
 
 def test_private_and_main_parts_refused():

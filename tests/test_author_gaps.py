@@ -1,0 +1,39 @@
+"""Model-author gaps of issue 22 outside the stages: validate shows optional reads and writes, a declared
+request field may default to a list, and an allowlisted package Python cannot import says what to do."""
+import pytest
+
+from diffstage import DiffstageError, check_model
+from diffstage.cli.inspection import validate_command
+
+
+def test_validate_lists_optional_reads_and_writes(capsys):
+    validate_command(["sd15"])
+    lines = capsys.readouterr().out.splitlines()
+    text = next(line for line in lines if "TextEncodingStage" in line)
+    assert text == ("  stages[1] TextEncodingStage: reads ['do_cfg', 'prompt'] (+ optional ['max_sequence_length', "
+                    "'negative_prompt', 'num_images_per_prompt', 'prompt_2']) -> writes ['prompt_embeds'] "
+                    "(+ optional ['negative_prompt_embeds'])")
+    timesteps = next(line for line in lines if "TimestepPreparationStage" in line)
+    assert "reads ['latents', 'num_inference_steps'] -> writes" in timesteps  # no optional reads: nothing shown
+
+
+def test_request_field_may_default_to_a_list(flux_yaml_variant):
+    path = flux_yaml_variant(("sampling:\n", "request_fields:\n  crops: {type: any, default: [0, 0], doc: a pair}\n"
+                                             "sampling:\n"))
+    req_cls = check_model(path).req_cls
+    a, b = req_cls(), req_cls()
+    a.crops.append(1)  # each request has its own copy
+    assert b.crops == [0, 0] and a.crops == [0, 0, 1]
+
+
+def test_allowlisted_package_that_is_not_importable(flux_yaml_variant, capsys):
+    path = flux_yaml_variant(("diffstage.models.flux.callbacks.mu", "my_author_pkg.callbacks.mu"))
+    with pytest.raises(SystemExit) as e:
+        validate_command([str(path), "--allow", "my_author_pkg"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert ("pipeline_config.callbacks.timestep_preparation.mu: cannot resolve callback: cannot resolve "
+            "'my_author_pkg.callbacks.mu': no module named 'my_author_pkg' can be imported; a package of your own "
+            "must be installed (pip install -e DIR) or on PYTHONPATH, besides being in the allowlist") in err
+    with pytest.raises(DiffstageError):
+        check_model(path, allowlist=["diffstage.", "my_author_pkg"])
