@@ -17,7 +17,7 @@ class EncoderConfig(BaseModel):
     hidden_layer: int | None = None  # take hidden_states[hidden_layer] instead (-2: the penultimate layer)
     max_length: Annotated[int, Field(ge=1)] | None = None  # fixed token length; default: tokenizer.model_max_length
     max_length_field: Literal["max_sequence_length"] | None = None  # take the length from the request instead
-    prompt_field: str = "prompt"  # request field with this encoder's prompt; prompt when that is unset
+    prompt_field: str = "prompt"  # request field with this encoder's prompt; prompt when that is unset or empty
     negative_prompt_field: str = "negative_prompt"  # likewise for the negative prompt
     template: str | None = None  # the text around each prompt, which goes where "{}" is (a chat template)
     # the negative prompt's template (an instruction some models put before the prompt only): default the

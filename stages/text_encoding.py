@@ -192,9 +192,10 @@ class TextEncodingStage(PipelineStage):
 
     @staticmethod
     def texts(req: Req, name: str, fallback: str, count: int) -> list[str] | None:
-        """The prompts in request field `name` (`fallback` when unset), one per prompt; None if both unset."""
+        """The prompts in request field `name` (`fallback` when unset or empty, as Diffusers' `prompt_2 or
+        prompt`), one per prompt; None if both unset."""
         value = getattr(req, name)
-        value = getattr(req, fallback) if value is None else value
+        value = getattr(req, fallback) if value is None or len(value) == 0 else value
         if value is None:
             return None
         return [value] * count if isinstance(value, str) else list(value)

@@ -151,3 +151,11 @@ from diffstage.models.flux.callbacks import model_inputs as flux_inputs  # noqa:
 @reads("latents", "image_position_ids", "prefix_tokens", optional=("guidance_scale",))
 def model_inputs_reading_count(req, settings, transformer, negative):
     return flux_inputs(req, settings, transformer, negative)
+
+
+def test_an_empty_second_prompt_falls_back_to_the_prompt(tiny_flux_dev):
+    # Diffusers: prompt_2 = prompt_2 or prompt (SD3, SDXL, FLUX), negative_prompt_2 likewise
+    assert TextEncodingStage.texts(Req(prompt="a fox", prompt_2=""), "prompt_2", "prompt", 2) == ["a fox"] * 2
+    assert TextEncodingStage.texts(Req(prompt="a fox", prompt_2=[]), "prompt_2", "prompt", 1) == ["a fox"]
+    assert TextEncodingStage.texts(Req(prompt="a fox", prompt_2="a cat"), "prompt_2", "prompt", 1) == ["a cat"]
+    assert TextEncodingStage.texts(Req(prompt=""), "prompt", "prompt", 1) == [""]  # the prompt itself stays
