@@ -37,3 +37,27 @@ def test_allowlisted_package_that_is_not_importable(flux_yaml_variant, capsys):
             "must be installed (pip install -e DIR) or on PYTHONPATH, besides being in the allowlist") in err
     with pytest.raises(DiffstageError):
         check_model(path, allowlist=["diffstage.", "my_author_pkg"])
+
+
+def test_shipped_reusable_stages_declare_what_their_callbacks_read():
+    """A callback that gets the request but does not say what it reads (@reads) turns reuse off for its stage:
+    every request would rerun, e.g., a text encoder. No shipped YAML may do that by omission."""
+    import inspect
+
+    from diffstage.callbacks import READS
+    from diffstage.resolve import resolve
+    from diffstage.models_dir import available_models
+
+    undeclared = []
+    for name in sorted(available_models()):
+        checked = check_model(name)
+        for planned in checked.plan:
+            if not planned.cls.reusable:
+                continue
+            group = checked.spec.pipeline_config.callbacks.get(planned.cls.callback_group(), {})
+            specs = {s.name: s for s in planned.cls.callback_specs}
+            for callback, path in group.items():
+                fn = resolve(path)
+                if "req" in specs[callback].params and not hasattr(inspect.unwrap(fn), READS):
+                    undeclared.append(f"{name}: {planned.cls.callback_group()}.{callback}")
+    assert undeclared == []

@@ -83,12 +83,12 @@ def test_two_images_per_prompt_match_diffusers_with_its_mask_order_fixed(ref, pi
 
 def test_right_padding_matters(ref, pipe):
     """The parity above rests on right padding: with Gemma's own (left) the image is far off."""
-    encoder = pipe.stages[1].encoders[0]
-    encoder["padding_side"] = None
+    encoder, reuse = pipe.stages[1].encoders[0], pipe.reuse
+    encoder["padding_side"], pipe.reuse = None, None  # changed in place: the stored encoding must not come back
     try:
         ours, expected = run_both(ref, pipe, "a red fox", negative_prompt="blurry", guidance_scale=4.5)
     finally:
-        encoder["padding_side"] = "right"
+        encoder["padding_side"], pipe.reuse = "right", reuse
     assert np.abs(ours - expected).max() > 1e-2
 
 

@@ -23,6 +23,7 @@ def instruction(settings) -> str:
     return "\n".join(settings.get("complex_human_instruction") or ())
 
 
+@reads()  # nothing from the request: the stage's outputs may be reused across calls
 def prompt_transform(prompts, req, settings, negative):
     """Diffusers' _text_preprocessing with clean_caption=False (both branches), then the instruction before each
     positive prompt."""
