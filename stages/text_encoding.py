@@ -186,9 +186,16 @@ class TextEncodingStage(PipelineStage):
 
     @staticmethod
     def template_tokens(enc: dict) -> int:
-        """Tokens the template's text before "{}" encodes to, special tokens included."""
+        """Tokens before the prompt in `template`'s encoding, special tokens included: where the encodings of the
+        template around two different prompts first differ (counting the prefix alone would count the end token
+        CLIP and T5 add; a vision processor's image placeholder counts as one token)."""
         tokenizer = getattr(enc["tokenizer"], "tokenizer", enc["tokenizer"])  # a processor's own tokenizer
-        return len(tokenizer(enc["template"].split("{}")[0])["input_ids"])
+        a, b = (tokenizer(enc["template"].replace("{}", marker))["input_ids"] for marker in ("a", "b"))
+        start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if start is None:
+            raise StageError(f"TextEncodingStage: cannot count the tokens of the template of text encoder "
+                             f"'{enc_name(enc)}': its tokenizer encodes 'a' and 'b' alike")
+        return start
 
     @staticmethod
     def texts(req: Req, name: str, fallback: str, count: int) -> list[str] | None:

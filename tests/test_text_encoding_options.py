@@ -111,7 +111,10 @@ def test_max_length_callback_counts_with_the_tokenizer(t5):
 
 def test_template_tokens_field_counts_the_prefix_for_later_callbacks(t5):
     req = stage(t5, template="describe the image: {}", template_tokens_field="instruction_tokens")(request())
-    assert req.instruction_tokens == len(t5.tok("describe the image: ").input_ids) > 1
+    whole = t5.tok("describe the image: a red fox").input_ids  # T5 adds </s> at the end only
+    prompt = t5.tok("a red fox", add_special_tokens=False).input_ids
+    assert whole[req.instruction_tokens:req.instruction_tokens + len(prompt)] == prompt
+    assert req.instruction_tokens == len(t5.tok("describe the image:", add_special_tokens=False).input_ids) > 1
     contract = TextEncodingStage.contract({"encoders": [dict(text_encoder="te", tokenizer="tok", field="emb",
                                                              template="x: {}", template_tokens_field="n_tokens")]})
     assert "n_tokens" in contract.writes and "n_tokens" in contract.declares
@@ -159,3 +162,12 @@ def test_an_empty_second_prompt_falls_back_to_the_prompt(tiny_flux_dev):
     assert TextEncodingStage.texts(Req(prompt="a fox", prompt_2=[]), "prompt_2", "prompt", 1) == ["a fox"]
     assert TextEncodingStage.texts(Req(prompt="a fox", prompt_2="a cat"), "prompt_2", "prompt", 1) == ["a cat"]
     assert TextEncodingStage.texts(Req(prompt=""), "prompt", "prompt", 1) == [""]  # the prompt itself stays
+
+
+def test_template_tokens_count_a_start_token_and_not_an_end_token(tiny_flux_dev):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_flux_dev, subfolder="tokenizer")  # <|startoftext|> ... <|endoftext|>
+    n = TextEncodingStage.template_tokens({"tokenizer": tok, "template": "a photo of {}"})
+    assert n == 1 + len(tok("a photo of", add_special_tokens=False).input_ids)
+    assert tok("a photo of a red fox").input_ids[n:n + 3] == tok("a red fox", add_special_tokens=False).input_ids
