@@ -57,12 +57,29 @@ def model_settings(checked: CheckedModel, model_path: str | Path | None = None) 
     index = {}
     if pc.checkpoint_settings and model_path is not None:
         index = loader.read_json_object(loader.resolve_checkpoint(model_path, ()) / "model_index.json")
-    return {**pc.settings, **{k: index.get(k, default) for k, default in pc.checkpoint_settings.items()}}
+    values = {k: index.get(k, default) for k, default in pc.checkpoint_settings.items()}
+    for key, value in values.items():
+        default = pc.checkpoint_settings[key]
+        if default is not None and value is not None and _kind(value) != _kind(default):
+            raise DiffstageError(f"model_index.json of '{model_path}' gives {key} = {value!r}, but model "
+                                 f"'{checked.spec.name}' expects a {_kind(default)} there (checkpoint_settings."
+                                 f"{key}: {default!r})")
+    return {**pc.settings, **values}
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind: bool, number, string, list or mapping."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
 
 
 def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dict[str, Any],
-                      model_path: str | Path | None = None) -> PipelineStage:
-    """Make the stage `planned` describes, with its modules, and wire it (callbacks, settings, contract)."""
+                      model_path: str | Path | None = None, settings: dict[str, Any] | None = None) -> PipelineStage:
+    """Make the stage `planned` describes, with its modules, and wire it (callbacks, `settings`: by default the
+    model's, checkpoint_settings at their YAML defaults; contract)."""
     args = dict(planned.args)
     if planned.cls.takes_all_modules:
         args["modules"] = dict(modules)
@@ -85,8 +102,8 @@ def instantiate_stage(planned: PlannedStage, checked: CheckedModel, modules: dic
     pc = checked.spec.pipeline_config
     group = pc.callbacks.get(planned.cls.callback_group(), {})
     callbacks = callback_allowlist(checked.allowlist)  # not diffusers./transformers./torch. functions
-    stage.bind({name: resolve(path, callbacks) for name, path in group.items()}, model_settings(checked, model_path),
-               sources=group,
+    settings = model_settings(checked) if settings is None else settings
+    stage.bind({name: resolve(path, callbacks) for name, path in group.items()}, settings, sources=group,
                contract=planned.contract)
     return stage
 
@@ -178,16 +195,18 @@ class BuildPlan:
         for planned in checked.plan:  # a stage that builds the checkpoint's own pipeline: its class is checked first
             if planned.cls.takes_all_modules:
                 loader.pipeline_class(model_path, checked.allowlist)
+        settings = model_settings(checked, model_path)  # a wrong model_index.json value fails before weights load
         keys: dict[str, str] = {}
         execution = execution_options(run, spec, device, planned_images)
         modules = loader.load_modules(spec, model_path, dtype=dtype, device=device, allow_pickle=run.allow_pickle,
                                       allowlist=checked.allowlist, keys=keys, cache=session.modules,
                                       execution=execution)
         declared = apply_acceleration(checked, modules, execution)
-        stages = [self.early.get(p.index) or instantiate_stage(p, checked, modules, model_path) for p in checked.plan]
+        stages = [self.early.get(p.index) or instantiate_stage(p, checked, modules, model_path, settings)
+                  for p in checked.plan]
         if spec.pipeline_config.checkpoint_settings:  # the stages made early saw only the YAML's defaults
             for stage in self.early.values():
-                stage.settings = Settings(model_settings(checked, model_path))
+                stage.settings = Settings(settings)
         attach_step_cache(stages, step_cache, checked, declared)
         attach_decode_options(stages, run.runtime, spec.name)
         route_attention(stages, execution["attention"])

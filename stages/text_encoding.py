@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from diffstage.errors import StageError, shown
+from diffstage.errors import RequestError, StageError, shown
 from diffstage.req import Req
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
 from diffstage.images import open_image
@@ -149,6 +149,10 @@ class TextEncodingStage(PipelineStage):
         if not isinstance(length, int) or isinstance(length, bool) or length < 1:
             raise StageError(f"TextEncodingStage: the max_length callback must return a positive int or None, got "
                              f"{shown(length)} (for text encoder '{enc_name(enc)}')")
+        limit = length_limit(enc)
+        if limit is not None and length > limit[0]:  # from the request (max_sequence_length plus an instruction)
+            raise RequestError(f"text encoder '{enc_name(enc)}' would take {length} tokens (its max_length callback, "
+                               f"for this request), but it handles at most {limit[0]} ({limit[1]})")
         return length
 
     def tokenize(self, enc: dict, prompts: list[str], req: Req, negative: bool) -> dict:

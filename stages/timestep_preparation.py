@@ -65,7 +65,7 @@ class TimestepPreparationStage(PipelineStage):
             return [f"{self.strength_field} must be a number in [0, 1], got {shown(strength)}"]
         if isinstance(steps, int) and steps > 0 and int(steps * strength) < 1:
             return [f"{self.strength_field}={strength:g} with num_inference_steps={steps} leaves no step to run "
-                    f"(int(steps * {self.strength_field}) = 0): raise either"]
+                    f"(int(steps * {self.strength_field}) = 0): raise either of them"]
         return []
 
     def forward(self, req: Req) -> Req:

@@ -121,7 +121,7 @@ def test_strength_errors_name_the_field(pipes, picture, mask):
     with pytest.raises(RequestError, match=r"strength must be a number >= 0 and <= 1, got 1\.5"):
         pipe(PROMPT, image=picture, strength=1.5, num_inference_steps=4)
     with pytest.raises(RequestError, match=r"strength=0\.1 with num_inference_steps=4 leaves no step to run "
-                                           r"\(int\(steps \* strength\) = 0\): raise either"):
+                                           r"\(int\(steps \* strength\) = 0\): raise either of them"):
         pipe(PROMPT, image=picture, strength=0.1, num_inference_steps=4)
     _, inpaint = pipes("inpaint")
     with pytest.raises(RequestError, match=r"mask_image is required: the mask \(white: repaint, black: keep\)"):

@@ -1,5 +1,6 @@
 """TextEncodingStage options model authors need (issue 22): prompt_transform, a template per branch,
 padding_side, combine told its branch, a max_length callback with the tokenizer, and template token counts."""
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -171,3 +172,16 @@ def test_template_tokens_count_a_start_token_and_not_an_end_token(tiny_flux_dev)
     n = TextEncodingStage.template_tokens({"tokenizer": tok, "template": "a photo of {}"})
     assert n == 1 + len(tok("a photo of", add_special_tokens=False).input_ids)
     assert tok("a photo of a red fox").input_ids[n:n + 3] == tok("a red fox", add_special_tokens=False).input_ids
+
+
+def test_max_length_callback_is_held_to_the_encoder_limit(t5):
+    limit = t5.model.config.n_positions if hasattr(t5.model.config, "n_positions") else None
+    from diffstage.errors import RequestError
+    from diffstage.stages.encoder_config import length_limit
+
+    most, where = length_limit({"text_encoder": t5.model, "tokenizer": t5.tok})
+    with pytest.raises(RequestError, match=rf"text encoder '.*' would take {most + 1} tokens \(its max_length "
+                                           rf"callback, for this request\), but it handles at most {most} "
+                                           rf"\({re.escape(where)}\)"):
+        stage(t5, {"max_length": lambda field, tokenizer, req, settings, negative: most + 1})(request())
+    assert limit is None or limit == most
