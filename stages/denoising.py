@@ -17,10 +17,10 @@ from diffstage.req import Req
 from diffstage.run_events import report_step
 from diffstage.sampling import check_finite_latents, seed_list_problem
 from diffstage.stage import CallbackSpec, Contract, PipelineStage
-
-from .cfg_join import UNJOINABLE, join_branches
 from diffstage.block_cache import cached_blocks, step_cache_route
 from diffstage.step_cache import StepCache
+
+from .cfg_join import UNJOINABLE, join_branches
 
 # Signature of a step hook: hook(stage, req, step_index, t, noise_pred) -> noise_pred | None.
 # Hooks run after the model call and before the scheduler step (step caches act inside the transformer).
@@ -288,4 +288,3 @@ class DenoisingStage(PipelineStage):
             check_finite_latents(latents, type(self).__name__, i + 1, len(req.timesteps), t)
             report_step(i + 1, len(req.timesteps), latents, req)  # progress, previews, cancellation
         return latents
-

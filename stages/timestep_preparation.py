@@ -86,7 +86,9 @@ class TimestepPreparationStage(PipelineStage):
         if self.strength_field:  # a custom schedule's length counts its steps, as in Diffusers' retrieve_timesteps
             steps = len(req.timesteps) if sigmas is not None else req.num_inference_steps
             req.timesteps = self.truncated(steps, getattr(req, self.strength_field))
-        req.sigmas = getattr(self.scheduler, "sigmas", None)
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        skipped = len(self.scheduler.timesteps) - len(req.timesteps)  # by the strength: sigmas[i] is step i's
+        req.sigmas = sigmas[skipped:] if sigmas is not None and skipped else sigmas
         req.num_inference_steps = len(req.timesteps)
         return req
 

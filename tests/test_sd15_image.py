@@ -192,3 +192,26 @@ def test_cli_inpaints_image_files(pipes, picture, mask, tmp_path):
             f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "run" / "image.png").size == (48, 32)
+
+
+def test_img2img_without_an_image_says_so(pipes):
+    _, pipe = pipes("img2img")
+    with pytest.raises(RequestError) as e:  # sizes unset: they would follow the image, which is missing
+        pipe(PROMPT, num_inference_steps=2)
+    assert "image is not set: image-to-image needs an input image (its size is the output's unless height and " \
+           "width are given)" in str(e.value)
+
+
+def test_sigmas_follow_the_truncated_schedule():
+    from diffusers import EulerDiscreteScheduler
+
+    from diffstage.req import FieldSpec, Req
+    from diffstage.stages import TimestepPreparationStage
+
+    stage = TimestepPreparationStage(EulerDiscreteScheduler(), strength_field="strength")
+    stage.bind({}, {})
+    cls = Req.with_fields([FieldSpec("strength", "request", default=1.0)])
+    req = stage(cls(num_inference_steps=4, strength=0.5, latents=torch.zeros(1, 4, 4, 4)))
+    full = stage.scheduler.sigmas
+    assert len(req.timesteps) == 2 and torch.equal(req.sigmas, full[2:])  # sigmas[i] is step i's
+    assert torch.equal(req.timesteps, stage.scheduler.timesteps[2:])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from diffstage.callbacks import reads
+from diffstage.errors import RequestError
 from diffstage.images import open_image
 
 
@@ -18,6 +19,9 @@ from diffstage.images import open_image
 @reads("image")
 def output_size(req, settings):
     """Unset height/width follow the input image, rounded down to settings.size_multiple (the VAE's scale)."""
+    if req.image is None:
+        raise RequestError("image is not set: image-to-image needs an input image (its size is the output's unless "
+                           "height and width are given)")
     image = open_image(req.image)
     multiple = settings.size_multiple
     return image.height - image.height % multiple, image.width - image.width % multiple
