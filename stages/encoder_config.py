@@ -15,6 +15,9 @@ class EncoderConfig(BaseModel):
     field: str  # Req field the embeddings go to; negatives go to "negative_<field>"
     output: str = "last_hidden_state"  # attribute of the encoder output: pooler_output, last_hidden_state, ...
     hidden_layer: int | None = None  # take hidden_states[hidden_layer] instead (-2: the penultimate layer)
+    # other outputs of the same call, each to a field of its own ({text_embeds: pooled}): one encoder call gives
+    # both a CLIP's penultimate states and its pooled projection
+    extra_outputs: dict[str, str] = {}
     max_length: Annotated[int, Field(ge=1)] | None = None  # fixed token length; default: tokenizer.model_max_length
     max_length_field: Literal["max_sequence_length"] | None = None  # take the length from the request instead
     prompt_field: str = "prompt"  # request field with this encoder's prompt; prompt when that is unset or empty
@@ -46,6 +49,11 @@ class EncoderConfig(BaseModel):
                 raise ValueError(f"{key} must contain '{{}}' exactly once (where the prompt goes)")
         if self.template_tokens_field is not None and self.template is None:
             raise ValueError("template_tokens_field counts the tokens of `template`: set a template")
+        if "hidden_states" in self.extra_outputs:
+            raise ValueError("extra_outputs: hidden_states is one tensor per layer; take a layer with hidden_layer")
+        fields = [self.field, *([self.mask_field] if self.mask_field else []), *self.extra_outputs.values()]
+        if len(set(fields)) != len(fields):
+            raise ValueError(f"field, mask_field and extra_outputs must name different fields, got {fields}")
         if self.image_field is not None and self.padding != "longest":
             raise ValueError("an encoder with image_field pads to the longest prompt: set padding: longest")
         return self

@@ -74,6 +74,7 @@ class TextEncodingStage(PipelineStage):
                                  f"text encoder '{c.text_encoder}'")]
             if c.mask_field:
                 outputs.append((c.mask_field, f"attention mask of text encoder '{c.text_encoder}'"))
+            outputs += [(f, f"output '{o}' of text encoder '{c.text_encoder}'") for o, f in c.extra_outputs.items()]
             for f, doc in outputs:
                 for name, what in ((f, doc), (f"negative_{f}", doc + " for the negative prompt")):
                     if name in Req.request_fields():
@@ -113,8 +114,14 @@ class TextEncodingStage(PipelineStage):
         return tuple(self.reads) + tuple(e["image_field"] for e in self.encoders if e.get("image_field"))
 
     def guaranteed_writes(self) -> tuple[str, ...]:
-        return tuple(f for e in self.encoders for f in (e["field"], e.get("mask_field"), e.get("template_tokens_field"))
+        return tuple(f for e in self.encoders for f in self.output_fields(e) + (e.get("template_tokens_field"),)
                      if f) + tuple(self.combined_fields)
+
+    @staticmethod
+    def output_fields(enc: dict) -> tuple[str, ...]:
+        """The fields one encoder's call fills for a branch: its embeddings, mask and extra outputs."""
+        return (enc["field"], *([enc["mask_field"]] if enc.get("mask_field") else ()),
+                *(enc.get("extra_outputs") or {}).values())
 
     @staticmethod
     def default_combine(outputs, req, settings, negative):
@@ -168,8 +175,8 @@ class TextEncodingStage(PipelineStage):
                          max_length=max_length, truncation=True, return_tensors="pt", **side)
 
     @torch.no_grad()
-    def encode(self, enc: dict, prompts: list[str], req: Req, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings, attention mask) of one branch's `prompts`, one copy per image."""
+    def encode(self, enc: dict, prompts: list[str], req: Req, negative: bool = False) -> dict[str, torch.Tensor]:
+        """{field: tensor} of one branch's `prompts` (output_fields), one copy per image."""
         encoder = enc["text_encoder"]
         tokens = self.tokenize(enc, self.prepared(enc, prompts, req, negative), req, negative)
         accepted = inspect.signature(encoder.forward).parameters
@@ -183,10 +190,11 @@ class TextEncodingStage(PipelineStage):
                       if enc.get("use_attention_mask") else None,
                       output_hidden_states=layer is not None, **extra)
         emb = out.hidden_states[layer] if layer is not None else getattr(out, enc["output"])
-        emb = emb.to(dtype=module_dtype(encoder))
+        made = {enc["field"]: emb.to(dtype=module_dtype(encoder)), enc.get("mask_field"): mask.to(device),
+                **{f: getattr(out, o).to(dtype=module_dtype(encoder)) for o, f in enc["extra_outputs"].items()}}
         # one copy per image, keeping each prompt's copies together (as Diffusers does)
         n = req.num_images_per_prompt
-        return emb.repeat_interleave(n, dim=0), mask.to(device).repeat_interleave(n, dim=0)
+        return {f: t.repeat_interleave(n, dim=0) for f, t in made.items() if f}
 
     @staticmethod
     def template_tokens(enc: dict) -> int:
@@ -221,10 +229,8 @@ class TextEncodingStage(PipelineStage):
                 runs.append(("negative_", self.texts(req, enc["negative_prompt_field"], "negative_prompt", count)
                              or [""] * count))
             for prefix, texts in runs:
-                emb, mask = self.encode(enc, texts, req, negative=bool(prefix))
-                setattr(req, prefix + enc["field"], emb)
-                if enc.get("mask_field"):
-                    setattr(req, prefix + enc["mask_field"], mask)
+                for name, value in self.encode(enc, texts, req, negative=bool(prefix)).items():
+                    setattr(req, prefix + name, value)
         if self.combined_fields:
             for prefix in ("", "negative_") if req.do_cfg else ("",):
                 self.combine(req, prefix)
@@ -232,7 +238,7 @@ class TextEncodingStage(PipelineStage):
 
     def combine(self, req: Req, prefix: str) -> None:
         """Run the `combine` callback on one branch's encoder outputs and store what it returns."""
-        names = [f for e in self.encoders for f in (e["field"], e.get("mask_field")) if f]
+        names = [f for e in self.encoders for f in self.output_fields(e)]
         made = self.callback("combine")({n: getattr(req, prefix + n) for n in names}, req, self.settings, bool(prefix))
         if not isinstance(made, dict) or sorted(made) != sorted(self.combined_fields):
             got = sorted(made) if isinstance(made, dict) else type(made).__name__

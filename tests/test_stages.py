@@ -604,7 +604,8 @@ def test_denoising_postprocess_prediction_runs_with_and_without_cfg():
 def test_denoising_contract():
     c = DenoisingStage.contract({"conditioning": ["prompt_embeds", "pooled_prompt_embeds"], "transformer": "unet"})
     assert c.reads == {"latents", "timesteps", "do_cfg", "cfg_scale", "prompt_embeds", "pooled_prompt_embeds"}
-    assert c.optional_reads == {"negative_prompt_embeds", "negative_pooled_prompt_embeds", "generator"}
+    assert c.optional_reads == {"negative_prompt_embeds", "negative_pooled_prompt_embeds", "generator",
+                                "latents_noised"}
     assert c.writes == {"latents"}
     assert dict(c.modules) == {("transformer",): "unet", ("scheduler",): "scheduler"}
     assert [s.name for s in c.callbacks] == ["model_inputs", "timestep_input", "latent_input", "combine_cfg", "postprocess_prediction",

@@ -185,3 +185,38 @@ def test_max_length_callback_is_held_to_the_encoder_limit(t5):
                                            rf"\({re.escape(where)}\)"):
         stage(t5, {"max_length": lambda field, tokenizer, req, settings, negative: most + 1})(request())
     assert limit is None or limit == most
+
+
+def test_extra_outputs_come_from_the_same_call(tiny_flux_dev):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    clip = CLIPTextModel.from_pretrained(tiny_flux_dev, subfolder="text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(tiny_flux_dev, subfolder="tokenizer")
+    calls = []
+    clip.register_forward_hook(lambda module, args, out: calls.append(1))
+    cls = Req.with_fields([FieldSpec(f, "state") for f in ("hidden", "pooled", "negative_hidden", "negative_pooled")])
+    one = TextEncodingStage([dict(text_encoder=clip, tokenizer=tok, hidden_layer=-2, field="hidden",
+                                  extra_outputs={"pooler_output": "pooled"})])
+    one.bind({}, {})
+    req = one(cls(prompt=["a red fox", "a cat"], num_images_per_prompt=2, do_cfg=True))
+    assert len(calls) == 2  # one call a branch
+    two = TextEncodingStage([dict(text_encoder=clip, tokenizer=tok, hidden_layer=-2, field="hidden"),
+                             dict(text_encoder=clip, tokenizer=tok, output="pooler_output", field="pooled")])
+    two.bind({}, {})
+    apart = two(cls(prompt=["a red fox", "a cat"], num_images_per_prompt=2, do_cfg=True))
+    for name in ("hidden", "pooled", "negative_hidden", "negative_pooled"):
+        assert torch.equal(getattr(req, name), getattr(apart, name)), name
+    assert req.pooled.shape == (4, 32)
+    contract = TextEncodingStage.contract({"encoders": [dict(text_encoder="te", tokenizer="tok", field="emb",
+                                                             extra_outputs={"text_embeds": "emb_pooled"})]})
+    assert {"emb", "emb_pooled"} <= contract.writes and "negative_emb_pooled" in contract.optional_writes
+
+
+def test_extra_outputs_are_checked(flux_yaml_variant):
+    line = "        output: pooler_output\n"
+    for extra, message in (("{hidden_states: h}", "extra_outputs: hidden_states is one tensor per layer"),
+                           ("{text_embeds: pooled_prompt_embeds}", "field, mask_field and extra_outputs must name "
+                                                                   "different fields")):
+        path = flux_yaml_variant((line, line + f"        extra_outputs: {extra}\n"), name=f"m{len(extra)}.yaml")
+        problems = problems_of(path)
+        assert len(problems) == 1 and message in problems[0].message, problems
