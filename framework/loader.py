@@ -119,6 +119,9 @@ def module_class(spec: ModelSpec, name: str, index: dict, allowlist: Iterable[st
     if target is not None:
         return resolve(target, allowlist)  # checked statically already
     entry = index.get(name)
+    if entry == [None, None]:  # an optional component this checkpoint was saved without
+        raise LoadError(f"module '{name}': this checkpoint has none (model_index.json lists it as [null, null]), "
+                        f"but model '{spec.name}' uses it; use a YAML without it for this checkpoint")
     if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) and e for e in entry)):
         raise LoadError(f"module '{name}' is not in model_index.json; give its class with `_target_` in "
                         f"the YAML's modules.{name}")
@@ -186,9 +189,10 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
     allow_pickle = strict_bool(allow_pickle, "allow_pickle")
     allowlist = tuple(allowlist)
     root, index, subfolders = checkpoint_folders(spec, model_path)
+    classes = {name: module_class(spec, name, index, allowlist) for name in subfolders}  # all, before any loads
     modules: dict[str, Any] = {}
     for name, sub in subfolders.items():
-        cls = module_class(spec, name, index, allowlist)
+        cls = classes[name]
         mdtype = parse_dtype(spec.module_spec(name).dtype or dtype)
         is_torch = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
         folder = root / sub

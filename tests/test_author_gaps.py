@@ -61,3 +61,21 @@ def test_shipped_reusable_stages_declare_what_their_callbacks_read():
                 if "req" in specs[callback].params and not hasattr(inspect.unwrap(fn), READS):
                     undeclared.append(f"{name}: {planned.cls.callback_group()}.{callback}")
     assert undeclared == []
+
+
+def test_a_checkpoint_saved_without_a_module_the_yaml_uses(tmp_path):
+    import json
+    import shutil
+
+    from diffstage import build_pipeline
+    from diffstage.errors import LoadError
+    from diffstage.models_dir import model_yaml
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(model_yaml("digits").parent.parent / "models" / "digits" / "checkpoint", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
+    with pytest.raises(LoadError, match=r"module 'text_encoder': this checkpoint has none \(model_index.json lists it "
+                                        r"as \[null, null\]\), but model 'digits' uses it; use a YAML without it for "
+                                        r"this checkpoint"):
+        build_pipeline("digits", model_path=folder)
