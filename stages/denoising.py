@@ -88,10 +88,10 @@ class DenoisingStage(PipelineStage):
         self.cache_route = "argument"  # how the transformer takes it: an argument (native) or declared blocks
         self.last_cache_stats: dict | None = None
         self.attention_backend = DEFAULT_BACKEND  # for a stock transformer's routed attention (the run's choice)
+        self._check_parallel()
         problem = missing_argument(transformer, latents_arg=latents_arg, timestep_arg=timestep_arg)
         if problem:  # refused when the pipeline is built, not on the first step
             raise ValueError(problem)
-        self._check_parallel()
 
     def set_step_cache(self, cache: StepCache | None, declared: Collection = ()) -> None:
         """Run with `cache` (None: without): its settings; each run gets a cache of its own (for_run).
