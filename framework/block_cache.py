@@ -181,7 +181,8 @@ def step_cache_route(transformer: Any, kind: str, declared: bool) -> str:
         raise ValueError(f"cache={kind}: {name} does not support step caches (diffstage's native transformers take "
                          "a `step_cache` argument; for a stock transformer, declare its blocks and residual stream "
                          "under `acceleration.<module>` in the model YAML for cache=first_block, and a `probe` for "
-                         "cache=teacache: see the README's \"Adding a model\"); use cache=none")
+                         "cache=teacache: see the README's \"Adding a model\"; a model without one chain of "
+                         "repeated blocks, such as a UNet, cannot take them); use cache=none")
     if kind == "teacache" and getattr(transformer, PLAN).probe is None:
         raise ValueError(f"cache={kind}: {name} takes step caches through its declared blocks, but its declaration "
                          "names no `probe` (the module whose output is the first block's modulated input, which "

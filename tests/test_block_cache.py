@@ -139,7 +139,7 @@ def test_a_stock_transformer_without_a_declaration_is_refused_with_how_to_declar
         "WanTransformer3DModel does not support step caches (diffstage's native transformers take a `step_cache` "
         "argument; for a stock transformer, declare its blocks and residual stream under `acceleration.<module>` "
         "in the model YAML for cache=first_block, and a `probe` for cache=teacache: see the README's \"Adding a "
-        "model\"); use cache=none")
+        "model\"; a model without one chain of repeated blocks, such as a UNet, cannot take them); use cache=none")
 
 
 def test_pipelines_sharing_a_transformer_do_not_share_a_cache(checkpoints):

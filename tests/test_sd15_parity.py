@@ -94,3 +94,13 @@ def test_the_readme_shows_the_whole_yaml_and_callbacks():
     source = (REPO / "models" / "sd15" / "callbacks.py").read_text()
     assert source.endswith(python_block.split("\n\n\n", 1)[1])  # every function, after the import
     assert python_block.startswith("from diffstage.callbacks import reads\n") and "import reads" in source
+
+
+def test_a_unet_takes_no_step_cache(pipes):
+    from diffstage import DiffstageError
+
+    ref, _ = pipes("pndm")
+    with pytest.raises(DiffstageError, match=r"stages\[4\] DenoisingStage: cache=first_block: UNet2DConditionModel does "
+                                             r"not support step caches .*a model without one chain of repeated blocks, "
+                                             r"such as a UNet, cannot take them\); use cache=none"):
+        build_pipeline("sd15", model_path=ref.name_or_path, overrides=["cache=first_block"])
