@@ -1,6 +1,7 @@
 """Pipeline: runs a Req through the checked stages and records per-stage time and memory."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -14,6 +15,7 @@ from .memory import check_fits
 from .req import Req, recording_reads, unrecorded
 from .setting_use import given_settings, ignored_settings, warn_ignored
 from .reuse import DEFAULT_MAX_BYTES, ReuseCache
+from .run_hooks import RunHook
 from .spec import ModelSpec
 from .stage import PipelineStage
 
@@ -78,7 +80,8 @@ class Pipeline:
                  defaults: dict[str, Any] | None = None, source: str | None = None,
                  config: dict[str, Any] | None = None, checkpoint: str | None = None,
                  device: torch.device | str = "cpu", req_cls: type[Req] = Req, reuse: ReuseCache | None = None,
-                 reuse_max_bytes: int = DEFAULT_MAX_BYTES, module_keys: dict[int, str] | None = None):
+                 reuse_max_bytes: int = DEFAULT_MAX_BYTES, module_keys: dict[int, str] | None = None,
+                 hooks: list[RunHook] | None = None):
         self.spec = spec
         self.stages = list(stages)
         self.modules = modules
@@ -93,6 +96,7 @@ class Pipeline:
         self.reuse = reuse
         self.reuse_max_bytes = reuse_max_bytes
         self.module_keys = dict(module_keys or {})
+        self.hooks = list(hooks or [])  # around each run and stage (run_hooks.py): adapters, offload
         # Stages share stateful modules (a scheduler keeps its timesteps): one run at a time.
         self._lock = threading.Lock()
         self._running_in: int | None = None  # thread id of the run in progress
@@ -141,7 +145,11 @@ class Pipeline:
         draft.latents, draft.output_type = latents, "pil"
         with unrecorded():  # a preview uses no setting the run did not
             for stage in self.stages[self._stage_index + 1:]:
+                for hook in self.hooks:
+                    hook.before_stage(stage, draft)
                 draft = stage(draft)
+                for hook in self.hooks:
+                    hook.after_stage(stage, draft)
         return draft.output
 
     def run(self, req: Req) -> PipelineOutput:
@@ -158,7 +166,9 @@ class Pipeline:
             try:
                 self.check_request(req)
                 given = given_settings(req, self.spec)
-                with recording_reads() as reads:  # which settings the stages and callbacks used
+                with recording_reads() as reads, contextlib.ExitStack() as around:  # reads: settings used
+                    for hook in self.hooks:
+                        around.enter_context(hook.around_run(req))
                     out = self._run_stages(req)
             finally:
                 self._running_in = self._stage_index = None
@@ -170,12 +180,13 @@ class Pipeline:
     def _run_stages(self, req: Req) -> PipelineOutput:
         timings, memory, reused = {}, {}, []
         cuda = torch.cuda.is_available()
+        module_keys = self.run_module_keys(req)
         for index, (label, stage) in enumerate(zip(self.stage_labels(), self.stages)):
             self._stage_index = index
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            key = self.reuse.signature(stage, req, self.module_keys) if self.reuse is not None else None
+            key = self.reuse.signature(stage, req, module_keys) if self.reuse is not None else None
             outputs = self.reuse.get(key) if key is not None else None
             if outputs is not None:
                 for name, value in outputs.items():
@@ -184,7 +195,11 @@ class Pipeline:
                 timings[label] = time.perf_counter() - start
                 continue
             try:
+                for hook in self.hooks:
+                    hook.before_stage(stage, req)
                 req = stage(req)
+                for hook in self.hooks:
+                    hook.after_stage(stage, req)
                 if key is not None:
                     contract = stage.declared
                     self.reuse.put(key, {f: getattr(req, f) for f in sorted(contract.writes | contract.optional_writes)},
@@ -202,6 +217,15 @@ class Pipeline:
                    if label not in reused and (r := stage.report()) is not None}
         return PipelineOutput(images=req.output, timings=timings, peak_memory=memory, req=req, reused=reused,
                               reports=reports)
+
+    def run_module_keys(self, req: Req) -> dict[int, str]:
+        """Module ids -> the keys the reuse cache knows them by in a run of `req` (hooks may change them)."""
+        keys = dict(self.module_keys)
+        for hook in self.hooks:
+            for module in self.modules.values():
+                if id(module) in keys:
+                    keys[id(module)] = hook.module_key(module, keys[id(module)], req)
+        return keys
 
     def graph(self) -> list[tuple[str, str, str]]:
         """Data-flow edges (producer, consumer, field) derived from declared reads/writes."""
