@@ -28,10 +28,10 @@ demo: install
 sheet: install
 	HF_HUB_OFFLINE=1 $(BIN)/diffstage sheet
 
-# The tests also run the Triton kernels (interpreted on the CPU), read back MP4s and start the server, so they
-# install the triton, video and serve extras.
-$(VENV)/.installed-triton: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[test,triton,video,serve]"
+# The tests also run the Triton kernels (interpreted on the CPU), read back MP4s, start the server, build LoRA
+# adapters and quantize, so they install the triton, video, serve, lora and quant extras.
+$(VENV)/.installed-triton: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install --quiet -e ".[test,triton,video,serve,lora,quant]"
 	touch $@
 
 test: install $(VENV)/.installed-triton

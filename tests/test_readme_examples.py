@@ -48,7 +48,9 @@ SKIPPED = {
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m diffstage generate "
     "... parallel.cfg=2 parallel.ulysses=8": "needs two machines with 8 GPUs each",
     "python -m venv .venv && source .venv/bin/activate": "an installation (network)",
-    "pip install torch==2.13.0 -e \".[test,triton,video,serve]\"": "an installation (network)",
+    "pip install torch==2.13.0 -e \".[test,triton,video,serve,lora,quant]\"": "an installation (network)",
+    "pip install -e \".[quant]\"": "an installation (network)",
+    "pip install -e \".[lora]\"": "an installation (network)",
     "pip install -e \".[serve]\"": "an installation (network)",
     "diffstage serve serve.port=8000": "a server runs until stopped (tests/test_serve.py starts it and stops it)",
     "diffstage serve 'serve.models=[digits,{model:wan_t2v,model_path:DIR}]' serve.api_key=KEY serve.max_batch=16":
