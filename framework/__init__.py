@@ -5,6 +5,7 @@ from .errors import (ConcurrentUseError, DiffstageError, DisallowedPathError, Lo
                      RequestError, SpecError, StageError, UnsafeCheckpointError)
 from .pipeline import Pipeline, PipelineOutput
 from .pipeline_builder import PipelineBuilder
+from .quantize import silence_import_noise
 from .req import FieldSpec, Req
 from .session import Session, default_session
 from .stage import CallbackSpec, Contract, PipelineStage
@@ -13,6 +14,7 @@ from .stages import STANDARD_STAGES
 
 # The entry point hands the standard stages to the framework, which never imports them (stage_catalog.py).
 use_standard_stages(STANDARD_STAGES)
+silence_import_noise()  # torchao's import lines (Diffusers imports it when the quant extra is installed)
 
 __version__ = "0.1.0"
 

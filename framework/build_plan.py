@@ -30,6 +30,7 @@ from .kernels import resolve_kernels
 from .model_check import CheckedModel
 from .regional_compile import compile_blocks
 from .pipeline import Pipeline, checked_request
+from .quantize import check_quantize_backend, quantize_targets
 from .req import Req
 from .resolve import callback_allowlist, given_object, resolve
 from .run_config import RunConfig, check_sampling_keys, parse_run_config
@@ -198,9 +199,11 @@ class BuildPlan:
         settings = model_settings(checked, model_path)  # a wrong model_index.json value fails before weights load
         keys: dict[str, str] = {}
         execution = execution_options(run, spec, device, planned_images)
+        quantize = quantize_targets(run.runtime, checked)  # names and backend checked before weights load
+        check_quantize_backend(run.runtime.get("quantize", "none"), device)
         modules = loader.load_modules(spec, model_path, dtype=dtype, device=device, allow_pickle=run.allow_pickle,
                                       allowlist=checked.allowlist, keys=keys, cache=session.modules,
-                                      execution=execution)
+                                      execution=execution, quantize=quantize)
         declared = apply_acceleration(checked, modules, execution)
         stages = [self.early.get(p.index) or instantiate_stage(p, checked, modules, model_path, settings)
                   for p in checked.plan]

@@ -22,6 +22,7 @@ from .errors import DiffstageError, DisallowedPathError, LoadError, shown, stric
 from .models_dir import looks_like_repo_id
 from .module_cache import ModuleCache, folder_identity
 from .pretrained import from_pretrained, module_kind
+from .quantize import quantize_module
 from .resolve import DEFAULT_ALLOWLIST, resolve
 from .session import default_session
 from .spec import ModelSpec
@@ -42,6 +43,7 @@ class ModuleKey:
     device: str
     execution: str = "-"  # native modules: their attention/kernels/compile settings
     files: str = ""  # the identity and modification of the module folder's files (folder_identity)
+    quantize: str = "none"  # runtime.quantize applied to it: a quantized module is never an unquantized one
 
 
 def clear_cache() -> None:
@@ -181,11 +183,12 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
                  device: str | torch.device = "cpu", allow_pickle: bool = False,
                  allowlist: Iterable[str] = DEFAULT_ALLOWLIST,
                  execution: dict[str, Any] | None = None, keys: dict[str, str] | None = None,
-                 cache: ModuleCache | None = None) -> dict[str, Any]:
+                 cache: ModuleCache | None = None, quantize: dict[str, str] | None = None) -> dict[str, Any]:
     """Load (or fetch from `cache`, by default the default session's) every module the spec lists. Modules
     with a `configure_runtime` method (native models) are configured with `execution`. `keys`, when given,
     receives each module's key (where it came from and which files: the same key means the same weights)."""
     cache = cache if cache is not None else default_session().modules
+    quantize = quantize or {}  # module name -> runtime.quantize method (quantize.quantize_targets)
     allow_pickle = strict_bool(allow_pickle, "allow_pickle")
     allowlist = tuple(allowlist)
     root, index, subfolders = checkpoint_folders(spec, model_path)
@@ -203,9 +206,12 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
         check_safetensors(folder, name, allow_pickle, files)
         configurable = execution is not None and hasattr(cls, "configure_runtime")
         options = _runtime_for(name, cls, folder, execution, mdtype, device) if configurable else None
+        if options is not None and name in quantize:  # its Linear weights become int8/fp8, not matmul_dtype
+            options["matmul_dtype"] = None
         key = ModuleKey(str(root), sub, f"{cls.__module__}.{cls.__qualname__}",
                         str(mdtype) if is_torch else "-", str(device) if is_torch else "-",
-                        repr(sorted(options.items())) if configurable else "-", folder_identity(folder, files))
+                        repr(sorted(options.items())) if configurable else "-", folder_identity(folder, files),
+                        quantize.get(name, "none"))
         if keys is not None:
             keys[name] = repr(key)
         cached = cache.get(key)
@@ -223,6 +229,8 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
                             f"{type(e).__name__}: {first}") from None
         if is_torch:
             module = module.to(device).eval().requires_grad_(False)
+        if name in quantize:  # before configure_runtime compiles its blocks
+            quantize_module(module, quantize[name], name)
         if configurable:
             module.configure_runtime(**options)
         log.info("loaded %s (%s) from %s", name, cls.__name__, folder)
