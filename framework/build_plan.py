@@ -28,6 +28,7 @@ from .distributed.split_plan import install_sequence_plan
 from .errors import DiffstageError
 from .kernels import resolve_kernels
 from .model_check import CheckedModel
+from .offload import offload_hooks, offload_modules
 from .regional_compile import compile_blocks
 from .pipeline import Pipeline, checked_request
 from .quantize import check_quantize_backend, quantize_targets
@@ -201,9 +202,10 @@ class BuildPlan:
         execution = execution_options(run, spec, device, planned_images)
         quantize = quantize_targets(run.runtime, checked)  # names and backend checked before weights load
         check_quantize_backend(run.runtime.get("quantize", "none"), device)
+        offload = offload_modules(run.runtime, device, checked.plan)  # runtime.offload, refused here if it cannot
         modules = loader.load_modules(spec, model_path, dtype=dtype, device=device, allow_pickle=run.allow_pickle,
                                       allowlist=checked.allowlist, keys=keys, cache=session.modules,
-                                      execution=execution, quantize=quantize)
+                                      execution=execution, quantize=quantize, offload=offload)
         declared = apply_acceleration(checked, modules, execution)
         stages = [self.early.get(p.index) or instantiate_stage(p, checked, modules, model_path, settings)
                   for p in checked.plan]
@@ -217,7 +219,8 @@ class BuildPlan:
                         config={"run": run.plain, "model": checked.data}, checkpoint=str(model_path), device=device,
                         req_cls=checked.req_cls, reuse=session.reuse if run.reuse_enabled else None,
                         reuse_max_bytes=run.reuse_max_bytes,
-                        module_keys={id(module): keys[name] for name, module in modules.items()})
+                        module_keys={id(module): keys[name] for name, module in modules.items()},
+                        hooks=offload_hooks(offload, stages))
 
     def model_path(self) -> str | Path:
         """The checkpoint: the run config's model_path, else the model YAML's."""

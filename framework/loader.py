@@ -8,6 +8,7 @@ their files' identity, so building the same model twice loads nothing the second
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 from collections.abc import Iterable
@@ -183,10 +184,12 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
                  device: str | torch.device = "cpu", allow_pickle: bool = False,
                  allowlist: Iterable[str] = DEFAULT_ALLOWLIST,
                  execution: dict[str, Any] | None = None, keys: dict[str, str] | None = None,
-                 cache: ModuleCache | None = None, quantize: dict[str, str] | None = None) -> dict[str, Any]:
+                 cache: ModuleCache | None = None, quantize: dict[str, str] | None = None,
+                 offload: Any = None) -> dict[str, Any]:
     """Load (or fetch from `cache`, by default the default session's) every module the spec lists. Modules
     with a `configure_runtime` method (native models) are configured with `execution`. `keys`, when given,
-    receives each module's key (where it came from and which files: the same key means the same weights)."""
+    receives each module's key (where it came from and which files: the same key means the same weights).
+    `offload` (runtime.offload, an offload.OffloadedModules): it makes the torch modules, and loads them when."""
     cache = cache if cache is not None else default_session().modules
     quantize = quantize or {}  # module name -> runtime.quantize method (quantize.quantize_targets)
     allow_pickle = strict_bool(allow_pickle, "allow_pickle")
@@ -214,26 +217,40 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
                         quantize.get(name, "none"))
         if keys is not None:
             keys[name] = repr(key)
+        load = functools.partial(_load_module, name, cls, root, sub, mdtype, allow_pickle, options, quantize.get(name))
+        if offload is not None and is_torch:  # its weights come and go with one pipeline's stages: not cached
+            modules[name] = offload.add(name, cls, folder, mdtype, load, options)
+            continue
         cached = cache.get(key)
         if cached is not None:
             # Weights are shared; stateful helpers (schedulers keep their timesteps) are not.
             modules[name] = cached if is_torch else copy.deepcopy(cached)
             continue
-        try:
-            module = from_pretrained(cls, root, sub, mdtype, allow_pickle, options)
-        except DiffstageError:
-            raise
-        except Exception as e:  # corrupt weights, config/weight mismatch, wrong class: all about the files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise LoadError(f"module '{name}': loading {cls.__name__} from '{folder}' failed: "
-                            f"{type(e).__name__}: {first}") from None
-        if is_torch:
-            module = module.to(device).eval().requires_grad_(False)
-        if name in quantize:  # before configure_runtime compiles its blocks
-            quantize_module(module, quantize[name], name)
-        if configurable:
-            module.configure_runtime(**options)
-        log.info("loaded %s (%s) from %s", name, cls.__name__, folder)
+        module = load(device, configure=configurable)
         cache.put(key, module)
         modules[name] = module
     return modules
+
+
+def _load_module(name: str, cls: type, root: Path, sub: str, mdtype: torch.dtype, allow_pickle: bool,
+                 options: dict[str, Any] | None, quantize: str | None, device: str | torch.device,
+                 configure: bool) -> Any:
+    """One module from the checkpoint's `sub` folder, on `device` (torch modules), quantized and configured
+    (`configure`: with the run's execution `options`) as `load_modules` says."""
+    folder = root / sub
+    try:
+        module = from_pretrained(cls, root, sub, mdtype, allow_pickle, options)
+    except DiffstageError:
+        raise
+    except Exception as e:  # corrupt weights, config/weight mismatch, wrong class: all about the files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LoadError(f"module '{name}': loading {cls.__name__} from '{folder}' failed: "
+                        f"{type(e).__name__}: {first}") from None
+    if isinstance(module, torch.nn.Module):
+        module = module.to(device).eval().requires_grad_(False)
+    if quantize is not None:  # before configure_runtime compiles its blocks
+        quantize_module(module, quantize, name)
+    if configure:
+        module.configure_runtime(**options)
+    log.info("loaded %s (%s) from %s", name, cls.__name__, folder)
+    return module

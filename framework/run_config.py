@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import DiffstageError, did_you_mean, shown
+from .offload import offload_problems
 from .quantize import quantize_problems
 from .req import Req
 from .reuse import DEFAULT_MAX_BYTES
@@ -107,6 +108,7 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
             problems.append(f"{key} must be true or false{also}, got {shown(value)} ({type(value).__name__})")
     problems += decode_option_problems(runtime)
     problems += quantize_problems(runtime)
+    problems += offload_problems(runtime)
     max_mb = reuse.get("max_mb", 0)
     if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not 0 <= max_mb <= 2 ** 40:
         problems.append(f"reuse.max_mb must be a number of megabytes in [0, 2**40], got {shown(max_mb)}")
