@@ -27,6 +27,7 @@ from .distributed import init_parallel
 from .distributed.split_plan import install_sequence_plan
 from .errors import DiffstageError
 from .kernels import resolve_kernels
+from .lora import LoraAdapters
 from .model_check import CheckedModel
 from .offload import offload_hooks, offload_modules
 from .regional_compile import compile_blocks
@@ -215,12 +216,15 @@ class BuildPlan:
         attach_step_cache(stages, step_cache, checked, declared)
         attach_decode_options(stages, run.runtime, spec.name)
         route_attention(stages, execution["attention"])
+        # the run config's adapters are read and checked against the modules now, before the first run
+        lora = LoraAdapters(modules, run.allow_pickle, run.plain.get("lora"), release=session.modules.forget,
+                            unfusable=offload and f"runtime.offload={offload.mode} reloads weights from the checkpoint")
         return Pipeline(spec, stages, modules, defaults=self.defaults, source=str(checked.file),
                         config={"run": run.plain, "model": checked.data}, checkpoint=str(model_path), device=device,
                         req_cls=checked.req_cls, reuse=session.reuse if run.reuse_enabled else None,
                         reuse_max_bytes=run.reuse_max_bytes,
                         module_keys={id(module): keys[name] for name, module in modules.items()},
-                        hooks=offload_hooks(offload, stages))
+                        hooks=[*offload_hooks(offload, stages), lora])
 
     def model_path(self) -> str | Path:
         """The checkpoint: the run config's model_path, else the model YAML's."""
@@ -239,6 +243,7 @@ def plan_build(run: RunConfig, checked: CheckedModel) -> BuildPlan:
     check_sampling_keys(run.sampling, checked.req_cls, str(checked.file))
     defaults = {**spec.sampling.model_dump(), **{f.name: f.default for f in spec.field_specs()}}
     defaults.update({k: v for k, v in run.sampling.items() if v is not None})
+    defaults["loras"] = run.plain.get("lora") or None  # a request's adapters unless it names its own
     early = {p.index: instantiate_stage(p, checked, {}) for p in checked.plan
              if not p.contract.modules and not p.cls.takes_all_modules}
     return BuildPlan(run, checked, defaults, early)

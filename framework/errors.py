@@ -122,3 +122,7 @@ def did_you_mean(name: object, options) -> str | None:
     """"did you mean 'x'?" for the option closest to a misspelt `name`, or None when none is close."""
     match = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
     return f"did you mean '{match[0]}'?" if match else None
+
+
+class LoraError(DiffstageError):
+    """A LoRA adapter file or a `lora`/`loras` entry that cannot be used: names the file and the key."""

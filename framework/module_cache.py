@@ -51,6 +51,12 @@ class ModuleCache:
             self._modules[key] = module
             self.load_count += 1
 
+    def forget(self, module: Any) -> None:
+        """Stop handing out `module` (changed in place: fused LoRA adapters); later builds load their own."""
+        with self._lock:
+            for key in [k for k, m in self._modules.items() if m is module]:
+                del self._modules[key]
+
     def clear(self) -> None:
         with self._lock:
             self._modules.clear()

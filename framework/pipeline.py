@@ -230,6 +230,23 @@ class Pipeline:
                     keys[id(module)] = hook.module_key(module, keys[id(module)], req)
         return keys
 
+    def fuse_loras(self, loras: list[dict]) -> None:
+        """Merge LoRA adapters ([{path, scale}]) into the weights, for many requests with one set: they become
+        this pipeline's default, and a request for another set is refused until unfuse_loras() (lora.py)."""
+        with self._lock:
+            self.defaults["loras"] = self._adapters().fuse(loras, self.defaults.get("loras"))
+
+    def unfuse_loras(self) -> None:
+        """Restore the weights from before fuse_loras, and the default adapters."""
+        with self._lock:
+            self.defaults["loras"] = self._adapters().unfuse()
+
+    def _adapters(self) -> Any:
+        hook = next((h for h in self.hooks if hasattr(h, "fuse")), None)
+        if hook is None:
+            raise DiffstageError("this pipeline takes no LoRA adapters (it was built without diffstage's builder)")
+        return hook
+
     def graph(self) -> list[tuple[str, str, str]]:
         """Data-flow edges (producer, consumer, field) derived from declared reads/writes."""
         edges, last_writer = [], {}

@@ -120,6 +120,7 @@ class Req:
     num_images_per_prompt: int = _request(1, "images generated per prompt")
     output_type: str = _request("pil", "'pil', 'np', 'pt' or 'latent'")
     input_latents: Any = _request(None, "optional initial latents instead of random noise")
+    loras: list | None = _request(None, "LoRA adapters for this run, [{path, scale}] (default: the run config's lora)")
 
     # --- state: written by stages ------------------------------------------
     batch_size: int | None = _state("number of prompts times images per prompt")

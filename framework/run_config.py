@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import DiffstageError, did_you_mean, shown
+from .lora_files import lora_list_problems
 from .offload import offload_problems
 from .quantize import quantize_problems
 from .req import Req
@@ -58,8 +59,8 @@ def sections() -> dict[str, tuple[str, ...] | None]:
     return {"sampling": None, **{k: v for k, v in conf_keys().items() if k not in ("", "sheet", "cache")}}
 
 # Request fields a run config may not set under `sampling`: prompt and seed are top-level,
-# input_latents is Python-only. The rest depends on the model (its YAML may declare more).
-NOT_SAMPLING = {"prompt", "seed", "input_latents"}
+# input_latents is Python-only, loras is the top-level `lora`. The rest depends on the model (its YAML may declare more).
+NOT_SAMPLING = {"prompt", "seed", "input_latents", "loras"}
 
 
 def _unknown(section: dict, known, prefix: str, no_match: str | None = None) -> list[str]:
@@ -107,6 +108,7 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
             also = " (or auto)" if key == "runtime.compile" else ""
             problems.append(f"{key} must be true or false{also}, got {shown(value)} ({type(value).__name__})")
     problems += decode_option_problems(runtime)
+    problems += lora_list_problems(cfg.get("lora"), "lora")
     problems += quantize_problems(runtime)
     problems += offload_problems(runtime)
     max_mb = reuse.get("max_mb", 0)

@@ -60,6 +60,9 @@ SKIPPED = {
     "pip install -e \".[video]\"": "an installation (network)",
     "diffstage generate runtime=cuda model=flux model_path=black-forest-labs/FLUX.1-dev":
         "downloads FLUX.1-dev and needs CUDA",
+    "diffstage generate model=flux model_path=ckpt/ prompt=\"a red fox\" "
+    "lora='[{path:style.safetensors,scale:0.8},{path:detail.safetensors,scale:0.5}]'":
+        "needs a FLUX checkpoint and LoRA files (tests/test_lora.py runs the lora key through the CLI)",
 }
 # Commands the README gives in running text (checked to be there word for word); the exit status each must give.
 INLINE = {

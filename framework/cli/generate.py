@@ -55,6 +55,8 @@ def _save(item, folder: Path, name: str, pipe, prompt: str, seed) -> Path:
     print its path."""
     meta = {"prompt": prompt, "seed": str(seed), "model": pipe.spec.name,
             "config": yaml.safe_dump(pipe.config, sort_keys=False, allow_unicode=True)}
+    if pipe.defaults.get("loras"):  # the adapters the command line ran with (path and scale of each)
+        meta["lora"] = yaml.safe_dump(pipe.defaults["loras"], sort_keys=False, default_flow_style=True).strip()
     wanted = folder / name
     if isinstance(item, list):  # a video: its frames
         path = save_mp4(np.stack([np.asarray(frame.convert("RGB")) for frame in item]), wanted, meta)
