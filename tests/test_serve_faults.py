@@ -41,6 +41,14 @@ def _ask_until_accepted(c, prompt: str, seed: int, results: dict, key, deadline:
     results[key] = TimeoutError("no answer before the test's deadline")
 
 
+def _wait_admitted(url, model, n, deadline):
+    """Until `n` requests of `model` are queued or running (or the deadline passes)."""
+    while time.monotonic() < deadline:
+        if metric(url, "diffstage_queue_depth", model=model) + metric(url, "diffstage_running_images", model=model) >= n:
+            return
+        time.sleep(0.02)
+
+
 def test_faults_affect_only_their_own_request(tmp_path):
     from diffstage import build_pipeline
 
@@ -88,7 +96,9 @@ def test_faults_affect_only_their_own_request(tmp_path):
         threads += [threading.Thread(target=bursty, args=(j,)) for j in range(len(burst))]
         for i, t in enumerate(threads):
             t.start()
-            if i in (2, 8):
+            if i == 2:  # the quitters admitted before anyone else (a loaded machine can delay their requests)
+                _wait_admitted(url, "digits_faulty", 3, time.monotonic() + 30)
+            if i == 8:
                 time.sleep(0.1)
         for t in threads:
             t.join(max(1.0, deadline - time.monotonic()))
