@@ -122,8 +122,7 @@ class Pipeline:
             for what, n in stage.memory_estimate(req).items():
                 estimates[what] = estimates.get(what, 0) + n
         for hook in self.hooks:  # weights a hook loads for the stages (runtime.offload)
-            if hasattr(hook, "memory_estimate"):
-                estimates.update(hook.memory_estimate(self.stages, req))
+            estimates.update(hook.memory_estimate(self.stages, req))
         check_fits(estimates, self.device)
 
     def takes_seed_lists(self) -> bool:

@@ -3,8 +3,9 @@
 Features that change how modules are held or what they compute, rather than what a stage does (LoRA
 adapters chosen per request, offloading modules between stages), plug in here instead of into every
 stage. A Pipeline calls its hooks in order: `around_run` wraps the stages of one run, `before_stage` and
-`after_stage` bracket each stage that runs (a reused stage does not), and `module_key` lets a hook tell
-the stage-output reuse cache that a module computes something else during this run."""
+`after_stage` bracket each stage that runs (a reused stage does not), `memory_estimate` adds what the hook
+allocates to the pre-run memory check, and `module_key` lets a hook tell the stage-output reuse cache that a
+module computes something else during this run."""
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +24,10 @@ class RunHook:
 
     def after_stage(self, stage: Any, req: Any) -> None:
         """Called right after `stage` ran (not when it raised: `around_run`'s exit cleans up then)."""
+
+    def memory_estimate(self, stages: list[Any], req: Any) -> dict[str, int]:
+        """Bytes this hook will allocate during a run of `req` (weights it loads), for the pre-run memory check."""
+        return {}
 
     def module_key(self, module: Any, key: str, req: Any) -> str:
         """The key the reuse cache knows `module` by in this run (default: where it was loaded from)."""
