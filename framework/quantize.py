@@ -77,7 +77,9 @@ class _DropStarting(logging.Filter):
 
 
 def silence_import_noise() -> None:
-    """Drop IMPORT_NOISE's lines (once per process; other lines of those loggers still show)."""
+    """Drop IMPORT_NOISE's lines (once per process; other lines of those loggers still show), and torch.compile's
+    note that torchao's int8 tensors have no stable hash for its cache (they are compiled all the same)."""
+    warnings.filterwarnings("ignore", message=r".* does not implement _stable_hash_for_caching")
     for name, start in IMPORT_NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropStarting) for f in logger.filters):

@@ -106,3 +106,21 @@ def test_missing_torchao_names_the_extra(tiny_flux_dev, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao` now raises ImportError
     text = build_error(tiny_flux_dev, "runtime.quantize=int8")
     assert "runtime.quantize needs torchao, which is not installed: pip install diffstage[quant]" in text
+
+
+def test_lora_adapters_apply_to_a_quantized_transformer(tiny_flux_dev, tmp_path):
+    pytest.importorskip("peft")
+    from diffusers import FluxPipeline
+    from test_lora import make_lora
+
+    ref = FluxPipeline.from_pretrained(tiny_flux_dev, torch_dtype=torch.float32)
+    adapter = make_lora(ref, tmp_path / "style.safetensors", {"transformer": ["to_q", "to_k", "to_v"]}, seed=1)
+    loras = [{"path": str(adapter), "scale": 1.0}]
+    session = Session()
+    plain = build_pipeline("flux", model_path=tiny_flux_dev, overrides=SMALL, session=session)
+    quantized = build_pipeline("flux", model_path=tiny_flux_dev, session=session,
+                               overrides=[*SMALL, "runtime.quantize=int8"])
+    expected = plain("a red fox", seed=0, output_type="np", loras=loras).images
+    ours = quantized("a red fox", seed=0, output_type="np", loras=loras).images
+    assert psnr(ours, expected) > MIN_PSNR
+    assert psnr(ours, image(quantized)) < psnr(ours, expected) - 10  # the adapter changed the quantized run

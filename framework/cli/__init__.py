@@ -3,7 +3,7 @@
     diffstage generate [HYDRA OVERRIDES...]   generate an image (a Hydra app: -m, --cfg job, ... work)
     diffstage sheet [HYDRA OVERRIDES...]      a labelled contact sheet of the model's example prompts
     diffstage serve [HYDRA OVERRIDES...]      an OpenAI-compatible server (serve.* settings: conf/serve.yaml)
-    diffstage validate NAME_OR_PATH          check a model YAML without loading weights
+    diffstage validate NAME_OR_PATH          check a model YAML without loading weights (--memory: per stage)
     diffstage graph NAME_OR_PATH             print its stage graph as Mermaid text (--png PATH: with Graphviz)
     diffstage schema                          print the JSON Schema of model YAMLs (for editors)
     diffstage models                          list the shipped model YAMLs
@@ -34,6 +34,8 @@ commands:
   serve [overrides]      an OpenAI-compatible HTTP server (Images API, video jobs): serve.port=8000
                          serve.models=[NAME,...] serve.max_batch=8 serve.api_key=KEY (needs the serve extra)
   validate NAME_OR_PATH  check a model YAML (schema + stage contracts) without loading weights
+                         (--memory [overrides]: the memory each stage needs for that run, from the
+                         checkpoint's safetensors headers: model_path=DIR sampling.height=1024 runtime.quantize=int8)
   graph NAME_OR_PATH     its stage graph: the Req fields flowing between stages, as Mermaid text
                          (--png PATH draws it with Graphviz: pip install graphviz, plus its dot program)
   schema                 the JSON Schema of model YAMLs, for editors (--output PATH writes it to a new file)

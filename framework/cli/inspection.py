@@ -21,11 +21,18 @@ def validate_command(argv: list[str]) -> None:
     p.add_argument("--allow", action="append", default=[], metavar="PREFIX",
                    help="extra module prefix dotted paths may import from (repeatable)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
+    p.add_argument("--memory", action="store_true", help="also print the memory the run needs, per stage, "
+                   "without loading weights (the request and checkpoint from the overrides)")
+    p.add_argument("overrides", nargs="*", help="with --memory: run config overrides, as for generate "
+                   "(model_path=DIR sampling.height=1024 runtime.quantize=int8 runtime.offload=model lora=[...])")
+    args = p.parse_intermixed_args(argv)  # `validate NAME --memory model_path=...`: options between positionals
     if args.debug:
         os.environ["DIFFSTAGE_DEBUG"] = "1"
+    if args.overrides and not args.memory:
+        p.error(f"overrides ({' '.join(args.overrides)}) are only taken with --memory")
     try:
         checked = check_model(args.model, allowlist=args.allow)
+        memory = _memory_report(args, checked) if args.memory else ""
     except DiffstageError as e:
         fail(e)
         return
@@ -35,7 +42,17 @@ def validate_command(argv: list[str]) -> None:
             f"  stages[{p.index}] {p.cls.__name__}: reads {sorted(p.contract.reads)}"
             f"{_optional(p.contract.optional_reads - p.contract.reads, checked)} -> writes "
             f"{sorted(p.contract.writes)}{_optional(p.contract.optional_writes - p.contract.writes, checked)}\n"
-            for p in checked.plan), end="")
+            for p in checked.plan) + memory, end="")
+
+
+def _memory_report(args, checked) -> str:
+    """`validate --memory`: the estimate of memory_plan.py for the run the overrides describe."""
+    from ..builder import compose_config, plan_from_config
+    from ..memory_plan import estimate_memory, format_memory_plan
+
+    allow = [f"allowlist=[{','.join(args.allow)}]"] if args.allow else []
+    cfg = compose_config([*allow, *args.overrides, f"model={args.model}"])
+    return format_memory_plan(estimate_memory(plan_from_config(cfg, checked)))
 
 
 def _optional(fields, checked) -> str:
