@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -28,10 +29,12 @@ from .run_hooks import RunHook
 
 # Linear module -> [(Delta, factor)] of the run in progress in this context (thread).
 _ACTIVE: ContextVar[dict | None] = ContextVar("diffstage_lora_active", default=None)
+MAX_CACHED_FILES = 32  # adapter files a pipeline keeps loaded (least recently used go first)
 # module -> the LoraAdapters (one per pipeline) holding it: fusing refuses a module another pipeline holds.
 _HOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@torch.compiler.disable  # inside a compiled block (runtime.compile) it runs eagerly: the adapters change per run
 def _add_adapters(linear: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     """Forward hook of an adapted Linear: its output plus the active adapters' (peft's order and dtypes)."""
     active = _ACTIVE.get()
@@ -77,6 +80,18 @@ class Adapter:
     file: LoraFile
     deltas: tuple[Delta, ...]
     modules: frozenset[str]  # the model YAML's names of the modules it adapts
+    compiled: str | None = None  # the first adapted layer inside a compiled block (runtime.compile), if any
+
+
+def compiled_layer(file: LoraFile, modules: dict[str, torch.nn.Module]) -> str | None:
+    """The first layer of `file` inside a block that torch.compile wraps: compiled code traced without the adapter
+    hook never calls it (hooks added later are not guarded), so such a layer can take adapters only fused."""
+    for layer in file.layers:
+        blocks = [m for m in modules[layer.module].modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        linear = modules[layer.module].get_submodule(layer.path)
+        if any(linear is m for block in blocks for m in block.modules()):
+            return f"{layer.module}.{layer.path}"
+    return None
 
 
 def prepare(file: LoraFile, modules: dict[str, torch.nn.Module]) -> Adapter:
@@ -87,7 +102,7 @@ def prepare(file: LoraFile, modules: dict[str, torch.nn.Module]) -> Adapter:
         like = dict(device=linear.weight.device if not linear.weight.is_meta else "cpu", dtype=linear.weight.dtype)
         bias = layer.up_bias.to(**like) if layer.up_bias is not None else None
         deltas.append(Delta(linear, layer.down.to(**like), layer.up.to(**like), bias, layer.scaling))
-    return Adapter(file, tuple(deltas), frozenset(layer.module for layer in file.layers))
+    return Adapter(file, tuple(deltas), frozenset(layer.module for layer in file.layers), compiled_layer(file, modules))
 
 
 Chosen = tuple[tuple[Adapter, float], ...]  # the adapters of a run with their scales (none at scale 0)
@@ -110,14 +125,14 @@ class LoraAdapters(RunHook):
         self.allow_pickle = allow_pickle
         self.release = release
         self.unfusable = unfusable  # why fusing cannot work in this pipeline (runtime.offload reloads weights)
-        self._loaded: dict[str, Adapter] = {}  # resolved path -> its adapter (as that file is now)
+        self._loaded: OrderedDict[str, Adapter] = OrderedDict()  # resolved path -> its adapter, least recent first
         self._run: Chosen = ()  # the run in progress
         self._fused: Chosen = ()
         self._saved: dict[torch.nn.Linear, tuple] = {}  # weights before fusing
         self._default_before_fuse: Any = None
         for module in self.modules.values():
             _HOLDERS.setdefault(module, weakref.WeakSet()).add(self)
-        self.choose(default, "lora")
+        _refuse_compiled(self.choose(default, "lora"))  # at build, not at the first run
 
     def adapter(self, path: Any) -> Adapter:
         """The adapter in the file at `path`, read and checked once per file version."""
@@ -126,6 +141,9 @@ class LoraAdapters(RunHook):
         if cached is None or cached.file.identity != identity:
             cached = self._loaded[identity[0]] = prepare(load_lora_file(path, self.modules, self.allow_pickle),
                                                          self.modules)
+        self._loaded.move_to_end(identity[0])
+        while len(self._loaded) > MAX_CACHED_FILES:  # a server cycling through many adapters keeps the recent ones
+            self._loaded.popitem(last=False)
         return cached
 
     def choose(self, entries: Any, key: str) -> Chosen:
@@ -144,6 +162,7 @@ class LoraAdapters(RunHook):
                 raise LoraError(f"this pipeline has LoRA adapters fused into its weights ({_paths(self._fused)}); a "
                                 f"request for another set ({_paths(chosen) or 'none'}) needs pipe.unfuse_loras() first")
             chosen = ()  # already in the weights
+        _refuse_compiled(chosen)
         active: dict = {}
         for adapter, scale in chosen:
             for d in adapter.deltas:
@@ -211,6 +230,14 @@ class LoraAdapters(RunHook):
                                 "this process hold the same module (built from the same checkpoint), and fusing "
                                 "changes its weights for them too; build this pipeline in its own session "
                                 "(build_pipeline(..., session=diffstage.Session())) or use the adapters unfused")
+
+
+def _refuse_compiled(chosen: Chosen) -> None:
+    for adapter, _ in chosen:
+        if adapter.compiled:
+            raise LoraError(f"LoRA file {adapter.file.path}: layer '{adapter.compiled}' is in a block that "
+                            "runtime.compile compiled, whose code does not call the adapters; fuse them "
+                            "(pipe.fuse_loras) or build with runtime.compile=false")
 
 
 def _paths(chosen: Chosen) -> str:

@@ -304,3 +304,13 @@ def test_adapters_with_cpu_offload_match_and_fusing_is_refused(family):
     with pytest.raises(LoraError, match=r"cannot fuse LoRA adapters: runtime.offload=model reloads weights from the "
                                         r"checkpoint; use them unfused"):
         low.fuse_loras(chosen)
+
+
+def test_adapters_on_compiled_blocks_are_refused_unfused(family):
+    _, shared, files = family("flux")
+    pipe = build_pipeline("flux", model_path=shared.checkpoint, session=Session())
+    pipe.modules["transformer"].transformer_blocks[0].compile(dynamic=True)  # as runtime.compile does (traced lazily)
+    with pytest.raises(LoraError, match=r"LoRA file .*first.safetensors: layer 'transformer.transformer_blocks.0.attn"
+                                        r"\.\w+' is in a block that runtime.compile compiled, whose code does not call "
+                                        r"the adapters; fuse them \(pipe.fuse_loras\) or build with runtime.compile=false"):
+        run_ours(pipe, "flux", lora(files["first"]))
