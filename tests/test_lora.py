@@ -314,3 +314,21 @@ def test_adapters_on_compiled_blocks_are_refused_unfused(family):
                                         r"\.\w+' is in a block that runtime.compile compiled, whose code does not call "
                                         r"the adapters; fuse them \(pipe.fuse_loras\) or build with runtime.compile=false"):
         run_ours(pipe, "flux", lora(files["first"]))
+
+
+def test_pipelines_sharing_modules_see_only_their_own_adapters(family):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, alone, files = family("sd15")
+    base, adapted = run_ours(alone, "sd15"), run_ours(alone, "sd15", lora(files["first"]))
+    session = Session()
+    with_lora = build_pipeline("sd15", model_path=alone.checkpoint, session=session,
+                               overrides=[f"lora=[{{path:'{files['first']}'}}]"])
+    plain = build_pipeline("sd15", model_path=alone.checkpoint, session=session)
+    assert plain.modules["unet"] is with_lora.modules["unet"]  # one module, shared through the session
+    assert np.array_equal(run_ours(with_lora, "sd15", lora(files["first"])), adapted)
+    assert np.array_equal(run_ours(plain, "sd15"), base)  # nor is the adapted text encoding reused for it
+    with ThreadPoolExecutor(2) as pool:  # at the same time, in two threads
+        runs = [pool.submit(run_ours, p, "sd15", None) for p in (with_lora, plain, with_lora, plain)]
+        outputs = [r.result() for r in runs]
+    assert all(np.array_equal(o, adapted) for o in outputs[::2]) and all(np.array_equal(o, base) for o in outputs[1::2])
