@@ -136,6 +136,9 @@ class _Locator:
         return self._find(target, list(self.modules), "any module of the model")
 
     def _find(self, path: str, names: list[str], where: str) -> tuple[str, str]:
+        if not any(n in self.modules for n in names):
+            raise ValueError(f"it is for {where}, which this model does not have (its modules: "
+                             f"{', '.join(self.modules)})")
         found = [(n, self.index(n)[path]) for n in names if n in self.modules and path in self.index(n)]
         if len(found) == 1:
             return found[0]

@@ -332,3 +332,15 @@ def test_pipelines_sharing_modules_see_only_their_own_adapters(family):
         runs = [pool.submit(run_ours, p, "sd15", None) for p in (with_lora, plain, with_lora, plain)]
         outputs = [r.result() for r in runs]
     assert all(np.array_equal(o, adapted) for o in outputs[::2]) and all(np.array_equal(o, base) for o in outputs[1::2])
+
+
+def test_peft_keys_without_a_module_prefix_find_their_module(family, tmp_path):
+    _, pipe, files = family("sd15")
+    state = read_state(files["first"])  # unet.* and text_encoder.* keys
+    bare = {"base_model.model." + key.split(".", 1)[1]: value for key, value in state.items()}
+    path = write_state(tmp_path / "bare.safetensors", bare)
+    assert np.array_equal(run_ours(pipe, "sd15", lora(path, 0.8)), run_ours(pipe, "sd15", lora(files["first"], 0.8)))
+    te_only = write_state(tmp_path / "te.safetensors", {"lora_te2_text_model_x.lora_down.weight": torch.zeros(1, 1)})
+    with pytest.raises(LoraError, match=r"key 'lora_te2_text_model_x.lora_down.weight': it is for module "
+                                        r"'text_encoder_2', which this model does not have \(its modules: "):
+        run_ours(pipe, "sd15", lora(te_only))
