@@ -29,7 +29,7 @@ from .quantize import check_quantize_backend, quantize_targets
 from .stage import PipelineStage
 from .torch_utils import parse_device, parse_dtype
 from .checkpoint_files import shard_files
-from .weight_files import MAX_HEADER_BYTES, safetensors_header_problem
+from .weight_files import MAX_HEADER_BYTES, PICKLE_SUFFIXES, safetensors_header_problem
 
 FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -56,6 +56,7 @@ class MemoryPlan:
     checkpoint_bytes: dict[str, int]  # module -> bytes of its safetensors tensors as stored
     weights: dict[str, int]  # module -> bytes as this run keeps it
     lora: dict[str, int] = field(default_factory=dict)  # adapter file -> bytes
+    loading: dict[str, int] = field(default_factory=dict)  # quantized module -> its bytes before quantization
     stages: list[StageMemory] = field(default_factory=list)
 
     @property
@@ -142,7 +143,7 @@ class _Modules:
     stored: dict[str, int] = field(default_factory=dict)  # torch modules: bytes in the checkpoint
     kept: dict[str, int] = field(default_factory=dict)  # torch modules: bytes as this run keeps them
     objects: dict[str, Any] = field(default_factory=dict)  # meta modules, and the config-only ones loaded
-    quantized: list[str] = field(default_factory=list)
+    quantized: dict[str, int] = field(default_factory=dict)  # quantized module -> bytes before quantization
 
 
 def _read_modules(plan: BuildPlan, device: torch.device) -> _Modules:
@@ -151,7 +152,7 @@ def _read_modules(plan: BuildPlan, device: torch.device) -> _Modules:
     classes = {name: loader.module_class(spec, name, index, checked.allowlist) for name in subfolders}
     quantize = quantize_targets(run.runtime, checked)
     execution = execution_options(run, spec, device)
-    out = _Modules(quantized=list(quantize))
+    out = _Modules()
     for name, sub in subfolders.items():
         cls, folder = classes[name], root / sub
         dtype = parse_dtype(spec.module_spec(name).dtype or run.runtime.get("dtype", "float32"))
@@ -166,8 +167,14 @@ def _read_modules(plan: BuildPlan, device: torch.device) -> _Modules:
             narrow = loader._runtime_for(name, cls, folder, execution, dtype, device).get("matmul_dtype")
             linear_dtype = parse_dtype(narrow) if narrow else None
         tensors = module_tensors(folder)
+        if not tensors:  # pickle weights (allow_pickle): no header to read without unpickling; their file sizes
+            out.stored[name] = out.kept[name] = sum(f.stat().st_size for f in folder.iterdir()
+                                                    if f.suffix in PICKLE_SUFFIXES and f.is_file())
+            continue
         out.stored[name] = sum(tensor_bytes(t) for t in tensors.values())
         out.kept[name] = kept_bytes(tensors, dtype, linear_parameters(module), linear_dtype, name in quantize)
+        if name in quantize:  # it loads in `dtype`, then is quantized
+            out.quantized[name] = kept_bytes(tensors, dtype, set(), None, False)
     return out
 
 
@@ -214,7 +221,7 @@ def estimate_memory(plan: BuildPlan) -> MemoryPlan:
     memory = MemoryPlan(checked.spec.name, str(plan.model_path()),
                         {"height": req.height, "width": req.width, "images": req.requested_batch_size()},
                         {k: run.runtime.get(k) for k in ("device", "dtype", "offload", "quantize")},
-                        modules.stored, modules.kept, lora)
+                        modules.stored, modules.kept, lora, modules.quantized)
     if modules.quantized:
         memory.runtime["quantize"] += f" ({', '.join(modules.quantized)})"
     resident = _resident(plan, modules.kept, offload, device)
@@ -248,4 +255,8 @@ def format_memory_plan(memory: MemoryPlan) -> str:
                      f" = {format_bytes(s.total)}" + (f"  ({parts})" if parts else "") + (f"  {s.note}" if s.note else ""))
     peak = memory.peak
     lines.append(f"  peak: {format_bytes(peak.total)} in {peak.label} (resident: {', '.join(peak.modules) or 'none'})")
+    if memory.loading:  # quantization happens after a module loads: the weights are whole for a moment
+        before = sum(memory.weights.values()) + max(memory.loading[n] - memory.weights[n] for n in memory.loading)
+        lines.append(f"  while loading: up to {format_bytes(before)} of weights (a module is quantized after it "
+                     f"loads in {memory.runtime['dtype']})")
     return "\n".join(lines) + "\n"

@@ -133,3 +133,18 @@ def quantize_module(module: Any, method: str, name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchao's deprecation notes about its own internals
         torchao_quantization().quantize_(module, config)
+    if all(p.device.type == "cpu" for p in module.parameters()):
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the replaced full-precision weights' memory back to the system. glibc keeps freed heap memory for
+    reuse, so without this the process stays as large as before quantizing (measured on the benchmarks' bench-size
+    checkpoint: RSS after loading 913 MB without, 622 MB with; float32 852 MB)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass

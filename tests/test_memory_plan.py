@@ -105,13 +105,18 @@ def test_cli_prints_the_estimate(tiny_flux_dev):
     assert "request: 64x64, 1 image(s); runtime: device cpu, dtype float32, offload none, quantize int8 (transformer)" in out
     assert "  per stage (weights resident + activations = total):\n    0:InputValidationStage" in out
     assert "  peak: " in out and " in 5:DecodingStage (resident: text_encoder, text_encoder_2, transformer, vae)" in out
+    assert "  while loading: up to " in out and "of weights (a module is quantized after it loads in float32)" in out
     assert "torchao" not in r.stderr and "Enum subclass" not in r.stderr  # its import noise is silenced
 
 
-def test_cli_memory_errors(tiny_flux_dev):
+def test_cli_memory_errors(tiny_flux_dev, capsys):
     r = cli("validate", "flux", "--memory", f"model_path={tiny_flux_dev}", "runtime.quantize=int8",
             "runtime.quantize_modules=[vea]")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "runtime.quantize_modules: model 'flux' has no module 'vea' (did you mean 'vae'?)" in r.stderr
-    r = cli("validate", "flux", "sampling.height=64")
-    assert r.returncode == 2 and "overrides (sampling.height=64) are only taken with --memory" in r.stderr
+    from diffstage.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["validate", "flux", "sampling.height=64"])
+    assert e.value.code == 2
+    assert "overrides (sampling.height=64) are only taken with --memory" in capsys.readouterr().err
