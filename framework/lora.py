@@ -176,6 +176,18 @@ class LoraAdapters(RunHook):
             _ACTIVE.reset(token)
             self._run = ()
 
+    def memory_estimate(self, stages: list[Any], req: Any) -> dict[str, int]:
+        """The adapter files of `req` not read yet (they load as its run starts), at their size on disk."""
+        new = 0
+        for entry in req.loras if isinstance(req.loras, list) else ():
+            try:
+                identity = file_identity(entry["path"])
+            except (LoraError, KeyError, TypeError):  # the run refuses it with its own message
+                continue
+            cached = self._loaded.get(identity[0])
+            new += 0 if cached is not None and cached.file.identity == identity else identity[1]
+        return {"LoRA adapters to load": new} if new else {}
+
     def module_key(self, module: Any, key: str, req: Any) -> str:
         """A module with adapters in this run (or fused) computes something else: its outputs get another key."""
         names = {name for name, m in self.modules.items() if m is module}
@@ -192,8 +204,12 @@ class LoraAdapters(RunHook):
         chosen = self.choose(entries, "loras")
         names = {name for adapter, _ in chosen for name in adapter.modules}
         self._refuse_shared(names)
-        for adapter, _ in chosen:
+        for adapter, _ in chosen:  # everything checked before any weight changes
             for d in adapter.deltas:
+                if type(d.linear.weight) not in (torch.Tensor, torch.nn.Parameter):  # runtime.quantize's int8/fp8
+                    raise LoraError(f"LoRA file {adapter.file.path}: cannot fuse into a quantized layer (its weight is "
+                                    f"a {type(d.linear.weight).__name__}, runtime.quantize); use the adapters unfused "
+                                    "(pipe(..., loras=...)), which work on quantized layers")
                 if d.bias is not None and d.linear.bias is None:
                     raise LoraError(f"LoRA file {adapter.file.path}: a lora_B bias for a Linear without bias "
                                     "cannot be fused (use it unfused)")

@@ -344,3 +344,24 @@ def test_peft_keys_without_a_module_prefix_find_their_module(family, tmp_path):
     with pytest.raises(LoraError, match=r"key 'lora_te2_text_model_x.lora_down.weight': it is for module "
                                         r"'text_encoder_2', which this model does not have \(its modules: "):
         run_ours(pipe, "sd15", lora(te_only))
+
+
+def test_the_memory_check_counts_adapter_files_not_read_yet(family, tmp_path, monkeypatch):
+    from diffstage import memory
+    from diffstage.errors import RequestError
+
+    _, _, files = family("sd15")
+    fresh = tmp_path / "fresh.safetensors"
+    fresh.write_bytes(files["first"].read_bytes())  # a file this pipeline has not read
+    ckpt = family("sd15")[1].checkpoint
+    pipe = build_pipeline("sd15", model_path=ckpt, session=Session())
+    req = pipe.make_request(prompt=PROMPT, seed=0, num_inference_steps=2, loras=lora(fresh))
+    hook = next(h for h in pipe.hooks if hasattr(h, "fuse"))
+    assert hook.memory_estimate(pipe.stages, req) == {"LoRA adapters to load": fresh.stat().st_size}
+    stages_need = sum(n for stage in pipe.stages for n in stage.memory_estimate(req).values())
+    monkeypatch.setattr(memory, "available_bytes", lambda device: stages_need + 16)
+    with pytest.raises(RequestError, match=r"LoRA adapters to load"):
+        pipe.check_request(req)
+    monkeypatch.undo()
+    pipe(PROMPT, seed=0, num_inference_steps=2, loras=lora(fresh))  # read now: nothing more to load
+    assert hook.memory_estimate(pipe.stages, req) == {}

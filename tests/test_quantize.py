@@ -124,3 +124,21 @@ def test_lora_adapters_apply_to_a_quantized_transformer(tiny_flux_dev, tmp_path)
     ours = quantized("a red fox", seed=0, output_type="np", loras=loras).images
     assert psnr(ours, expected) > MIN_PSNR
     assert psnr(ours, image(quantized)) < psnr(ours, expected) - 10  # the adapter changed the quantized run
+
+
+def test_fusing_lora_into_a_quantized_transformer_is_refused_and_changes_nothing(tiny_flux_dev, tmp_path):
+    pytest.importorskip("peft")
+    from diffusers import FluxPipeline
+    from test_lora import make_lora
+
+    from diffstage.errors import LoraError
+
+    ref = FluxPipeline.from_pretrained(tiny_flux_dev, torch_dtype=torch.float32)
+    adapter = make_lora(ref, tmp_path / "style.safetensors", {"transformer": ["to_q", "to_k", "to_v"]}, seed=1)
+    quantized = build_pipeline("flux", model_path=tiny_flux_dev, session=Session(),
+                               overrides=[*SMALL, "runtime.quantize=int8"])
+    before = image(quantized)
+    with pytest.raises(LoraError, match=r"style\.safetensors: cannot fuse into a quantized layer \(its weight is a "
+                                        r"Int8Tensor, runtime\.quantize\); use the adapters unfused"):
+        quantized.fuse_loras([{"path": str(adapter), "scale": 1.0}])
+    assert np.array_equal(image(quantized), before)
