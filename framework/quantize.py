@@ -53,6 +53,10 @@ def quantize_targets(runtime: dict[str, Any], checked: Any) -> dict[str, str]:
             raise DiffstageError(f"runtime.quantize={method}: model '{checked.spec.name}' has no denoising stage, so "
                                  "there is no default module to quantize; name them in runtime.quantize_modules")
     known = list(checked.spec.modules)
+    if not known:  # a model that runs whatever modules its checkpoint lists, in the checkpoint's own pipeline
+        raise DiffstageError(f"runtime.quantize={method}: model '{checked.spec.name}' lists no modules of its own (they "
+                             "come from the checkpoint), so runtime.quantize_modules cannot name them; use a model "
+                             "YAML that lists its modules")
     for name in names:
         if name not in known:
             hint = did_you_mean(name, known)

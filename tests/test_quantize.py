@@ -142,3 +142,15 @@ def test_fusing_lora_into_a_quantized_transformer_is_refused_and_changes_nothing
                                         r"Int8Tensor, runtime\.quantize\); use the adapters unfused"):
         quantized.fuse_loras([{"path": str(adapter), "scale": 1.0}])
     assert np.array_equal(image(quantized), before)
+
+
+def test_a_model_whose_modules_come_from_the_checkpoint_says_quantize_cannot_name_them():
+    from pathlib import Path
+
+    digits = Path(__file__).resolve().parents[1] / "models" / "digits" / "checkpoint"
+    with pytest.raises(DiffstageError) as e:
+        build_pipeline("diffusers_auto", model_path=digits, session=Session(),
+                       overrides=["runtime.quantize=int8", "runtime.quantize_modules=[transformer]"])
+    assert str(e.value) == ("runtime.quantize=int8: model 'diffusers_auto' lists no modules of its own (they come from "
+                            "the checkpoint), so runtime.quantize_modules cannot name them; use a model YAML that "
+                            "lists its modules")
