@@ -203,7 +203,7 @@ class BuildPlan:
         execution = execution_options(run, spec, device, planned_images)
         quantize = quantize_targets(run.runtime, checked)  # names and backend checked before weights load
         check_quantize_backend(run.runtime.get("quantize", "none"), device)
-        offload = offload_modules(run.runtime, device, checked.plan)  # runtime.offload, refused here if it cannot
+        offload = offload_modules(run.runtime, device, checked)  # runtime.offload, refused here if it cannot
         modules = loader.load_modules(spec, model_path, dtype=dtype, device=device, allow_pickle=run.allow_pickle,
                                       allowlist=checked.allowlist, keys=keys, cache=session.modules,
                                       execution=execution, quantize=quantize, offload=offload)

@@ -23,7 +23,7 @@ from .errors import DiffstageError, DisallowedPathError, LoadError, shown, stric
 from .models_dir import looks_like_repo_id
 from .module_cache import ModuleCache, folder_identity
 from .pretrained import from_pretrained, module_kind
-from .quantize import quantize_module
+from .quantize import check_quantizable, quantize_module
 from .resolve import DEFAULT_ALLOWLIST, resolve
 from .session import default_session
 from .spec import ModelSpec
@@ -196,6 +196,9 @@ def load_modules(spec: ModelSpec, model_path: str | os.PathLike, *, dtype: str |
     allowlist = tuple(allowlist)
     root, index, subfolders = checkpoint_folders(spec, model_path)
     classes = {name: module_class(spec, name, index, allowlist) for name in subfolders}  # all, before any loads
+    for name in quantize or {}:  # a module without weights is refused before any loads too
+        if name in classes:
+            check_quantizable(name, classes[name])
     modules: dict[str, Any] = {}
     for name, sub in subfolders.items():
         cls = classes[name]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -48,11 +49,15 @@ def _add_adapters(linear: torch.nn.Module, args: tuple, output: torch.Tensor) ->
     return output
 
 
+_HOOK_LOCK = threading.Lock()  # two pipelines sharing a module may prepare adapters for it in two threads
+
+
 def _hook(linear: torch.nn.Module) -> None:
     """Give `linear` the adapter hook, once (it does nothing while no run of an adapter's pipeline is on)."""
-    if not getattr(linear, "_diffstage_lora_hook", False):
-        linear.register_forward_hook(_add_adapters)
-        linear._diffstage_lora_hook = True
+    with _HOOK_LOCK:
+        if not getattr(linear, "_diffstage_lora_hook", False):
+            linear.register_forward_hook(_add_adapters)
+            linear._diffstage_lora_hook = True
 
 
 @dataclass(frozen=True)
@@ -80,18 +85,19 @@ class Adapter:
     file: LoraFile
     deltas: tuple[Delta, ...]
     modules: frozenset[str]  # the model YAML's names of the modules it adapts
-    compiled: str | None = None  # the first adapted layer inside a compiled block (runtime.compile), if any
 
 
-def compiled_layer(file: LoraFile, modules: dict[str, torch.nn.Module]) -> str | None:
-    """The first layer of `file` inside a block that torch.compile wraps: compiled code traced without the adapter
-    hook never calls it (hooks added later are not guarded), so such a layer can take adapters only fused."""
-    for layer in file.layers:
-        blocks = [m for m in modules[layer.module].modules() if getattr(m, "_compiled_call_impl", None) is not None]
-        linear = modules[layer.module].get_submodule(layer.path)
-        if any(linear is m for block in blocks for m in block.modules()):
-            return f"{layer.module}.{layer.path}"
-    return None
+def compiled_layer(adapter: Adapter, modules: dict[str, torch.nn.Module]) -> str | None:
+    """The first layer of `adapter` inside a block that torch.compile wraps (runtime.compile of this pipeline, or
+    of another sharing the module, maybe after this adapter was prepared): compiled code traced without the hook
+    never calls it (hooks added later are not guarded), so such a layer can take adapters only fused."""
+    inside: set[int] = set()
+    for name in adapter.modules:
+        for block in modules[name].modules():
+            if getattr(block, "_compiled_call_impl", None) is not None:
+                inside.update(id(m) for m in block.modules())
+    return next((f"{layer.module}.{layer.path}" for layer, d in zip(adapter.file.layers, adapter.deltas)
+                 if id(d.linear) in inside), None)
 
 
 def prepare(file: LoraFile, modules: dict[str, torch.nn.Module]) -> Adapter:
@@ -102,7 +108,7 @@ def prepare(file: LoraFile, modules: dict[str, torch.nn.Module]) -> Adapter:
         like = dict(device=linear.weight.device if not linear.weight.is_meta else "cpu", dtype=linear.weight.dtype)
         bias = layer.up_bias.to(**like) if layer.up_bias is not None else None
         deltas.append(Delta(linear, layer.down.to(**like), layer.up.to(**like), bias, layer.scaling))
-    return Adapter(file, tuple(deltas), frozenset(layer.module for layer in file.layers), compiled_layer(file, modules))
+    return Adapter(file, tuple(deltas), frozenset(layer.module for layer in file.layers))
 
 
 Chosen = tuple[tuple[Adapter, float], ...]  # the adapters of a run with their scales (none at scale 0)
@@ -132,7 +138,7 @@ class LoraAdapters(RunHook):
         self._default_before_fuse: Any = None
         for module in self.modules.values():
             _HOLDERS.setdefault(module, weakref.WeakSet()).add(self)
-        _refuse_compiled(self.choose(default, "lora"))  # at build, not at the first run
+        _refuse_compiled(self.choose(default, "lora"), self.modules)  # at build, not at the first run
 
     def adapter(self, path: Any) -> Adapter:
         """The adapter in the file at `path`, read and checked once per file version."""
@@ -162,11 +168,11 @@ class LoraAdapters(RunHook):
                 raise LoraError(f"this pipeline has LoRA adapters fused into its weights ({_paths(self._fused)}); a "
                                 f"request for another set ({_paths(chosen) or 'none'}) needs pipe.unfuse_loras() first")
             chosen = ()  # already in the weights
-        _refuse_compiled(chosen)
+        _refuse_compiled(chosen, self.modules)  # every run: another pipeline may have compiled a shared block since
         active: dict = {}
         for adapter, scale in chosen:
             for d in adapter.deltas:
-                _hook(d.linear)
+                _hook(d.linear)  # at first use only: a hook inside a compiled block breaks its graph for everyone
                 active.setdefault(d.linear, []).append((d, d.scaling * scale))
         self._run = chosen
         token = _ACTIVE.set(active)  # set even when empty: a run nested in another's adds nothing of it
@@ -178,15 +184,18 @@ class LoraAdapters(RunHook):
 
     def memory_estimate(self, stages: list[Any], req: Any) -> dict[str, int]:
         """The adapter files of `req` not read yet (they load as its run starts), at their size on disk."""
-        new = 0
-        for entry in req.loras if isinstance(req.loras, list) else ():
+        if lora_list_problems(req.loras, "loras"):  # the run refuses it with its own message
+            return {}
+        new = {}
+        for entry in req.loras or ():
             try:
                 identity = file_identity(entry["path"])
-            except (LoraError, KeyError, TypeError):  # the run refuses it with its own message
+            except LoraError:
                 continue
             cached = self._loaded.get(identity[0])
-            new += 0 if cached is not None and cached.file.identity == identity else identity[1]
-        return {"LoRA adapters to load": new} if new else {}
+            if cached is None or cached.file.identity != identity:
+                new[identity] = identity[1]  # a file listed twice loads once
+        return {"LoRA adapters to load": sum(new.values())} if new else {}
 
     def module_key(self, module: Any, key: str, req: Any) -> str:
         """A module with adapters in this run (or fused) computes something else: its outputs get another key."""
@@ -229,6 +238,8 @@ class LoraAdapters(RunHook):
 
     def unfuse(self) -> Any:
         """Restore the weights saved before fusing; returns the pipeline's default set from before."""
+        if not self._fused:
+            raise LoraError("no LoRA adapters are fused into this pipeline's weights (pipe.fuse_loras fuses them)")
         with torch.no_grad():
             for linear, (weight, bias) in self._saved.items():
                 linear.weight.copy_(weight)
@@ -248,10 +259,11 @@ class LoraAdapters(RunHook):
                                 "(build_pipeline(..., session=diffstage.Session())) or use the adapters unfused")
 
 
-def _refuse_compiled(chosen: Chosen) -> None:
+def _refuse_compiled(chosen: Chosen, modules: dict[str, torch.nn.Module]) -> None:
     for adapter, _ in chosen:
-        if adapter.compiled:
-            raise LoraError(f"LoRA file {adapter.file.path}: layer '{adapter.compiled}' is in a block that "
+        layer = compiled_layer(adapter, modules)
+        if layer:
+            raise LoraError(f"LoRA file {adapter.file.path}: layer '{layer}' is in a block that "
                             "runtime.compile compiled, whose code does not call the adapters; fuse them "
                             "(pipe.fuse_loras) or build with runtime.compile=false")
 

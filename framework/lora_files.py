@@ -184,8 +184,8 @@ def _layer_problem(layer: LoraLayer, target: torch.nn.Module) -> str | None:
         return f"'{layer.path}' of module '{layer.module}' is a {type(target).__name__}, not a Linear (LoRA " \
                "applies to Linear layers only)"
     if layer.down is None or layer.up is None:
-        return f"'{layer.path}' has lora_{'B/up' if layer.up is None else 'A/down'} but no " \
-               f"lora_{'A/down' if layer.down is None else 'B/up'} weight"
+        return f"'{layer.path}' has lora_{'A/down' if layer.up is None else 'B/up'} but no " \
+               f"lora_{'B/up' if layer.up is None else 'A/down'} weight"
     down, up = layer.down, layer.up
     if down.ndim != 2 or down.shape[1] != target.in_features or up.ndim != 2 \
             or up.shape != (target.out_features, down.shape[0]):
@@ -195,7 +195,11 @@ def _layer_problem(layer: LoraLayer, target: torch.nn.Module) -> str | None:
     if layer.up_bias is not None and layer.up_bias.shape != (target.out_features,):
         return f"lora_B bias {list(layer.up_bias.shape)} must be [{target.out_features}]"
     if not (down.is_floating_point() and up.is_floating_point()):
-        return f"weights must be floating point, got {down.dtype}"
+        return f"weights must be floating point, got {down.dtype if not down.is_floating_point() else up.dtype}"
+    if down.shape[0] == 0:
+        return f"rank 0 (lora_A {list(down.shape)}): an adapter of rank 0 adds nothing; leave the layer out"
+    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+        return "weights that are not finite (NaN or infinity)"
     return None
 
 
@@ -223,7 +227,7 @@ def load_lora_file(path: str | os.PathLike, modules: dict[str, torch.nn.Module],
     """Read and check a LoRA file against `modules` (the model's, by YAML name): LoraError names the file and
     the first key that does not fit. Nothing is applied here."""
     identity = file_identity(path)
-    tensors, metadata = read_lora_tensors(path, allow_pickle)
+    tensors, metadata = read_lora_tensors(identity[0], allow_pickle)  # the file whose identity was taken (~ expanded)
     if not tensors:
         raise LoraError(f"LoRA file {path}: holds no tensors")
     if any(k.endswith("use_dora") and v for k, v in _adapter_metadata(metadata).items()):
@@ -237,6 +241,8 @@ def load_lora_file(path: str | os.PathLike, modules: dict[str, torch.nn.Module],
                 raise ValueError(f"key '{layer.key}': {why}")
             if layer.alpha is None:
                 layer.alpha = _metadata_alpha(metadata, layer.module, layer.path)
+            if layer.alpha is not None and not math.isfinite(layer.alpha):
+                raise ValueError(f"key '{layer.key}': alpha is {layer.alpha}, not a finite number")
     except ValueError as e:
         raise LoraError(f"LoRA file {path}: {e}") from None
     return LoraFile(str(path), identity, tuple(layers.values()))

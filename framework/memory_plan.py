@@ -193,9 +193,9 @@ def _activations(plan: BuildPlan, planned, modules: _Modules, req) -> tuple[dict
 
 
 def _resident(plan: BuildPlan, kept: dict[str, int], offload: str, device: torch.device) -> dict[int, list[str]]:
-    """Stage index -> the weight modules in memory while it runs. offload=none: all. model/layers (offload.py): a
-    module from the first stage that uses it to the last; on the CPU one under RELEASE_SHARE of all the weights
-    stays once loaded."""
+    """Stage index -> the weight modules in memory while it runs. offload=none: all. model (offload.py): a module
+    from the first stage that uses it to the last; on the CPU one under RELEASE_SHARE of all the weights stays once
+    loaded. layers: the denoisers from their first stage to their last, every other module all run."""
     plan_stages = plan.checked.plan
     if offload not in ("model", "layers"):
         return {p.index: sorted(kept) for p in plan_stages}
@@ -205,6 +205,9 @@ def _resident(plan: BuildPlan, kept: dict[str, int], offload: str, device: torch
         for name in uses:
             spans[name] = (spans.get(name, (p.index, p.index))[0], p.index)
     small = {n for n, size in kept.items() if size < RELEASE_SHARE * sum(kept.values())} if device.type == "cpu" else set()
+    if offload == "layers":  # only the denoisers stream (counted whole in their stages: an upper bound); the rest stay
+        small = set(kept) - set(plan.checked.denoisers())
+        spans = {n: (0 if n in small else first, last) for n, (first, last) in spans.items()}
     return {p.index: sorted(n for n, (first, last) in spans.items()
                             if first <= p.index <= last or (n in small and first <= p.index)) for p in plan_stages}
 

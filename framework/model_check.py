@@ -30,6 +30,12 @@ class CheckedModel:
     lines: LineMap
     req_cls: type[Req] = Req  # the standard Req fields plus those the YAML and its stages declare
 
+    def denoisers(self) -> list[str]:
+        """The modules the denoising stages (those that take a step cache) run as their `transformer`: what
+        runtime.quantize quantizes and runtime.offload=layers streams by default."""
+        return list(dict.fromkeys(p.contract.modules[("transformer",)] for p in self.plan
+                                  if hasattr(p.cls, "set_step_cache") and ("transformer",) in p.contract.modules))
+
 
 def check_model(name_or_path: str | Path, allowlist: Iterable[str] = ()) -> CheckedModel:
     """Validate a model YAML (schema + stage contracts) without loading any weights.

@@ -58,19 +58,22 @@ def check_offload(runtime: dict[str, Any], device: torch.device) -> str:
         raise DiffstageError(f"runtime.offload={mode} with runtime.quantize={quantize} on the CPU: released modules "
                              "reload from the checkpoint, which would have to quantize them again every run; use one "
                              "of them (runtime.offload=none or runtime.quantize=none)")
+    if mode != "none" and quantize != "none":  # quantized on the CPU, then moved or streamed: never run on a GPU yet
+        raise DiffstageError(f"runtime.offload={mode} with runtime.quantize={quantize} is not supported yet (moving "
+                             "torchao's quantized weights between devices is untested); use one of them")
+    if mode == "layers" and runtime.get("compile") is True:  # the streaming hooks swap the compiled blocks' tensors
+        raise DiffstageError("runtime.offload=layers with runtime.compile=true is not supported yet (blocks stream "
+                             "their weights in while they run); use runtime.compile=false")
     return mode
 
 
-def offload_modules(runtime: dict[str, Any], device: torch.device, plan: list[Any]) -> "OffloadedModules | None":
-    """What the loader fills for runtime.offload (None: none), checked before any weight loads. `plan`: the
-    checked stages; offload=layers streams the blocks of the modules the denoising stages run (those that take a
-    step cache) as their `transformer`."""
+def offload_modules(runtime: dict[str, Any], device: torch.device, checked: Any) -> "OffloadedModules | None":
+    """What the loader fills for runtime.offload (None: none), checked before any weight loads. `checked`: the
+    checked model; offload=layers streams the blocks of its denoisers (CheckedModel.denoisers)."""
     mode = check_offload(runtime, device)
     if mode == "none":
         return None
-    denoisers = {p.contract.modules[("transformer",)] for p in plan
-                 if hasattr(p.cls, "set_step_cache") and ("transformer",) in p.contract.modules}
-    return OffloadedModules(mode, device, denoisers)
+    return OffloadedModules(mode, device, set(checked.denoisers()))
 
 
 def offload_hooks(modules: "OffloadedModules | None", stages: list[Any]) -> list[RunHook]:

@@ -241,7 +241,9 @@ class Pipeline:
             self.defaults["loras"] = self._adapters().unfuse()
 
     def _adapters(self) -> Any:
-        hook = next((h for h in self.hooks if hasattr(h, "fuse")), None)
+        from .lora import LoraAdapters
+
+        hook = next((h for h in self.hooks if isinstance(h, LoraAdapters)), None)
         if hook is None:
             raise DiffstageError("this pipeline takes no LoRA adapters (it was built without diffstage's builder)")
         return hook

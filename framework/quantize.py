@@ -47,8 +47,7 @@ def quantize_targets(runtime: dict[str, Any], checked: Any) -> dict[str, str]:
         return {}
     names = runtime.get("quantize_modules")
     if names is None:
-        names = [p.contract.modules[("transformer",)] for p in checked.plan
-                 if hasattr(p.cls, "set_step_cache") and ("transformer",) in p.contract.modules]
+        names = checked.denoisers()
         if not names:
             raise DiffstageError(f"runtime.quantize={method}: model '{checked.spec.name}' has no denoising stage, so "
                                  "there is no default module to quantize; name them in runtime.quantize_modules")
@@ -124,12 +123,17 @@ def _config(method: str):
     return configs[method]()
 
 
+def check_quantizable(name: str, cls: type) -> None:
+    """Refuse a module class without weights (a tokenizer, a scheduler): the loader asks before any weight loads."""
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise LoadError(f"runtime.quantize_modules: module '{name}' is a {getattr(cls, '__name__', cls)}, which has no "
+                        "weights to quantize; name model modules (a transformer, unet or text encoder)")
+
+
 def quantize_module(module: Any, method: str, name: str) -> None:
     """Quantize the nn.Linear weights of a loaded module in place (it must not be shared unquantized: the
     loader keys quantized modules apart, see ModuleKey.quantize)."""
-    if not isinstance(module, torch.nn.Module):
-        raise LoadError(f"runtime.quantize_modules: module '{name}' is a {type(module).__name__}, which has no "
-                        "weights to quantize; name model modules (a transformer, unet or text encoder)")
+    check_quantizable(name, type(module))
     if not any(isinstance(m, torch.nn.Linear) for m in module.modules()):
         raise LoadError(f"runtime.quantize_modules: module '{name}' ({type(module).__name__}) has no nn.Linear "
                         "layers to quantize")

@@ -196,6 +196,18 @@ def test_bad_files_are_refused_naming_file_and_key_and_leave_the_model_as_it_was
         (write_state(tmp_path / "typo.safetensors", {"unet.down_blocks.0.attentions.0.nope.lora_A.weight": torch.zeros(1, 1)}),
          r"key 'unet.down_blocks.0.attentions.0.nope.lora_A.weight': module 'unet' has no layer"),
         (tmp_path / "missing.safetensors", r"cannot read it \(No such file or directory\)"),
+        (write_state(tmp_path / "rank0.safetensors", dict(state, **{key: torch.zeros(0, state[key].shape[1]),
+                                                                  key.replace("lora_A", "lora_B"): torch.zeros(
+                                                                      state[key.replace("lora_A", "lora_B")].shape[0], 0)})),
+         rf"key '{key}': rank 0 \(lora_A \[0, \d+\]\): an adapter of rank 0 adds nothing; leave the layer out"),
+        (write_state(tmp_path / "nan.safetensors", dict(state, **{key: torch.full_like(state[key], float("nan"))})),
+         rf"key '{key}': weights that are not finite \(NaN or infinity\)"),
+        (write_state(tmp_path / "nan_alpha.safetensors",
+                     dict(state, **{key.replace(".lora_A.weight", ".alpha"): torch.tensor(float("nan"))})),
+         r"key '.*': alpha is nan, not a finite number"),
+        (write_state(tmp_path / "no_b.safetensors", {k: v for k, v in state.items()
+                                                     if k != key.replace("lora_A", "lora_B")}),
+         rf"key '{key}': '.*' has lora_A/down but no lora_B/up weight"),
     ]
     for path, message in cases:
         with pytest.raises(LoraError, match=rf"^LoRA file {path}: {message}"):
@@ -365,3 +377,34 @@ def test_the_memory_check_counts_adapter_files_not_read_yet(family, tmp_path, mo
     monkeypatch.undo()
     pipe(PROMPT, seed=0, num_inference_steps=2, loras=lora(fresh))  # read now: nothing more to load
     assert hook.memory_estimate(pipe.stages, req) == {}
+
+
+def test_unfuse_without_a_fuse_is_refused_and_keeps_the_default_adapters(family):
+    _, shared, files = family("sd15")
+    pipe = build_pipeline("sd15", model_path=shared.checkpoint, session=Session(),
+                          overrides=[f"lora=[{{path:'{files['first']}'}}]"])
+    adapted = pipe(PROMPT, seed=3, num_inference_steps=2, output_type="np", **FAMILIES["sd15"][2]).images
+    with pytest.raises(LoraError, match=r"^no LoRA adapters are fused into this pipeline's weights \(pipe.fuse_loras "
+                                        r"fuses them\)$"):
+        pipe.unfuse_loras()
+    again = pipe(PROMPT, seed=3, num_inference_steps=2, output_type="np", **FAMILIES["sd15"][2]).images
+    assert np.array_equal(again, adapted)  # the run config's adapters are still every request's default
+
+
+def test_a_home_relative_path_reads_the_file(family, tmp_path, monkeypatch):
+    _, pipe, files = family("sd15")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "style.safetensors").write_bytes(files["first"].read_bytes())
+    assert np.array_equal(run_ours(pipe, "sd15", lora("~/style.safetensors")), run_ours(pipe, "sd15", lora(files["first"])))
+
+
+def test_adapters_on_blocks_another_pipeline_compiled_are_refused_not_dropped(family):
+    _, shared, files = family("sd3")
+    session = Session()
+    adapted = build_pipeline("sd3", model_path=shared.checkpoint, session=session,
+                             overrides=[f"lora=[{{path:'{files['first']}'}}]", "runtime.compile=false"])
+    compiled = build_pipeline("sd3", model_path=shared.checkpoint, session=session, overrides=["runtime.compile=true"])
+    if compiled.modules["transformer"] is not adapted.modules["transformer"]:
+        pytest.skip("the transformer is no longer shared between compile=true and compile=false pipelines")
+    with pytest.raises(LoraError, match=r"is in a block that runtime.compile compiled"):
+        adapted(PROMPT, seed=3, num_inference_steps=2, output_type="np", **FAMILIES["sd3"][2])

@@ -152,3 +152,16 @@ def test_cuda_offload_gives_the_default_images(tiny_flux_dev, mode):
     pipe = build_pipeline("flux", model_path=tiny_flux_dev, overrides=[*cuda, f"runtime.offload={mode}"])
     for _ in range(2):
         assert np.abs(np.asarray(pipe(**request).images) - np.asarray(expected)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("runtime, message", [
+    ({"offload": "model", "quantize": "fp8"}, "runtime.offload=model with runtime.quantize=fp8 is not supported yet"),
+    ({"offload": "layers", "quantize": "int8"}, "runtime.offload=layers with runtime.quantize=int8 is not supported yet"),
+    ({"offload": "layers", "compile": True}, "runtime.offload=layers with runtime.compile=true is not supported yet"),
+])
+def test_combinations_never_run_on_a_gpu_are_refused_on_cuda(runtime, message):
+    from diffstage.offload import check_offload
+
+    with pytest.raises(DiffstageError, match=message.replace(".", r"\.")):
+        check_offload(runtime, torch.device("cuda"))  # the check reads the device type only: no GPU needed
+    assert check_offload({"offload": runtime["offload"]}, torch.device("cuda")) == runtime["offload"]

@@ -95,9 +95,15 @@ def test_unknown_module_refused(tiny_flux_dev):
     assert "runtime.quantize_modules: model 'flux' has no module 'transfomer' (did you mean 'transformer'?)" in text
 
 
-def test_module_without_weights_refused(tiny_flux_dev):
-    text = build_error(tiny_flux_dev, "runtime.quantize=int8", "runtime.quantize_modules=[tokenizer]", error=LoadError)
-    assert "module 'tokenizer' is a CLIPTokenizer" in text and "no weights to quantize" in text
+def test_module_without_weights_refused_before_any_weight_loads(tiny_flux_dev, monkeypatch):
+    import diffstage.loader as loader
+
+    loads = []
+    real = loader._load_module
+    monkeypatch.setattr(loader, "_load_module", lambda name, *a, **kw: loads.append(name) or real(name, *a, **kw))
+    text = build_error(tiny_flux_dev, "runtime.quantize=int8", "runtime.quantize_modules=[tokenizer_2]", error=LoadError)
+    assert "module 'tokenizer_2' is a T5Tokenizer" in text and "no weights to quantize" in text
+    assert loads == []  # refused before the modules listed before it (vae, text encoders) loaded
 
 
 def test_missing_torchao_names_the_extra(tiny_flux_dev, monkeypatch):
