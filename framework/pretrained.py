@@ -2,7 +2,10 @@
 loading one so that weights that do not match its config are an error rather than a log line."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,28 @@ def _check_loading_info(name: str, folder: Path, info: dict) -> None:
                         + "; ".join(problems))
 
 
+_ADAPTER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_checkpoint_adapters() -> Iterator[None]:
+    """Transformers' from_pretrained, where peft is installed, applies an adapter_config.json it finds in the folder
+    and may load the base model that config names instead (from the Hub): a checkpoint would choose what loads.
+    Its discovery is turned off while diffstage loads a module (LoRA adapters are diffstage's own: lora.py)."""
+    try:
+        import transformers.integrations.peft as transformers_peft
+    except ImportError:  # an older or newer Transformers without it
+        yield
+        return
+    with _ADAPTER_LOCK:
+        found = transformers_peft.is_peft_available
+        transformers_peft.is_peft_available = lambda: False
+        try:
+            yield
+        finally:
+            transformers_peft.is_peft_available = found
+
+
 def from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, allow_pickle: bool,
                     execution: dict[str, Any] | None) -> Any:
     """cls.from_pretrained for the checkpoint's `subfolder`, in `dtype`, safetensors only unless allow_pickle."""
@@ -84,8 +109,9 @@ def from_pretrained(cls: type, root: Path, subfolder: str, dtype: torch.dtype, a
         kwargs["dtype" if major >= 5 else "torch_dtype"] = dtype
     else:
         kwargs["torch_dtype"] = dtype
-    if not strict:
-        return cls.from_pretrained(root, **kwargs)
-    module, info = cls.from_pretrained(root, **kwargs)
+    with _no_checkpoint_adapters() if cls.__module__.startswith("transformers.") else contextlib.nullcontext():
+        if not strict:
+            return cls.from_pretrained(root, **kwargs)
+        module, info = cls.from_pretrained(root, **kwargs)
     _check_loading_info(subfolder, root / subfolder, info)
     return module

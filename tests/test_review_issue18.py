@@ -35,6 +35,9 @@ def test_a_peft_adapter_in_safetensors_is_not_refused_for_pickle(ckpt):
     save_file({"a": torch.zeros(1)}, folder / "adapter_model.safetensors")
     modules = loader.load_modules(check_model("pixart_sigma").spec, ckpt)
     assert type(modules["text_encoder"]).__name__ == "T5EncoderModel"
+    # with peft installed, Transformers would apply the folder's adapter, or load the base model it names ("x",
+    # from the Hub): a checkpoint does not choose what loads
+    assert not getattr(modules["text_encoder"], "_hf_peft_config_loaded", False)
 
 
 def test_bound_method_callbacks_of_two_objects_get_different_keys():

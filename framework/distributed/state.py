@@ -9,6 +9,8 @@ neighbouring ranks, which share the fastest links). Every rank holds every modul
 the VAE run on each rank (they are small next to the transformer), and only rank 0 writes files."""
 from __future__ import annotations
 
+import atexit
+
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -115,6 +117,15 @@ def check_layout(options: dict) -> dict[str, int]:
     return degrees
 
 
+def _destroy_process_group() -> None:
+    """At exit, the process group init_parallel made, as PyTorch asks: a process that exits with it alive can
+    abort in its teardown ("terminate called without an active exception"), which torchrun reports as a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_parallel(options: dict, device: torch.device) -> ParallelState:
     """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA) and make the mesh's groups.
     Without torchrun and with all degrees 1, nothing happens."""
@@ -132,6 +143,7 @@ def init_parallel(options: dict, device: torch.device) -> ParallelState:
             torch.cuda.set_device(env_int("LOCAL_RANK", 0, 0,
                                           why="torchrun sets it: this process's index on its machine"))
         dist.init_process_group(backend, timeout=dist_timeout())
+        atexit.register(_destroy_process_group)  # the group's threads end before the interpreter's teardown
     rank, world = dist.get_rank(), dist.get_world_size()
     state = ParallelState(degrees["cfg"], degrees["ulysses"], degrees["ring"], rank, world)
     u, r = degrees["ulysses"], degrees["ring"]
