@@ -58,6 +58,11 @@ SKIPPED = {
     "pip install torch --index-url https://download.pytorch.org/whl/cu124": "an installation (network)",
     "pip install -e \".[triton]\"": "an installation (network)",
     "pip install -e \".[video]\"": "an installation (network)",
+    "srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d "
+    "--rdzv-endpoint=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1):29500\" "
+    "--rdzv-id=\"$SLURM_JOB_ID\" -m diffstage generate model=flux model_path=DIR runtime=cuda parallel.cfg=2 "
+    "parallel.ulysses=8": "needs a SLURM cluster of 2 GPU nodes (tests/test_multinode.py runs the rendezvous on "
+                          "127.0.0.1)",
     "diffstage generate runtime=cuda model=flux model_path=black-forest-labs/FLUX.1-dev":
         "downloads FLUX.1-dev and needs CUDA",
     "diffstage generate model=flux model_path=ckpt/ prompt=\"a red fox\" "
