@@ -21,7 +21,8 @@ import torch
 
 from . import loader
 from .build_plan import BuildPlan, execution_options, instantiate_stage, model_settings
-from .errors import DiffstageError, shown
+from .errors import DiffstageError, LoraError
+from .lora_files import file_identity
 from .memory import format_bytes
 from .offload import RELEASE_SHARE, check_offload, empty_module
 from .pretrained import from_pretrained, module_kind
@@ -128,11 +129,11 @@ def meta_module(cls: type, folder: Path, dtype: torch.dtype) -> torch.nn.Module 
 def lora_files(run_plain: dict[str, Any]) -> dict[str, int]:
     """Adapter file -> its size, for the run config's `lora` list."""
     out = {}
-    for i, entry in enumerate(run_plain.get("lora") or []):
-        path = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(path, str) or not Path(path).expanduser().is_file():
-            raise DiffstageError(f"lora[{i}].path: no such file {shown(path)}")
-        out[path] = Path(path).expanduser().stat().st_size
+    for i, entry in enumerate(run_plain.get("lora") or []):  # entries were checked with the run config
+        try:
+            out[entry["path"]] = file_identity(entry["path"])[1]  # as a run reads it (~ expanded, a file)
+        except LoraError as e:
+            raise DiffstageError(f"lora[{i}].path: {e}") from None
     return out
 
 

@@ -85,7 +85,7 @@ def test_lora_files_are_counted(tiny_flux_dev, tmp_path):
     with_lora = estimate(tiny_flux_dev, f"lora=[{{path:{adapter},scale:0.5}}]")
     assert with_lora.lora == {str(adapter): adapter.stat().st_size}
     assert with_lora.peak.total == base.peak.total + adapter.stat().st_size
-    with pytest.raises(DiffstageError, match=r"lora\[0\]\.path: no such file '.*missing.safetensors'"):
+    with pytest.raises(DiffstageError, match=r"lora\[0\]\.path: LoRA file .*missing.safetensors: cannot read it \(No such file or directory\)"):
         estimate(tiny_flux_dev, f"lora=[{{path:{tmp_path / 'missing.safetensors'}}}]")
 
 
