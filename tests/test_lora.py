@@ -256,6 +256,9 @@ def test_fuse_merges_one_set_and_unfuse_restores_the_weights(family):
         pipe.fuse_loras(lora(files["first"], 0.8))
     del other
     pipe.fuse_loras(lora(files["first"], 0.8))
+    with pytest.raises(LoraError, match=r"^LoRA adapters are fused already \(.*first.safetensors x0.8\); call "
+                                        r"pipe.unfuse_loras\(\) first$"):
+        pipe.fuse_loras(lora(files["second"], 0.5))
     fused = pipe(PROMPT, seed=3, num_inference_steps=2, output_type="np", **FAMILIES["sd15"][2]).images
     assert np.abs(fused - unfused).max() < 1e-5  # merged into the weights: the same image
     later = build_pipeline("sd15", model_path=shared.checkpoint, session=session)  # loads its own modules
@@ -408,3 +411,18 @@ def test_adapters_on_blocks_another_pipeline_compiled_are_refused_not_dropped(fa
         pytest.skip("the transformer is no longer shared between compile=true and compile=false pipelines")
     with pytest.raises(LoraError, match=r"is in a block that runtime.compile compiled"):
         adapted(PROMPT, seed=3, num_inference_steps=2, output_type="np", **FAMILIES["sd3"][2])
+
+
+def test_empty_and_dora_files_are_refused_naming_the_file(family, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    _, pipe, files = family("sd15")
+    empty = write_state(tmp_path / "empty.safetensors", {})
+    dora = tmp_path / "dora.safetensors"
+    save_file(read_state(files["first"]), str(dora),
+              metadata={"lora_adapter_metadata": json.dumps({"unet.use_dora": True})})
+    for path, message in ((empty, "holds no tensors"), (dora, r"a DoRA adapter \(use_dora\), which is not supported")):
+        with pytest.raises(LoraError, match=rf"^LoRA file {path}: {message}$"):
+            run_ours(pipe, "sd15", lora(path))
