@@ -28,10 +28,11 @@ demo: install
 sheet: install
 	HF_HUB_OFFLINE=1 $(BIN)/diffstage sheet
 
-# The tests also run the Triton kernels (interpreted on the CPU), read back MP4s, start the server, build LoRA
-# adapters and quantize, so they install the triton, video, serve, lora and quant extras.
+# The tests also run the Triton kernels (interpreted on the CPU), read back MP4s, start the server (and its
+# replicas on Ray Serve), build LoRA adapters, quantize and sweep through Hydra's launchers, so they install the
+# triton, video, serve, lora, quant, sweep and ray extras.
 $(VENV)/.installed-triton: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install --quiet -e ".[test,triton,video,serve,lora,quant]"
+	$(BIN)/pip install --quiet -e ".[test,triton,video,serve,lora,quant,sweep,ray]"
 	touch $@
 
 test: install $(VENV)/.installed-triton
