@@ -1,8 +1,11 @@
 """The report of a `diffstage generate -m ...` sweep: a labelled grid of every job's image and a table.
 
-Hydra calls `SweepReport` (conf/config.yaml, hydra.callbacks) after each job and at the end of the sweep.
-A job that fails (a value out of range, a missing file) is recorded with its error and the sweep goes
-on; the command then exits non-zero. The sweep directory ends up with:
+Hydra calls `SweepReport` (conf/config.yaml, hydra.callbacks) as each job starts and ends, in the process that runs
+the job (this one, or a launcher's worker: joblib, SLURM through submitit, ...), and at the end of the sweep in
+this one. Each job writes its row into the sweep directory (ROWS), so the report sees every job wherever it ran; a
+job whose process died leaves the row it wrote when it started. A job that fails (a value out of range, a missing
+file) is recorded with its error and the sweep goes on; the command then exits non-zero. The sweep directory ends
+up with:
 
     sweep_grid.png   one cell per job, labelled with the overrides that vary between jobs
     sweep.jsonl      one JSON object per job: job, overrides, seed, images, seconds per stage, reused
@@ -11,12 +14,15 @@ on; the command then exits non-zero. The sweep directory ends up with:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
 GRID, TABLE = "sweep_grid.png", "sweep.jsonl"
+ROWS = ".diffstage-sweep"  # in the sweep directory while the sweep runs: job-N.json per job, from its own process
+UNFINISHED = "the job started but did not finish (its process ended before it could report)"
 CELL = 192  # pixels: room for labels like "seed=1 true_cfg_scale=4.0"
 
 
@@ -28,6 +34,7 @@ class SweepState:
         self.active = False
         self.report: list[Path] = []  # the grid and the table, once written
         self.report_error: str | None = None  # what of the report could not be written, and why
+        self.sweep_dir: Path | None = None
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -90,14 +97,66 @@ def write_grid(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
     return save_png(grid, sweep_dir / GRID, meta)
 
 
+def _in_sweep(config) -> bool:
+    from hydra.types import RunMode
+
+    return config.hydra.mode == RunMode.MULTIRUN
+
+
+def _write_row(config, result: dict[str, Any]) -> None:
+    """Write job `config.hydra.job.num`'s row into the sweep directory (atomically: a reader sees all or none)."""
+    from omegaconf import OmegaConf
+
+    job = int(config.hydra.job.num)
+    overrides = dict(o.split("=", 1) for o in OmegaConf.to_container(config.hydra.overrides.task) if "=" in o)
+    folder = Path(config.hydra.sweep.dir) / ROWS
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".job-{job}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"job": job, "overrides": overrides, **result}, default=str))
+    os.replace(tmp, folder / f"job-{job}.json")
+
+
+def _row_files(sweep_dir: Path) -> list[Path]:
+    return sorted((sweep_dir / ROWS).glob("job-*.json"), key=lambda p: int(p.stem.split("-", 1)[1]))
+
+
+def read_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The rows the jobs wrote, in job order (a file that cannot be read becomes a row with that error)."""
+    rows = []
+    for path in _row_files(sweep_dir):
+        try:
+            rows.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            rows.append({"job": int(path.stem.split("-", 1)[1]), "overrides": {},
+                         **job_result(error=f"its row {path} cannot be read: {e}")})
+    return rows
+
+
+def _clear_rows(sweep_dir: Path) -> None:
+    """Remove the rows of the jobs (an earlier sweep's, at the start; this one's, once its table is written)."""
+    for path in _row_files(sweep_dir):
+        path.unlink(missing_ok=True)
+    try:
+        (sweep_dir / ROWS).rmdir()
+    except OSError:  # absent, or holds something that is not ours
+        pass
+
+
 class SweepReport(Callback):
-    """Hydra callback: collects each job's result and writes the report when the sweep ends."""
+    """Hydra callback: each job writes its row (as it starts, then its result); the report is written when the
+    sweep ends."""
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         STATE.rows, STATE.active, STATE.report = [], True, []
+        STATE.sweep_dir = Path(config.hydra.sweep.dir)
+        _clear_rows(STATE.sweep_dir)
+
+    def on_job_start(self, config, **kwargs: Any) -> None:
+        if _in_sweep(config):
+            _write_row(config, job_result(error=UNFINISHED))
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
-        if not STATE.active:
+        if not _in_sweep(config):
             return  # a single run: no report
         value = job_return._return_value  # the task returns its errors (cli/generate.py: _generate_task); others raised
         if isinstance(value, dict):
@@ -106,34 +165,41 @@ class SweepReport(Callback):
             result = job_result(error=f"{type(value).__name__}: {value}")
         else:  # a task that reports nothing (diffstage sheet)
             result = job_result()
-        overrides = dict(o.split("=", 1) for o in job_return.overrides if "=" in o)
-        STATE.rows.append({"job": len(STATE.rows), "overrides": overrides, **result})
+        _write_row(config, result)
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        from .distributed.state import launched_rank
+        finish_report(Path(config.hydra.sweep.dir))
 
-        STATE.active, STATE.report_error = False, None
-        if not STATE.rows or launched_rank() != 0:  # under torchrun, rank 0 writes the one report
-            return
-        # Hydra turns an exception here into a warning: each failure is kept for the command to report (exit 2),
-        # and the table is written first, so a grid that cannot be drawn loses nothing else.
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            table = write_table(sweep_dir, STATE.rows).resolve()
-        except Exception as e:  # noqa: BLE001
-            STATE.report_error = f"cannot write {sweep_dir / TABLE}: {e}"
-            return
-        try:
-            STATE.report = [write_grid(sweep_dir, STATE.rows).resolve(), table]
-        except Exception as e:  # noqa: BLE001
-            STATE.report = [table]
-            STATE.report_error = (f"cannot draw or write {sweep_dir.resolve() / GRID}: {type(e).__name__}: {e} "
-                                  f"(the table is in {table})")
-        from .console import say
-        from .errors import DiffstageError
 
-        try:
-            for path in STATE.report:
-                say(path)
-        except DiffstageError as e:
-            STATE.report_error = "; ".join(filter(None, (STATE.report_error, str(e))))
+def finish_report(sweep_dir: Path) -> None:
+    """Read the jobs' rows and write the report (once: also called when the launcher failed part way)."""
+    from .distributed.state import launched_rank
+
+    if not STATE.active:
+        return
+    STATE.active, STATE.report_error = False, None
+    STATE.rows = read_rows(sweep_dir)
+    if not STATE.rows or launched_rank() != 0:  # under torchrun, rank 0 writes the one report
+        return
+    # Hydra turns an exception here into a warning: each failure is kept for the command to report (exit 2),
+    # and the table is written first, so a grid that cannot be drawn loses nothing else.
+    try:
+        table = write_table(sweep_dir, STATE.rows).resolve()
+    except Exception as e:  # noqa: BLE001
+        STATE.report_error = f"cannot write {sweep_dir / TABLE}: {e}"
+        return
+    _clear_rows(sweep_dir)
+    try:
+        STATE.report = [write_grid(sweep_dir, STATE.rows).resolve(), table]
+    except Exception as e:  # noqa: BLE001
+        STATE.report = [table]
+        STATE.report_error = (f"cannot draw or write {sweep_dir.resolve() / GRID}: {type(e).__name__}: {e} "
+                              f"(the table is in {table})")
+    from .console import say
+    from .errors import DiffstageError
+
+    try:
+        for path in STATE.report:
+            say(path)
+    except DiffstageError as e:
+        STATE.report_error = "; ".join(filter(None, (STATE.report_error, str(e))))

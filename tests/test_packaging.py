@@ -30,7 +30,7 @@ def test_wheel_has_only_the_diffstage_namespace(wheel):
                      "diffstage/pipelines_yaml/pixart_sigma.yaml", "diffstage/models/pixart/callbacks.py",
                      "diffstage/pipelines_yaml/diffusers_auto.yaml", "diffstage/stages/diffusers_pipeline.py",
                      "diffstage/pipelines_yaml/qwen_image.yaml", "diffstage/models/qwen_image/callbacks.py",
-                     "diffstage/conf/config.yaml", "diffstage/conf/sheet.yaml", "diffstage/conf/runtime/cpu.yaml",
+                     "diffstage/conf/config.yaml", "diffstage/conf/sheet.yaml", "diffstage/conf/hydra/launcher/slurm.yaml", "diffstage/conf/runtime/cpu.yaml",
                      "diffstage/pipelines_yaml/digits.yaml", "diffstage/models/digits/README.md",
                      "diffstage/models/digits/checkpoint/model_index.json",
                      "diffstage/models/digits/checkpoint/transformer/diffusion_pytorch_model.safetensors"):

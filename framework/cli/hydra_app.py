@@ -23,8 +23,8 @@ from ..distributed.state import launched_rank
 from ..errors import DiffstageError, OutputError, shown
 from ..overrides import prepare_argv
 from ..setting_use import plain_cli_warnings
-from ..sweep import STATE, TABLE
-from .exits import fail
+from ..sweep import STATE, TABLE, finish_report
+from .exits import debug, fail
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,14 @@ def _hydra_job() -> HydraJob:
     return HydraJob(Path(config.runtime.output_dir), config.mode == RunMode.MULTIRUN)
 
 
+SWEEP_JOBS_ENV = "DIFFSTAGE_SWEEP_JOBS"  # the count, for the jobs a launcher runs in its own processes
+
+
 def sweep_jobs() -> int | None:
     """How many jobs this `-m` sweep runs: the product of the sweeps on the command line (None when Hydra
-    cannot tell without running it, e.g. glob())."""
+    cannot tell without running it, e.g. glob()). A launcher's worker reads the count its command set."""
+    if os.environ.get(SWEEP_JOBS_ENV, "").isdigit():
+        return int(os.environ[SWEEP_JOBS_ENV])
     jobs = 1
     try:
         for override in OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a and
@@ -75,8 +80,8 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     except DiffstageError as e:
         fail(e)
     sys.argv = [f"diffstage {command}"] + argv
-    STATE.rows, STATE.report, STATE.report_error = [], [], None
-    with _full_hydra_errors():
+    STATE.rows, STATE.report, STATE.report_error, STATE.active = [], [], None, False
+    with _full_hydra_errors(), _sweep_size_for_workers():
         try:
             app()
             failed = _sweep_failures()
@@ -87,7 +92,12 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
         except (HydraException, OmegaConfBaseException) as e:  # bad overrides, config composition
             fail(_config_error(e))
         except Exception as e:
+            in_sweep = STATE.active
+            if in_sweep:  # the sweep stopped part way (a launcher's worker died): report the jobs that ran
+                finish_report(STATE.sweep_dir)
             error = _error_outside_job(e, started=bool(started))
+            if error is None and in_sweep and not debug():
+                error = _launcher_error(e)
             if error is None:
                 raise
             fail(error)
@@ -110,6 +120,20 @@ def _full_hydra_errors() -> Iterator[None]:
             os.environ["HYDRA_FULL_ERROR"] = previous
 
 
+@contextmanager
+def _sweep_size_for_workers() -> Iterator[None]:
+    """The sweep's job count in the environment that a launcher's workers inherit (their argv is not ours)."""
+    previous = os.environ.get(SWEEP_JOBS_ENV)
+    jobs = sweep_jobs() if {"-m", "--multirun"} & set(sys.argv) else None
+    if jobs is not None and previous is None:
+        os.environ[SWEEP_JOBS_ENV] = str(jobs)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SWEEP_JOBS_ENV, None)
+
+
 def _sweep_failures() -> DiffstageError | None:
     """A sweep ran every job: what failed (each job said why when it ran) or the report it could not write."""
     problems = [f"the sweep report is incomplete: {STATE.report_error}"] if STATE.report_error else []
@@ -121,6 +145,14 @@ def _sweep_failures() -> DiffstageError | None:
     if not problems:
         return None
     return (OutputError if STATE.report_error else DiffstageError)("\n".join(problems))
+
+
+def _launcher_error(e: Exception) -> DiffstageError:
+    """The sweep's launcher raised (a worker process died, a cluster job failed): that, and the jobs' failures."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    failures = _sweep_failures()
+    return DiffstageError(f"the sweep stopped: its launcher failed: {type(e).__name__}{': ' if first else ''}{first}"
+                          + (f"\n{failures}" if failures else ""))
 
 
 def _config_error(e: HydraException | OmegaConfBaseException) -> DiffstageError:
