@@ -92,3 +92,26 @@ def metric(url: str, name: str, **labels) -> float:
         if line.startswith(name + ("{" if labels else " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server that cannot be given port 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> None:
+    """Until GET /ready answers 200 (the server up, its models loaded), while `alive()`; AssertionError past
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        try:
+            if http_get(f"{url}/ready")[0] == 200:
+                return
+        except OSError:  # not listening yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} was not ready within {timeout_s:g} s" + ("" if alive() else " (it exited)"))

@@ -11,6 +11,8 @@ from ..errors import DiffstageError
 from .exits import fail
 from .hydra_app import HydraJob, rank_app
 
+log = logging.getLogger("diffstage.server")
+
 
 def serve_command(argv: list[str]) -> None:
     rank_app(_serve_task, "serve", argv, "serve")
@@ -25,7 +27,10 @@ def _serve_task(cfg, job: HydraJob) -> None:
 
         plain = OmegaConf.to_container(cfg, resolve=False)
         settings = serve_settings(plain.pop("serve", None))
-        state = ServerState(parse_run_config(OmegaConf.create(plain)), settings)
+        run = parse_run_config(OmegaConf.create(plain))
+        if settings.backend == "ray":
+            return serve_on_ray(run, settings)
+        state = ServerState(run, settings)
     except ImportError as e:
         fail(DiffstageError(f"diffstage serve needs the serve extra: pip install 'diffstage[serve]' ({e})"))
         return
@@ -33,6 +38,40 @@ def _serve_task(cfg, job: HydraJob) -> None:
         fail(e)
         return
     run_server(state)
+
+
+def serve_on_ray(run, settings) -> None:
+    """serve.backend=ray: the replicas on Ray Serve (diffstage/server/ray_backend.py) until SIGINT/SIGTERM, then
+    the deployment deleted (running requests finish within serve.shutdown_grace_s) and the Ray this started
+    stopped."""
+    from ..server.pool import ModelPool
+
+    names = ModelPool(run, settings.models, settings.memory_budget_gb).names()  # checked before Ray starts
+    try:
+        from ..server import ray_backend
+    except ImportError as e:
+        raise DiffstageError("diffstage serve serve.backend=ray needs the ray extra: pip install 'diffstage[ray]' "
+                             f"({e})") from None
+    started = ray_backend.start_ray(settings)
+    stop = threading.Event()
+    # after ray.init, which sets a SIGTERM handler of its own
+    handled = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        url = ray_backend.deploy(run, settings)
+        scaling = "autoscaling" if (settings.ray or {}).get("autoscaling_config") else \
+            f"{settings.replicas or 1} replica{'s' if (settings.replicas or 1) > 1 else ''}"
+        log.info("serving %s on %s (Ray Serve, %s)", ", ".join(names), url, scaling)
+        while not stop.wait(0.5):
+            pass
+        log.info("Shutting down: deleting the Ray Serve deployment")
+    finally:
+        for sig, handler in handled.items():
+            signal.signal(sig, handler)
+        deleted = ray_backend.stop(started, settings.shutdown_grace_s + 30)
+    if deleted:
+        log.info("shutdown: the Ray Serve deployment is deleted%s", ", Ray stopped" if started else "")
+    else:
+        log.warning("shutdown: Ray's own processes stopped before the deployment could be deleted")
 
 
 def run_server(state) -> None:
@@ -62,7 +101,7 @@ def run_server(state) -> None:
                     signal.signal(sig, handler)
 
     settings = state.settings
-    logging.getLogger("diffstage.server").info("serving %s on http://%s:%d", ", ".join(state.pool.names()),
+    log.info("serving %s on http://%s:%d", ", ".join(state.pool.names()),
                                                settings.host, settings.port)
     config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s)

@@ -115,7 +115,7 @@ def _authorized(scope, key: str) -> bool:
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
-        if state.settings.preload:
+        if state.settings.preload and state.preloading is None:  # (a Ray replica loads before it serves)
             state.preload()
         yield
         state.shutdown()
