@@ -11,7 +11,10 @@ costs are not measured), loaded, and stopped before the next starts:
 - `baseline`: serve_baseline.py on the digits checkpoint (models/digits/checkpoint), the sampling of
   pipelines_yaml/digits.yaml (20 steps, 32x32, true CFG 6.0 against "", max_sequence_length 16);
 - `batching_on`: `diffstage serve model=digits serve.max_batch=16 serve.max_wait_ms=20`;
-- `batching_off`: `diffstage serve model=digits serve.max_batch=1`.
+- `batching_off`: `diffstage serve model=digits serve.max_batch=1`;
+- `ray_1`, `ray_2`: batching_on's settings with serve.backend=ray and serve.replicas=1 or 2: replicas on a
+  local Ray Serve (the ray extra), each with an equal share of the cores (torch threads to match), behind Ray
+  Serve's HTTP proxy. Not run by default: `--configs ray_1 ray_2`.
 
 The load: --clients closed-loop clients (threads; each sends its next request when the last one is answered),
 sharing --requests requests `POST /v1/images/generations` (n=1, b64_json) whose prompts cycle over the ten digit
@@ -21,7 +24,10 @@ answers by status, lost requests (sent, no answer: must be 0), the digits classi
 returned (the right image, not just an image), the batch-size histogram (diffstage: its `diffstage_batch_size`
 histogram from GET /metrics, after minus before the load; baseline: every call is one request) and the server's
 RSS (its process and children, every --rss-interval s: peak, and the first 10% of the run against the last 10%,
-to judge whether it stays flat). Ratios against the baseline and between batching on and off close the file.
+to judge whether it stays flat). Ratios against the baseline, between batching on and off, and of 2 Ray
+replicas against 1 close the file. With Ray the server's CPU time and RSS count Ray's own processes (its
+controller, proxy and raylet run under the command), and the batch sizes are summed over the replicas (each GET
+/metrics reaches one: it is repeated until every replica has answered, as X-Diffstage-Replica tells).
 """
 from __future__ import annotations
 
@@ -51,8 +57,12 @@ DIGITS = ROOT / "models" / "digits" / "checkpoint"
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPTS = tuple(f"a handwritten digit {word}" for word in WORDS)  # pipelines_yaml/digits.yaml's examples
 CONFIGS = ("baseline", "batching_on", "batching_off")
-DIFFSTAGE_SETTINGS = {"batching_on": ["serve.max_batch=16", "serve.max_wait_ms=20"],
-                      "batching_off": ["serve.max_batch=1"]}
+RAY_CONFIGS = {"ray_1": 1, "ray_2": 2}  # config -> replicas
+BATCHING = ["serve.max_batch=16", "serve.max_wait_ms=20"]
+DIFFSTAGE_SETTINGS = {"batching_on": BATCHING, "batching_off": ["serve.max_batch=1"],
+                      **{config: [*BATCHING, "serve.backend=ray", f"serve.replicas={n}",
+                                  "serve.ray_init={address: local}"] for config, n in RAY_CONFIGS.items()}}
+REPLICA_HEADER = "X-Diffstage-Replica"
 BATCH_METRIC = "diffstage_batch_size"
 MAX_RETRY_AFTER_S = 10.0  # a Retry-After above this is waited as this: the run stays bounded
 
@@ -151,10 +161,11 @@ class RssSampler:
 
 class Server:
     """A server subprocess: started in its own session (so a Ctrl-C reaches it only through stop()), ready when
-    GET /ready answers 200, stopped with SIGINT (uvicorn's graceful shutdown), killed if it does not exit."""
+    GET /ready answers 200 (from each of its `replicas`), stopped with SIGINT (uvicorn's graceful shutdown; with
+    Ray, the deployment deleted and Ray stopped), killed with its whole session if it does not exit."""
 
-    def __init__(self, command: list[str], port: int, log: Path):
-        self.command, self.url, self.log = command, f"http://127.0.0.1:{port}", log
+    def __init__(self, command: list[str], port: int, log: Path, replicas: int = 1):
+        self.command, self.url, self.log, self.replicas = command, f"http://127.0.0.1:{port}", log, replicas
         self.process: subprocess.Popen | None = None
         self.exit_code: int | None = None
 
@@ -163,15 +174,19 @@ class Server:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        ready: set = set()  # the replicas that answered /ready with 200
         while time.perf_counter() - start < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.command[:2]} exited with {self.process.returncode} before it was ready:\n"
                                    + self.log_tail())
             try:
-                if request("GET", self.url + "/ready", timeout=5).status == 200:
-                    return time.perf_counter() - start
+                answer = request("GET", self.url + "/ready", timeout=5)
             except OSError:
-                pass  # not listening yet
+                answer = None  # not listening yet
+            if answer is not None and answer.status == 200:
+                ready.add(answer.headers.get(REPLICA_HEADER))
+                if len(ready) >= self.replicas:
+                    return time.perf_counter() - start
             time.sleep(0.25)
         raise RuntimeError(f"{self.command[:2]} not ready after {timeout:.0f} s:\n" + self.log_tail())
 
@@ -185,6 +200,10 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.exit_code = self.process.wait(timeout)
+        try:  # whatever it started and left behind (Ray's processes, were it killed): its session is its own
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -336,22 +355,42 @@ def batch_histogram(before: tuple | None, after: tuple | None) -> dict | None:
             "mean_batch_size": round((s1 - s0) / batches, 3) if batches else None, "by_size": ranges}
 
 
-def read_metrics(url: str) -> tuple | None:
-    try:
-        answer = request("GET", url + "/metrics", timeout=10)
-    except OSError:
+def read_metrics(url: str, replicas: int = 1, attempts: int = 50) -> tuple | None:
+    """The batch histogram summed over the server's replicas: GET /metrics (which one replica answers) until
+    each has answered once, or `attempts` GETs; None when a replica was never reached."""
+    seen: dict = {}
+    for _ in range(attempts):
+        try:
+            answer = request("GET", url + "/metrics", timeout=10)
+        except OSError:
+            return None
+        if answer.status != 200:
+            return None
+        seen[answer.headers.get(REPLICA_HEADER)] = histogram_buckets(answer.body.decode(errors="replace"),
+                                                                       BATCH_METRIC)
+        if len(seen) >= replicas:
+            return sum_histograms([h for h in seen.values() if h is not None])
+    return None
+
+
+def sum_histograms(readings: list[tuple]) -> tuple | None:
+    if not readings:
         return None
-    return histogram_buckets(answer.body.decode(errors="replace"), BATCH_METRIC) if answer.status == 200 else None
+    buckets: dict[float, float] = {}
+    for reading in readings:
+        for le, count in reading[0].items():
+            buckets[le] = buckets.get(le, 0.0) + count
+    return buckets, sum(r[1] for r in readings), sum(r[2] for r in readings)
 
 
-def read_metrics_settled(url: str, images: float, timeout: float = 5.0) -> tuple | None:
+def read_metrics_settled(url: str, images: float, timeout: float = 5.0, replicas: int = 1) -> tuple | None:
     """The batch histogram once it counts `images` images: a server may record a batch just after it answers,
     so a reading taken the moment the last answer arrives can miss the last batch."""
     deadline = time.perf_counter() + timeout
-    reading = read_metrics(url)
+    reading = read_metrics(url, replicas)
     while reading is not None and reading[2] < images and time.perf_counter() < deadline:
         time.sleep(0.1)
-        reading = read_metrics(url)
+        reading = read_metrics(url, replicas)
     return reading
 
 
@@ -406,8 +445,8 @@ def agreement(outcomes: list[Outcome | None], reference: list[Outcome | None]) -
 
 
 def measure(config: str, args, log_dir: Path) -> tuple[dict, list]:
-    port = free_port()
-    server = Server(server_command(config, port, args.diffstage), port, log_dir / f"{config}.log")
+    port, replicas = free_port(), RAY_CONFIGS.get(config, 1)
+    server = Server(server_command(config, port, args.diffstage), port, log_dir / f"{config}.log", replicas)
     display = " ".join(server.command).replace(str(ROOT) + "/", "")
     print(f"{config}: {display}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()
@@ -415,16 +454,17 @@ def measure(config: str, args, log_dir: Path) -> tuple[dict, list]:
         ready_s = server.start(args.start_timeout)
         warmup = [(k % 10, args.seed_base - 1 - k) for k in range(args.warmup)]
         warm, _ = load(server.url, warmup, args.clients, args.request_timeout, args.time_limit)
-        before = read_metrics_settled(server.url, made_images(warm))
+        before = read_metrics_settled(server.url, made_images(warm), replicas=replicas)
         jobs = [(k % 10, args.seed_base + k) for k in range(args.requests)]
         cpu_before = cpu_seconds(server.process.pid)
         with RssSampler(server.process.pid, args.rss_interval) as rss:
             outcomes, wall = load(server.url, jobs, args.clients, args.request_timeout, args.time_limit)
         cpu = cpu_seconds(server.process.pid) - cpu_before
-        after = read_metrics_settled(server.url, (before[2] if before else 0) + made_images(outcomes))
+        after = read_metrics_settled(server.url, (before[2] if before else 0) + made_images(outcomes),
+                                     replicas=replicas)
         hwm_mb = status_kib(server.process.pid, "VmHWM") / 1024
     finally:
-        server.stop()
+        server.stop(90.0 if config in RAY_CONFIGS else 30.0)
     answers = count_answers(outcomes)
     made = answers["final_2xx"] - answers["undecodable"]
     latencies = [o.latency_s for o in outcomes if o is not None and o.status is not None and 200 <= o.status < 300]
@@ -473,6 +513,10 @@ def ratios(results: dict) -> dict:
     on_vs_base, p99_vs_base = out["throughput_batching_on_over_baseline"], out["p99_batching_on_over_baseline"]
     out["target_throughput_3x_met"] = None if on_vs_base is None else on_vs_base >= 3.0
     out["target_p99_no_worse_met"] = None if p99_vs_base is None else p99_vs_base <= 1.0
+    # Ray Serve: 2 replicas against 1 on the same cores, and 1 replica against the same server without Ray
+    for what in ("throughput", "p99", "cpu"):
+        out[f"{what}_ray_2_over_ray_1"] = ratio(get("ray_2", what), get("ray_1", what))
+        out[f"{what}_ray_1_over_batching_on"] = ratio(get("ray_1", what), get("batching_on", what))
     rows = [r for r in results.values() if r]
     out["lost_requests"] = sum(r["answers"]["lost"] + r["answers"]["unsent"] for r in rows)
     out["answers_5xx"] = sum(r["answers"]["answers_5xx"] for r in rows)
@@ -485,7 +529,8 @@ def machine() -> dict:
 
     from diffstage.hardware import cpu_info
 
-    return {**cpu_info(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {**cpu_info(), "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
             "device": "cpu"}
 
@@ -495,7 +540,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=200, help="timed requests per configuration")
     parser.add_argument("--warmup", type=int, default=None, help="untimed requests first (default: --clients)")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *RAY_CONFIGS])
     parser.add_argument("--diffstage", type=Path, default=Path(sys.executable).with_name("diffstage"),
                         help="the diffstage command (default: the one beside this Python)")
     parser.add_argument("--seed-base", type=int, default=30000, help="first seed of the timed requests")
@@ -509,8 +554,9 @@ def main(argv=None) -> dict:
 
     results: dict = {}
     outcomes: dict[str, list] = {}
-    report = {"benchmark": "diffstage serve (dynamic batching on / off) beside a FastAPI app with one Diffusers "
-                           "FluxPipeline behind a lock; digits, closed-loop clients on 127.0.0.1",
+    report = {"benchmark": "diffstage serve (dynamic batching on / off; 1 or 2 replicas on Ray Serve) beside a "
+                           "FastAPI app with one Diffusers FluxPipeline behind a lock; digits, closed-loop clients "
+                           "on 127.0.0.1",
               "machine": machine(),
               "settings": {"model": "digits", "clients": args.clients, "requests": args.requests,
                            "warmup_requests": args.warmup, "n": 1, "response_format": "b64_json",

@@ -116,3 +116,61 @@ def test_agreement_compares_images_of_the_same_request():
     reference = [bench_serve.Outcome(d, s, 200, 0.1, [200], image) for d, s in ((0, 1), (1, 2), (2, 3), (3, 4))]
     result = bench_serve.agreement(ours, reference)
     assert result["compared"] == 2 and result["identical"] == 1 and result["max_abs_diff"] == round(2 / 255, 4)
+
+
+class ReplicasHandler(BaseHTTPRequestHandler):
+    """GET /metrics as two replicas would answer it through one proxy: in turn, each with its own batch counts."""
+    turn = [0]
+
+    def do_GET(self):
+        from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+        replica = ("a", "b")[self.turn[0] % 2]
+        self.turn[0] += 1
+        registry = CollectorRegistry()
+        sizes = Histogram(bench_serve.BATCH_METRIC, "images per call", ["model"], registry=registry,
+                          buckets=(1, 2, 4))
+        for size in {"a": (1, 4), "b": (2,)}[replica]:
+            sizes.labels(model="digits").observe(size)
+        payload = generate_latest(registry)
+        self.send_response(200)
+        self.send_header(bench_serve.REPLICA_HEADER, replica)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_batch_sizes_are_summed_over_the_replicas():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ReplicasHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        both = bench_serve.read_metrics(url, replicas=2)
+        one = bench_serve.read_metrics(url, replicas=1)
+        never = bench_serve.read_metrics(url, replicas=3, attempts=4)  # a third replica never answers
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert bench_serve.batch_histogram(None, both) == {"batches": 3, "requests_in_batches": 7,
+                                                       "mean_batch_size": 2.333, "by_size": {"1": 1, "2": 1,
+                                                                                             "3-4": 1}}
+    assert one[1] in (1.0, 2.0) and never is None
+
+
+def test_ray_configurations_run_the_batching_settings_on_ray():
+    for config, replicas in (("ray_1", 1), ("ray_2", 2)):
+        command = bench_serve.server_command(config, 8123, Path("diffstage"))
+        assert command[:2] == ["diffstage", "serve"] and "serve.backend=ray" in command
+        assert f"serve.replicas={replicas}" in command and set(bench_serve.BATCHING) <= set(command)
+    ratios = bench_serve.ratios({"ray_1": {"images_per_s": 10.0, "server_cpu_s_per_image": 0.2,
+                                           "latency_s": {"p99": 1.0}, "answers": {"lost": 0, "unsent": 0,
+                                                                                  "answers_5xx": 0}},
+                                 "ray_2": {"images_per_s": 15.0, "server_cpu_s_per_image": 0.25,
+                                           "latency_s": {"p99": 0.8}, "answers": {"lost": 0, "unsent": 0,
+                                                                                  "answers_5xx": 0}}})
+    assert (ratios["throughput_ray_2_over_ray_1"], ratios["p99_ray_2_over_ray_1"]) == (1.5, 0.8)
+    assert ratios["throughput_ray_1_over_batching_on"] is None
