@@ -17,6 +17,7 @@ import yaml
 
 from .errors import DiffstageError, did_you_mean, shown
 from .lora_files import lora_list_problems
+from .objective import objective_problems
 from .offload import offload_problems
 from .quantize import quantize_problems
 from .req import Req
@@ -111,6 +112,7 @@ def run_config_problems(cfg: dict[str, Any]) -> list[str]:
     problems += lora_list_problems(cfg.get("lora"), "lora")
     problems += quantize_problems(runtime)
     problems += offload_problems(runtime)
+    problems += objective_problems(cfg.get("objective"))
     max_mb = reuse.get("max_mb", 0)
     if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not 0 <= max_mb <= 2 ** 40:
         problems.append(f"reuse.max_mb must be a number of megabytes in [0, 2**40], got {shown(max_mb)}")

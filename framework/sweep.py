@@ -46,10 +46,12 @@ STATE = SweepState()
 
 def job_result(images: list[str] | None = None, seed: Any = None, timings: dict | None = None,
                reused: list[str] | None = None, error: str | None = None,
-               reports: dict | None = None) -> dict[str, Any]:
-    """What a sweep job returns to the report (the task function's return value)."""
+               reports: dict | None = None, score: dict | None = None) -> dict[str, Any]:
+    """What a sweep job returns to the report (the task function's return value); `score` only with an objective
+    (diffstage/objective.py)."""
     return {"seed": seed, "images": list(images or []), "timings": dict(timings or {}),
-            "reused": list(reused or []), "reports": dict(reports or {}), "error": error}
+            "reused": list(reused or []), "reports": dict(reports or {}), "error": error,
+            **({"score": score} if score is not None else {})}
 
 
 def varying(rows: list[dict[str, Any]]) -> list[str]:
@@ -166,6 +168,10 @@ class SweepReport(Callback):
         else:  # a task that reports nothing (diffstage sheet)
             result = job_result()
         _write_row(config, result)
+        if (config.get("objective") or {}).get("metric") is not None:  # an optimizing sweeper reads a number
+            from .objective import objective_value
+
+            job_return.return_value = objective_value(result.get("score"))
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         finish_report(Path(config.hydra.sweep.dir))

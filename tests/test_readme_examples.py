@@ -63,6 +63,15 @@ SKIPPED = {
     "--rdzv-id=\"$SLURM_JOB_ID\" -m diffstage generate model=flux model_path=DIR runtime=cuda parallel.cfg=2 "
     "parallel.ulysses=8": "needs a SLURM cluster of 2 GPU nodes (tests/test_multinode.py runs the rendezvous on "
                           "127.0.0.1)",
+    "diffstage generate -m hydra/launcher=submitit_local seed=0,1,2":
+        "a minute of separate processes; tests/test_sweep_launchers.py runs submitit_local sweeps",
+    "diffstage generate -m hydra/launcher=slurm hydra.launcher.partition=gpu seed='range(0,1000)' "
+    "hydra.sweep.dir=/shared/sweeps/seeds": "needs a SLURM cluster (tests/test_sweep_launchers.py checks the config)",
+    "diffstage generate -m hydra/sweeper=tune_cache cache=teacache objective.metric=seconds objective.psnr_min=30":
+        "30 trials of 20 steps; tests/test_sweep_optuna.py runs it at 5 trials of 4 or 8 steps",
+    "torchrun --nnodes=2 --node-rank=0 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 "
+    "-m diffstage generate model=flux model_path=DIR runtime=cuda parallel.ulysses=16":
+        "needs two machines with 8 GPUs each (tests/test_multinode.py runs the rendezvous on 127.0.0.1)",
     "diffstage generate runtime=cuda model=flux model_path=black-forest-labs/FLUX.1-dev":
         "downloads FLUX.1-dev and needs CUDA",
     "diffstage generate model=flux model_path=ckpt/ prompt=\"a red fox\" "

@@ -11,6 +11,8 @@ import yaml
 
 from ..build_plan import plan_build
 from ..model_check import check_model
+from ..job_score import score
+from ..objective import wants_score
 from ..console import say
 from ..distributed import is_main_process
 from ..errors import DiffstageError, OutputError, shown
@@ -111,15 +113,17 @@ def _generate_one(cfg, job: HydraJob):
     pipe = plan.load(default_session(), planned_images=sweep_jobs() if job.in_sweep else 1)
     out = pipe.run(req)
     _log_reports(out.reports)
+    scored = score(run, checked, out, fields) if wants_score(run.plain) else None
     if not is_main_process():  # with torchrun, rank 0 writes the files and prints their paths
-        return job_result([], out.req.seed, out.timings, out.reused, reports=out.reports)
+        return job_result([], out.req.seed, out.timings, out.reused, reports=out.reports, score=scored)
     paths = []
     for i, item in enumerate(out.images):
         # a video from a pipeline whose YAML says image (the Diffusers fallback runs any pipeline) is still an MP4
         name = base.with_suffix(".mp4") if isinstance(item, list) and base.suffix == ".png" else base
         paths.append(_save(item, job.output_dir, name.name if i == 0 else f"{name.stem}_{i}{name.suffix}", pipe,
                            str(run.prompt), out.req.seed))
-    return job_result([str(p) for p in paths], out.req.seed, out.timings, out.reused, reports=out.reports)
+    return job_result([str(p) for p in paths], out.req.seed, out.timings, out.reused, reports=out.reports,
+                      score=scored)
 
 
 def _log_reports(reports: dict) -> None:

@@ -84,6 +84,7 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
     with _full_hydra_errors(), _sweep_size_for_workers():
         try:
             app()
+            _note_no_job_met_the_objective()
             failed = _sweep_failures()
             if failed is not None:
                 fail(failed)
@@ -145,6 +146,14 @@ def _sweep_failures() -> DiffstageError | None:
     if not problems:
         return None
     return (OutputError if STATE.report_error else DiffstageError)("\n".join(problems))
+
+
+def _note_no_job_met_the_objective() -> None:
+    """An optimizing sweep in which no job met objective.psnr_min found no setting: say so."""
+    scored = [row["score"] for row in STATE.rows if "score" in row]
+    if scored and all(score.get("objective") is None for score in scored):
+        print(f"note: no job of this sweep met objective.psnr_min (see the psnr of each in "
+              f"{STATE.sweep_dir / TABLE}); the sweeper saw +inf for every one", file=sys.stderr)
 
 
 def _launcher_error(e: Exception) -> DiffstageError:
