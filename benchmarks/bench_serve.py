@@ -62,7 +62,7 @@ BATCHING = ["serve.max_batch=16", "serve.max_wait_ms=20"]
 DIFFSTAGE_SETTINGS = {"batching_on": BATCHING, "batching_off": ["serve.max_batch=1"],
                       **{config: [*BATCHING, "serve.backend=ray", f"serve.replicas={n}",
                                   "serve.ray_init={address: local}"] for config, n in RAY_CONFIGS.items()}}
-REPLICA_HEADER = "X-Diffstage-Replica"
+REPLICA_HEADER = "x-diffstage-replica"
 BATCH_METRIC = "diffstage_batch_size"
 MAX_RETRY_AFTER_S = 10.0  # a Retry-After above this is waited as this: the run stays bounded
 
@@ -214,7 +214,7 @@ class Server:
 @dataclass
 class Answer:
     status: int
-    headers: dict
+    headers: dict  # names in lower case (HTTP names are case-insensitive; servers send either)
     body: bytes
 
 
@@ -224,9 +224,13 @@ def request(method: str, url: str, body: dict | None = None, timeout: float = 60
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            return Answer(response.status, dict(response.headers), response.read())
+            return Answer(response.status, lower_keys(response.headers), response.read())
     except urllib.error.HTTPError as error:
-        return Answer(error.code, dict(error.headers), error.read())
+        return Answer(error.code, lower_keys(error.headers), error.read())
+
+
+def lower_keys(headers) -> dict:
+    return {name.lower(): value for name, value in headers.items()}
 
 
 @dataclass
@@ -271,7 +275,7 @@ def generate(url: str, digit: int, seed: int, timeout: float, deadline: float) -
             return outcome
         outcome.statuses.append(answer.status)
         if answer.status == 429:
-            wait = min(retry_after(answer.headers.get("Retry-After")), MAX_RETRY_AFTER_S)
+            wait = min(retry_after(answer.headers.get("retry-after")), MAX_RETRY_AFTER_S)
             if time.perf_counter() + wait < deadline:
                 time.sleep(wait)
                 continue

@@ -134,7 +134,7 @@ class ReplicasHandler(BaseHTTPRequestHandler):
             sizes.labels(model="digits").observe(size)
         payload = generate_latest(registry)
         self.send_response(200)
-        self.send_header(bench_serve.REPLICA_HEADER, replica)
+        self.send_header("X-Diffstage-Replica", replica)  # any case: HTTP names are case-insensitive
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
