@@ -68,3 +68,13 @@ def test_objective_settings_are_checked_before_anything_loads(override, message,
     result = run("generate", override, *extra, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-2:] == ["error: invalid run config:", f"  - {message}"]
+
+
+def test_optuna_without_an_objective_says_what_to_set(tmp_path):
+    result = run("generate", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "seed=choice(0,1)",
+                 f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: this sweeper minimizes a number that each job returns: set objective.metric=seconds (and "
+        "objective.psnr_min for a quality bound; README \"Tuning settings with Optuna\")")
+    assert "Traceback" not in result.stderr

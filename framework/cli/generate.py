@@ -82,6 +82,9 @@ def _cli_output_type(run: RunConfig) -> None:
 def _generate_task(cfg, job: HydraJob):
     """One image (or video). In a sweep (-m) a failing job is reported and returned to the sweep report
     instead of ending the sweep; the command exits non-zero once every job has run."""
+    if job.optimizing and not wants_score(dict(cfg)):  # the sweeper would get a report row, not a number
+        fail(DiffstageError("this sweeper minimizes a number that each job returns: set objective.metric=seconds "
+                            "(and objective.psnr_min for a quality bound; README \"Tuning settings with Optuna\")"))
     try:
         return _generate_one(cfg, job)
     except Exception as e:

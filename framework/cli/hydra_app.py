@@ -32,11 +32,13 @@ class HydraJob:
     """What Hydra decided for the job now running, read once when it starts and passed down."""
     output_dir: Path  # the run directory, where the job writes its files
     in_sweep: bool  # one job of a `-m` sweep
+    optimizing: bool = False  # its sweeper optimizes the number each job returns (Optuna)
 
 
 def _hydra_job() -> HydraJob:
     config = HydraConfig.get()
-    return HydraJob(Path(config.runtime.output_dir), config.mode == RunMode.MULTIRUN)
+    sweeper = str((config.get("sweeper") or {}).get("_target_", ""))
+    return HydraJob(Path(config.runtime.output_dir), config.mode == RunMode.MULTIRUN, "optuna" in sweeper.lower())
 
 
 SWEEP_JOBS_ENV = "DIFFSTAGE_SWEEP_JOBS"  # the count, for the jobs a launcher runs in its own processes
