@@ -3,6 +3,8 @@ way most users would (benchmarks/serve_baseline.py: a FastAPI app with one Diffu
 
     python benchmarks/bench_serve.py                          # 16 clients x 200 requests per configuration
     python benchmarks/bench_serve.py --requests 400 --configs baseline batching_on
+    python benchmarks/bench_serve.py --configs batching_on ray_1 ray_2 --requests 1600 \
+        --out benchmarks/results/bench_serve_ray.json                # Ray Serve replicas (the ray extra)
 
 Writes benchmarks/results/bench_serve.json. Each configuration is its own server process on 127.0.0.1 and a
 free port, started, warmed up (one concurrent request per client, not timed, so model loading and first-call

@@ -72,6 +72,22 @@ def test_deployment_options():
         ray_backend.deployment_options(serve_settings({"backend": "ray", "ray": {"autoscaling": {}}}), 2)
 
 
+def test_without_ray_the_command_names_the_extra(monkeypatch):
+    import diffstage.server
+    from diffstage.builder import compose_config
+    from diffstage.cli.serve import serve_on_ray
+    from diffstage.errors import DiffstageError
+    from diffstage.run_config import parse_run_config
+    from diffstage.server import serve_settings
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as when it is not installed
+    monkeypatch.delitem(sys.modules, "diffstage.server.ray_backend", raising=False)
+    monkeypatch.delattr(diffstage.server, "ray_backend", raising=False)
+    with pytest.raises(DiffstageError, match=r"^diffstage serve serve.backend=ray needs the ray extra: pip install "
+                                             r"'diffstage\[ray\]' \(.*ray"):
+        serve_on_ray(parse_run_config(compose_config([])), serve_settings({"backend": "ray"}))
+
+
 # --- the command ------------------------------------------------------------------------------------------
 
 def test_diffstage_serve_on_ray_command_serves_and_stops_on_sigterm(tmp_path):
