@@ -202,9 +202,9 @@ def test_errors_api_key_and_metrics_per_replica(ray_replicas):
     assert http_get(f"{ray_replicas}/metrics")[0] == 401
     counts = {}
     for _ in range(40):  # each GET reaches one replica: its own counts
-        status, text, replica = _metrics(ray_replicas)
+        status, text, replica = get_with_key(f"{ray_replicas}/metrics")
         assert status == 200
-        counts[replica] = text
+        counts[replica] = text.decode()
         if len(counts) == 2:
             break
     assert len(counts) == 2
@@ -212,12 +212,42 @@ def test_errors_api_key_and_metrics_per_replica(ray_replicas):
         assert 'diffstage_images_generated_total{model="digits"}' in text
 
 
-def _metrics(url: str) -> tuple[int, str, str]:
+def get_with_key(url: str) -> tuple[int, bytes, str]:
+    """Status, body and the replica that answered a GET with the API key."""
     import urllib.request
 
-    request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
     with urllib.request.urlopen(request, timeout=30) as r:
-        return r.status, r.read().decode(), r.headers[HEADER]
+        return r.status, r.read(), r.headers[HEADER]
+
+
+def test_a_url_answer_works_whichever_replica_the_link_reaches(ray_replicas, references):
+    """The files `url` answers link to are kept for all replicas: each link answers from either one."""
+    from serve_util import png_pixels
+
+    links, makers, crossed = {}, {}, 0
+
+    def make(seed):
+        answer = client(ray_replicas, API_KEY).images.with_raw_response.generate(
+            prompt=PROMPTS[seed % 8], response_format="url", extra_body={"seed": seed})
+        links[seed] = answer.parse().data[0].url
+        makers[seed] = answer.headers[HEADER]
+
+    for _ in range(3):
+        threads = [threading.Thread(target=make, args=(seed,)) for seed in SEEDS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        if len(set(makers.values())) == 2:
+            break
+    assert len(set(makers.values())) == 2 and len(links) == len(SEEDS)
+    for seed, link in links.items():
+        for _ in range(4):
+            status, body, replica = get_with_key(link)
+            assert status == 200 and np.abs(png_pixels(body) - references[seed]).max() <= BATCH_TOLERANCE
+            crossed += replica != makers[seed]
+    assert crossed > 0  # some links were read from the replica that did not make them
 
 
 def test_a_stream_passes_the_proxy(ray_replicas, references):

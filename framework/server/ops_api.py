@@ -1,6 +1,8 @@
 """The server's small endpoints: /health, /ready, /metrics, the model list and the files `url` answers link to."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -38,7 +40,7 @@ def ops_router(state: ServerState) -> APIRouter:
 
     @router.get("/v1/files/{file_id}", name="file")
     async def file(file_id: str):
-        found = state.files.get(file_id)
+        found = await asyncio.to_thread(state.files.get, file_id)  # a Ray replica's store is another process
         if found is None:
             raise NotFound(f"no file {file_id} (files are kept for serve.url_ttl_s={state.settings.url_ttl_s:g} s)")
         return Response(found[0], media_type=found[1])

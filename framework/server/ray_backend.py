@@ -1,11 +1,12 @@
 """serve.backend=ray: the app of `diffstage serve` as a Ray Serve deployment of serve.replicas replicas (or as
 many as serve.ray.autoscaling_config decides), behind Ray Serve's HTTP proxy on serve.host:serve.port.
 
-Each replica is a whole server: its own ServerState (models, batching queue, metrics, files, video jobs) built in
-the replica from the run config and settings the driver checked, and the same FastAPI app as serve.backend=uvicorn
-(endpoints, API key, errors). Its answers carry X-Diffstage-Replica, the replica's Ray Serve tag. Torch in a replica
-uses as many threads as the CPUs Ray gave it (ray_actor_options.num_cpus; by default an equal share of the
-cluster's), so replicas on one machine do not oversubscribe its cores.
+Each replica is a whole server: its own ServerState (models, batching queue, metrics, video jobs) built in the
+replica from the run config and settings the driver checked, and the same FastAPI app as serve.backend=uvicorn
+(endpoints, API key, errors). The files `url` answers link to are kept once for all (SharedFiles), so a link
+works whichever replica its GET reaches. Answers carry X-Diffstage-Replica, the replica's Ray Serve tag. Torch in
+a replica uses as many threads as the CPUs Ray gave it (ray_actor_options.num_cpus; by default an equal share of
+the cluster's), so replicas on one machine do not oversubscribe its cores.
 
 Ray is imported by this module alone, which is loaded for serve.backend=ray only."""
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ray import serve
 from ..errors import DiffstageError, did_you_mean, shown
 from ..run_config import RunConfig
 from .app import create_app
+from .media import FileStore
 from .settings import ServeSettings
 from .state import ServerState
 
@@ -50,17 +52,46 @@ class ReplicaHeader:
         await self.app(scope, receive, sending)
 
 
+@ray.remote(num_cpus=0)
+class SharedFiles:
+    """The files `url` answers link to, kept for every replica: a link one replica made works whichever replica
+    the proxy sends its GET to."""
+
+    def __init__(self, ttl_s: float):
+        self.store = FileStore(ttl_s)
+
+    def put(self, data: bytes, media_type: str, suffix: str) -> str:
+        return self.store.put(data, media_type, suffix)
+
+    def get(self, file_id: str) -> tuple[bytes, str] | None:
+        return self.store.get(file_id)
+
+
+class RemoteFiles:
+    """FileStore's interface over SharedFiles (the server calls it off its event loop)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def put(self, data: bytes, media_type: str, suffix: str) -> str:
+        return ray.get(self.actor.put.remote(data, media_type, suffix))
+
+    def get(self, file_id: str) -> tuple[bytes, str] | None:
+        return ray.get(self.actor.get.remote(file_id))
+
+
 @serve.ingress()
 class Replica:
     """One replica: a ServerState of its own, its app built once the replica runs (Ray Serve's late-bound
     ingress), so nothing of the models is pickled."""
 
-    def __init__(self, run: RunConfig, settings: ServeSettings, threads: int):
+    def __init__(self, run: RunConfig, settings: ServeSettings, threads: int, files):
         import torch
 
         torch.set_num_threads(threads)
         _replica_logging()
         self.state = ServerState(run, settings)
+        self.state.files = RemoteFiles(files)
         self.tag = serve.get_replica_context().replica_tag
         if settings.preload:  # loaded before Ray routes a request here (so /ready is 200 on every replica)
             self.state.preload()
@@ -96,8 +127,8 @@ def start_ray(settings: ServeSettings) -> bool:
         options.setdefault("include_dashboard", False)
     try:
         ray.init(**options)
-    except (TypeError, ValueError) as e:
-        raise DiffstageError(f"serve.ray_init: ray.init() refused {shown(options)}: {e}") from None
+    except (TypeError, ValueError, ConnectionError, RuntimeError) as e:  # bad arguments, no cluster at `address`
+        raise DiffstageError(f"serve.ray_init: ray.init({shown(options)}) failed: {e}") from None
     return True
 
 
@@ -139,7 +170,8 @@ def deploy(run: RunConfig, settings: ServeSettings) -> str:
     threads = max(1, int(options["ray_actor_options"]["num_cpus"]))
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        app = serve.deployment(Replica, name=APP_NAME).options(**options).bind(run, settings, threads)
+        files = SharedFiles.remote(settings.url_ttl_s)
+        app = serve.deployment(Replica, name=APP_NAME).options(**options).bind(run, settings, threads, files)
     except (TypeError, ValueError) as e:  # Ray's own checks of the options (pydantic errors are ValueErrors)
         raise DiffstageError(f"serve.ray: Ray Serve refused the deployment options {shown(settings.ray)}: {e}") \
             from None
