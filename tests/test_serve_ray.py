@@ -72,6 +72,19 @@ def test_deployment_options():
         ray_backend.deployment_options(serve_settings({"backend": "ray", "ray": {"autoscaling": {}}}), 2)
 
 
+def test_video_models_are_served_by_one_replica():
+    pytest.importorskip("ray")
+    from diffstage.errors import DiffstageError
+    from diffstage.server import ray_backend, serve_settings
+
+    for section in ({"replicas": 2}, {"ray": {"autoscaling_config": {"max_replicas": 2}}}):
+        with pytest.raises(DiffstageError, match=r"^serve.backend=ray serves video models \(wan_t2v\) with one "
+                                                 r"replica only: a video job lives in the replica that runs it"):
+            ray_backend.check_video_models(["wan_t2v"], serve_settings({"backend": "ray", **section}))
+    ray_backend.check_video_models(["wan_t2v"], serve_settings({"backend": "ray", "replicas": 1}))
+    ray_backend.check_video_models([], serve_settings({"backend": "ray", "replicas": 2}))
+
+
 def test_without_ray_the_command_names_the_extra(monkeypatch):
     import diffstage.server
     from diffstage.builder import compose_config

@@ -46,12 +46,14 @@ def serve_on_ray(run, settings) -> None:
     stopped."""
     from ..server.pool import ModelPool
 
-    names = ModelPool(run, settings.models, settings.memory_budget_gb).names()  # checked before Ray starts
+    pool = ModelPool(run, settings.models, settings.memory_budget_gb)  # every model checked before Ray starts
     try:
         from ..server import ray_backend
     except ImportError as e:
         raise DiffstageError("diffstage serve serve.backend=ray needs the ray extra: pip install 'diffstage[ray]' "
                              f"({e})") from None
+    ray_backend.check_video_models([n for n, m in pool.models.items() if m.makes_videos], settings)
+    names = pool.names()
     started = ray_backend.start_ray(settings)
     stop = threading.Event()
     # after ray.init, which sets a SIGTERM handler of its own

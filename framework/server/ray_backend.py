@@ -138,6 +138,17 @@ def _cluster_cpus() -> float:
     return max(nodes or [os.cpu_count() or 1])
 
 
+def check_video_models(video_models: list[str], settings: ServeSettings) -> None:
+    """Video jobs live in the replica that runs them (GET /v1/videos/{id} through the proxy may reach another):
+    a video model is served by one replica only."""
+    several = (settings.replicas or 1) > 1 or (settings.ray or {}).get("autoscaling_config") is not None
+    if video_models and several:
+        raise DiffstageError(f"serve.backend=ray serves video models ({', '.join(video_models)}) with one replica "
+                             "only: a video job lives in the replica that runs it, and the proxy may send the "
+                             "requests that poll it to another; set serve.replicas=1 (no autoscaling_config), or "
+                             "serve the video models from a server of their own")
+
+
 def deployment_options(settings: ServeSettings, cpus: float) -> dict[str, Any]:
     """Ray Serve deployment options from serve.replicas and serve.ray; each replica gets an equal share of
     `cpus` unless serve.ray.ray_actor_options.num_cpus says otherwise."""
