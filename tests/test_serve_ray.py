@@ -263,6 +263,18 @@ def test_a_url_answer_works_whichever_replica_the_link_reaches(ray_replicas, ref
     assert crossed > 0  # some links were read from the replica that did not make them
 
 
+def test_an_option_ray_refuses_is_a_diffstage_error(ray_replicas):
+    from diffstage.builder import compose_config
+    from diffstage.errors import DiffstageError
+    from diffstage.run_config import parse_run_config
+    from diffstage.server import ray_backend, serve_settings
+
+    settings = serve_settings({"backend": "ray", "ray": {"max_ongoing_requests": 0}})
+    with pytest.raises(DiffstageError, match=r"(?s)^serve.ray: Ray Serve refused the deployment options "
+                                             r"\{'max_ongoing_requests': 0\}: .*max_ongoing_requests.*greater than 0"):
+        ray_backend.deploy(parse_run_config(compose_config([])), settings)
+
+
 def test_a_stream_passes_the_proxy(ray_replicas, references):
     seed = SEEDS[2]
     events = list(client(ray_replicas, API_KEY).images.generate(

@@ -176,16 +176,16 @@ def deployment_options(settings: ServeSettings, cpus: float) -> dict[str, Any]:
 
 def deploy(run: RunConfig, settings: ServeSettings) -> str:
     """Start Serve's proxy on serve.host:serve.port and deploy the replicas (Ray must be running: start_ray);
-    returns the URL once every replica runs (its models load in the background, as /ready says)."""
+    returns the URL once every replica runs, its models loaded (serve.preload)."""
     options = deployment_options(settings, _cluster_cpus())
     threads = max(1, int(options["ray_actor_options"]["num_cpus"]))
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        files = SharedFiles.remote(settings.url_ttl_s)
-        app = serve.deployment(Replica, name=APP_NAME).options(**options).bind(run, settings, threads, files)
+        deployment = serve.deployment(Replica, name=APP_NAME).options(**options)
     except (TypeError, ValueError) as e:  # Ray's own checks of the options (pydantic errors are ValueErrors)
         raise DiffstageError(f"serve.ray: Ray Serve refused the deployment options {shown(settings.ray)}: {e}") \
             from None
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = deployment.bind(run, settings, threads, SharedFiles.remote(settings.url_ttl_s))
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except Exception as e:  # noqa: BLE001 - Ray's deployment failure (a replica could not start): its reason
