@@ -3,8 +3,11 @@ way most users would (benchmarks/serve_baseline.py: a FastAPI app with one Diffu
 
     python benchmarks/bench_serve.py                          # 16 clients x 200 requests per configuration
     python benchmarks/bench_serve.py --requests 400 --configs baseline batching_on
-    python benchmarks/bench_serve.py --configs batching_on ray_1 ray_2 --requests 1600 \
-        --out benchmarks/results/bench_serve_ray.json                # Ray Serve replicas (the ray extra)
+    unshare -rn sh -c 'ip link set lo up && exec python benchmarks/bench_serve.py --configs batching_on ray_1 \
+        ray_2 --requests 1600 --out benchmarks/results/bench_serve_ray.json'   # Ray Serve replicas (the ray extra)
+
+Ray's own processes listen on every interface (only its HTTP proxy takes serve.host), so the Ray configurations
+run in a network namespace whose only interface is loopback (`unshare -rn`, as tests/test_serve_ray.py does).
 
 Writes benchmarks/results/bench_serve.json. Each configuration is its own server process on 127.0.0.1 and a
 free port, started, warmed up (one concurrent request per client, not timed, so model loading and first-call

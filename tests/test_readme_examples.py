@@ -48,7 +48,7 @@ SKIPPED = {
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m diffstage generate "
     "... parallel.cfg=2 parallel.ulysses=8": "needs two machines with 8 GPUs each",
     "python -m venv .venv && source .venv/bin/activate": "an installation (network)",
-    "pip install torch==2.13.0 -e \".[test,triton,video,serve,lora,quant]\"": "an installation (network)",
+    "pip install torch==2.13.0 -e \".[test,triton,video,serve,lora,quant,sweep,ray]\"": "an installation (network)",
     "pip install -e \".[quant]\"": "an installation (network)",
     "pip install -e \".[lora]\"": "an installation (network)",
     "pip install -e \".[serve]\"": "an installation (network)",
@@ -63,6 +63,12 @@ SKIPPED = {
     "--rdzv-id=\"$SLURM_JOB_ID\" -m diffstage generate model=flux model_path=DIR runtime=cuda parallel.cfg=2 "
     "parallel.ulysses=8": "needs a SLURM cluster of 2 GPU nodes (tests/test_multinode.py runs the rendezvous on "
                           "127.0.0.1)",
+    "diffstage serve serve.backend=ray serve.replicas=2":
+        "a server runs until stopped (tests/test_serve_ray.py runs serve.backend=ray and stops it)",
+    "diffstage serve serve.backend=ray serve.ray='{autoscaling_config: {min_replicas: 1, max_replicas: 4}}'":
+        "a server runs until stopped (tests/test_serve_ray.py runs serve.backend=ray and stops it)",
+    "diffstage serve serve.backend=ray serve.replicas=4 serve.ray_init='{address: auto}' "
+    "serve.ray='{ray_actor_options: {num_cpus: 8}}'": "needs a running Ray cluster; a server runs until stopped",
     "diffstage generate -m hydra/launcher=submitit_local seed=0,1,2":
         "a minute of separate processes; tests/test_sweep_launchers.py runs submitit_local sweeps",
     "diffstage generate -m hydra/launcher=slurm hydra.launcher.partition=gpu seed='range(0,1000)' "

@@ -1,9 +1,15 @@
 """`diffstage serve serve.backend=ray`: two replicas of the digits server behind Ray Serve's HTTP proxy, driven by
 the official `openai` client, unchanged. Each replica answers as one uvicorn server does (its images, its errors,
 the API key, SSE streams), says which replica it is (X-Diffstage-Replica) and keeps its own /metrics; the command
-itself serves and stops cleanly on SIGTERM. The serve.backend settings are checked without Ray."""
+itself serves and stops cleanly on SIGTERM. The serve.backend settings are checked without Ray.
+
+Ray's own processes listen on every interface (only its HTTP proxy takes serve.host), so the tests that start
+Ray run in a network namespace of their own whose only interface is loopback (`unshare -rn`): the test
+`test_ray_runs_in_a_network_namespace_of_its_own` runs this file again there."""
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +26,9 @@ openai = pytest.importorskip("openai")
 from serve_util import b64_pixels, client, free_port, http_get, metric, running_server, wait_ready  # noqa: E402
 from test_serve import BATCH_TOLERANCE, PROMPTS  # noqa: E402
 
+NETNS = "DIFFSTAGE_TEST_NETNS"  # set inside the namespace
+in_netns = pytest.mark.skipif(os.environ.get(NETNS) != "1", reason="starts Ray: runs inside a network namespace of "
+                              "its own (test_ray_runs_in_a_network_namespace_of_its_own)")
 API_KEY = "s3cret"
 HEADER = "x-diffstage-replica"
 SEEDS = range(200, 208)
@@ -101,8 +110,32 @@ def test_without_ray_the_command_names_the_extra(monkeypatch):
         serve_on_ray(parse_run_config(compose_config([])), serve_settings({"backend": "ray"}))
 
 
+# --- the tests that start Ray, in a network namespace whose only interface is loopback --------------------------
+
+def _unshare_works() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    return subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(os.environ.get(NETNS) == "1", reason="this is the run inside the namespace")
+def test_ray_runs_in_a_network_namespace_of_its_own():
+    pytest.importorskip("ray")
+    if not _unshare_works():
+        pytest.skip("Ray listens on every interface; its tests run only inside a network namespace of their own, "
+                    "and `unshare -rn` (util-linux, user namespaces) is not available here")
+    inner = f"ip link set lo up && exec {sys.executable} -m pytest -q -p no:cacheprovider -rs {__file__} -k 'not " \
+            "test_ray_runs_in_a_network_namespace_of_its_own'"
+    done = subprocess.run(["unshare", "-rn", "sh", "-c", inner], capture_output=True, text=True, timeout=900,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, NETNS: "1"})
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, done.stdout[-3000:]
+
+
 # --- the command ------------------------------------------------------------------------------------------
 
+@in_netns
 def test_diffstage_serve_on_ray_command_serves_and_stops_on_sigterm(tmp_path):
     """`diffstage serve serve.backend=ray` from the command line: a replica answers through Ray's proxy; on
     SIGTERM the running request finishes, the deployment is deleted, Ray stops and the command exits 0."""
@@ -150,6 +183,9 @@ def references():
 
 @pytest.fixture(scope="module")
 def ray_replicas():
+    if os.environ.get(NETNS) != "1":
+        pytest.skip("starts Ray: runs inside a network namespace of its own "
+                    "(test_ray_runs_in_a_network_namespace_of_its_own)")
     ray = pytest.importorskip("ray")
     from diffstage.builder import compose_config
     from diffstage.run_config import parse_run_config
