@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from hydra.experimental.callback import Callback
 
 GRID, TABLE = "sweep_grid.png", "sweep.jsonl"
 ROWS = ".diffstage-sweep"  # in the sweep directory while the sweep runs: job-N.json per job, from its own process
+SWEEP_JOBS_ENV = "DIFFSTAGE_SWEEP_JOBS"  # the sweep's job count, for the jobs a launcher runs in its own processes
 UNFINISHED = "the job started but did not finish (its process ended before it could report)"
 CELL = 192  # pixels: room for labels like "seed=1 true_cfg_scale=4.0"
 
@@ -119,7 +121,8 @@ def _write_row(config, result: dict[str, Any]) -> None:
 
 
 def _row_files(sweep_dir: Path) -> list[Path]:
-    return sorted((sweep_dir / ROWS).glob("job-*.json"), key=lambda p: int(p.stem.split("-", 1)[1]))
+    rows = [p for p in (sweep_dir / ROWS).glob("job-*.json") if p.stem.split("-", 1)[1].isdigit()]
+    return sorted(rows, key=lambda p: int(p.stem.split("-", 1)[1]))
 
 
 def read_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -149,9 +152,13 @@ class SweepReport(Callback):
     sweep ends."""
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
+        _check_optimizing_sweep(config)
         STATE.rows, STATE.active, STATE.report = [], True, []
         STATE.sweep_dir = Path(config.hydra.sweep.dir)
         _clear_rows(STATE.sweep_dir)
+        trials = config.hydra.sweeper.get("n_trials")
+        if isinstance(trials, int):  # a sweeper that decides its jobs as it goes: the count is its setting
+            os.environ[SWEEP_JOBS_ENV] = str(trials)  # (the command removes it when the sweep ends)
 
     def on_job_start(self, config, **kwargs: Any) -> None:
         if _in_sweep(config):
@@ -167,25 +174,53 @@ class SweepReport(Callback):
             result = job_result(error=f"{type(value).__name__}: {value}")
         else:  # a task that reports nothing (diffstage sheet)
             result = job_result()
-        _write_row(config, result)
         if (config.get("objective") or {}).get("metric") is not None:  # an optimizing sweeper reads a number
             from .objective import objective_value
 
             job_return.return_value = objective_value(result.get("score"))
+        try:
+            _write_row(config, result)
+        except OSError as e:  # the report will lack this job's result: say so where the job runs
+            print(f"warning: cannot write this job's row into {Path(config.hydra.sweep.dir) / ROWS}: {e}",
+                  file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         finish_report(Path(config.hydra.sweep.dir))
 
 
-def finish_report(sweep_dir: Path) -> None:
-    """Read the jobs' rows and write the report (once: also called when the launcher failed part way)."""
+def _check_optimizing_sweep(config) -> None:
+    """A sweeper that optimizes (Optuna, Nevergrad, Ax) reads a number from each job: objective.metric must say
+    which; and under torchrun each rank's sampler would pick its own settings from its own timings."""
+    from .cli.exits import fail
+    from .distributed.state import launched_world
+    from .errors import DiffstageError
+
+    sweeper = config.hydra.sweeper
+    if not any(key in sweeper for key in ("direction", "optim", "ax_config")):
+        return
+    if (config.get("objective") or {}).get("metric") is None:  # it would get a report row, not a number
+        fail(DiffstageError("this sweeper minimizes a number that each job returns: set objective.metric=seconds "
+                            "(and objective.psnr_min for a quality bound; README \"Tuning settings with Optuna\")"))
+    if (launched_world() or (0, 1))[1] > 1:
+        fail(DiffstageError("an optimizing sweeper cannot run under torchrun: each process would pick its own "
+                            "settings from its own timings; run the sweep in one process (or on a launcher)"))
+
+
+def finish_report(sweep_dir: Path, launcher_failed: bool = False) -> None:
+    """Read the jobs' rows and write the report (once: also called when the launcher failed part way, and then
+    the rows stay, as jobs still running may write theirs)."""
     from .distributed.state import launched_rank
 
     if not STATE.active:
         return
     STATE.active, STATE.report_error = False, None
     STATE.rows = read_rows(sweep_dir)
-    if not STATE.rows or launched_rank() != 0:  # under torchrun, rank 0 writes the one report
+    if launched_rank() != 0:  # under torchrun, rank 0 writes the one report
+        return
+    if not STATE.rows:
+        if not launcher_failed:
+            STATE.report_error = (f"no job wrote its row into {sweep_dir.resolve() / ROWS} (jobs on other machines "
+                                  "need hydra.sweep.dir on a file system every node shares)")
         return
     # Hydra turns an exception here into a warning: each failure is kept for the command to report (exit 2),
     # and the table is written first, so a grid that cannot be drawn loses nothing else.
@@ -194,7 +229,8 @@ def finish_report(sweep_dir: Path) -> None:
     except Exception as e:  # noqa: BLE001
         STATE.report_error = f"cannot write {sweep_dir / TABLE}: {e}"
         return
-    _clear_rows(sweep_dir)
+    if not launcher_failed:
+        _clear_rows(sweep_dir)
     try:
         STATE.report = [write_grid(sweep_dir, STATE.rows).resolve(), table]
     except Exception as e:  # noqa: BLE001

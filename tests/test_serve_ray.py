@@ -73,6 +73,8 @@ def test_deployment_options():
     two = ray_backend.deployment_options(serve_settings({"backend": "ray", "replicas": 2}), cpus=4)
     assert two["num_replicas"] == 2 and two["ray_actor_options"] == {"num_cpus": 2}
     assert two["max_ongoing_requests"] == 64 + 8  # serve.queue_size + serve.max_batch: the replica's 429 decides
+    four = ray_backend.deployment_options(serve_settings({"backend": "ray", "replicas": 4}), cpus=2)
+    assert four["ray_actor_options"] == {"num_cpus": 0.5}  # more replicas than CPUs: a share each, still placeable
     scaled = ray_backend.deployment_options(serve_settings({"backend": "ray", "ray": {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}, "ray_actor_options": {"num_cpus": 3}}}), 8)
     assert "num_replicas" not in scaled and scaled["ray_actor_options"] == {"num_cpus": 3}

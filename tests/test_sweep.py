@@ -13,6 +13,10 @@ def rows_of(path):
 
 
 def test_a_seed_sweep_leaves_a_grid_and_a_table(tmp_path):
+    stale = tmp_path / ".diffstage-sweep"  # an earlier sweep's rows (and a file that is not one) in the same folder
+    stale.mkdir()
+    (stale / "job-7.json").write_text('{"job": 7, "overrides": {}, "error": null}')
+    (stale / "job-x.json").write_text("not a row")
     r = run("generate", "-m", "seed=1,2,3", "sampling.num_inference_steps=2", f"hydra.sweep.dir={tmp_path}",
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -26,6 +30,7 @@ def test_a_seed_sweep_leaves_a_grid_and_a_table(tmp_path):
     assert set(rows[0]["timings"]) == {"0:InputValidationStage", "1:TextEncodingStage", "2:LatentPreparationStage",
                                        "3:TimestepPreparationStage", "4:DenoisingStage", "5:DecodingStage"}
     assert [row["reused"] for row in rows] == [[], ["1:TextEncodingStage"], ["1:TextEncodingStage"]]
+    assert sorted(p.name for p in stale.iterdir()) == ["job-x.json"]  # this sweep's rows are removed, not others
     grid = Image.open(tmp_path / "sweep_grid.png")
     assert grid.size == (3 * 196 + 4, 196 + 14 + 4)  # one row of three 192-pixel cells with labels
     assert json.loads(grid.text["sweep"])[2] == {"job": 2, "overrides": {"seed": "3",
@@ -56,3 +61,15 @@ def test_labels_name_only_what_varies():
     rows = [{"overrides": {"seed": "1", "model": "digits"}}, {"overrides": {"seed": "2", "model": "digits"}}]
     assert varying(rows) == ["seed"]
     assert varying(rows[:1]) == []
+
+
+def test_a_sweep_whose_rows_cannot_be_seen_is_an_error(tmp_path):
+    """Jobs on other machines whose sweep directory is not shared with the command leave it no rows: that is said,
+    not a silent empty report."""
+    from diffstage.sweep import STATE, finish_report
+
+    STATE.active, STATE.report = True, []
+    finish_report(tmp_path)
+    assert STATE.report_error == (f"no job wrote its row into {tmp_path.resolve() / '.diffstage-sweep'} (jobs on "
+                                  "other machines need hydra.sweep.dir on a file system every node shares)")
+    assert STATE.report == [] and not STATE.active and list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import yaml
 
 from ..build_plan import plan_build
 from ..model_check import check_model
-from ..job_score import score
+from ..job_score import reference_images, score
 from ..objective import wants_score
 from ..console import say
 from ..distributed import is_main_process
@@ -82,9 +82,6 @@ def _cli_output_type(run: RunConfig) -> None:
 def _generate_task(cfg, job: HydraJob):
     """One image (or video). In a sweep (-m) a failing job is reported and returned to the sweep report
     instead of ending the sweep; the command exits non-zero once every job has run."""
-    if job.optimizing and not wants_score(dict(cfg)):  # the sweeper would get a report row, not a number
-        fail(DiffstageError("this sweeper minimizes a number that each job returns: set objective.metric=seconds "
-                            "(and objective.psnr_min for a quality bound; README \"Tuning settings with Optuna\")"))
     try:
         return _generate_one(cfg, job)
     except Exception as e:
@@ -114,9 +111,10 @@ def _generate_one(cfg, job: HydraJob):
     req = plan.request(**fields)  # checked before any weight loads
     # a sweep makes many images in this process (the modules, compiled or not, are shared by its jobs)
     pipe = plan.load(default_session(), planned_images=sweep_jobs() if job.in_sweep else 1)
+    reference = reference_images(run, checked, fields) if wants_score(run.plain) else None
     out = pipe.run(req)
     _log_reports(out.reports)
-    scored = score(run, checked, out, fields) if wants_score(run.plain) else None
+    scored = score(run, out, reference) if wants_score(run.plain) else None
     if not is_main_process():  # with torchrun, rank 0 writes the files and prints their paths
         return job_result([], out.req.seed, out.timings, out.reused, reports=out.reports, score=scored)
     paths = []

@@ -23,7 +23,8 @@ from ..distributed.state import launched_rank
 from ..errors import DiffstageError, OutputError, shown
 from ..overrides import prepare_argv
 from ..setting_use import plain_cli_warnings
-from ..sweep import STATE, TABLE, finish_report
+from ..environment import env_int
+from ..sweep import STATE, SWEEP_JOBS_ENV, TABLE, finish_report
 from .exits import debug, fail
 
 
@@ -32,23 +33,19 @@ class HydraJob:
     """What Hydra decided for the job now running, read once when it starts and passed down."""
     output_dir: Path  # the run directory, where the job writes its files
     in_sweep: bool  # one job of a `-m` sweep
-    optimizing: bool = False  # its sweeper optimizes the number each job returns (Optuna)
 
 
 def _hydra_job() -> HydraJob:
     config = HydraConfig.get()
-    sweeper = str((config.get("sweeper") or {}).get("_target_", ""))
-    return HydraJob(Path(config.runtime.output_dir), config.mode == RunMode.MULTIRUN, "optuna" in sweeper.lower())
-
-
-SWEEP_JOBS_ENV = "DIFFSTAGE_SWEEP_JOBS"  # the count, for the jobs a launcher runs in its own processes
+    return HydraJob(Path(config.runtime.output_dir), config.mode == RunMode.MULTIRUN)
 
 
 def sweep_jobs() -> int | None:
     """How many jobs this `-m` sweep runs: the product of the sweeps on the command line (None when Hydra
-    cannot tell without running it, e.g. glob()). A launcher's worker reads the count its command set."""
-    if os.environ.get(SWEEP_JOBS_ENV, "").isdigit():
-        return int(os.environ[SWEEP_JOBS_ENV])
+    cannot tell without running it, e.g. glob()). A launcher's worker, and a sweeper that sets its count
+    (Optuna's n_trials), read it from SWEEP_JOBS_ENV."""
+    if env_int(SWEEP_JOBS_ENV, 0, 0):
+        return env_int(SWEEP_JOBS_ENV, 0, 0)
     jobs = 1
     try:
         for override in OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a and
@@ -97,7 +94,7 @@ def _hydra_app(task, config_name: str, argv: list[str], command: str) -> None:
         except Exception as e:
             in_sweep = STATE.active
             if in_sweep:  # the sweep stopped part way (a launcher's worker died): report the jobs that ran
-                finish_report(STATE.sweep_dir)
+                finish_report(STATE.sweep_dir, launcher_failed=True)
             error = _error_outside_job(e, started=bool(started))
             if error is None and in_sweep and not debug():
                 error = _launcher_error(e)
@@ -153,9 +150,10 @@ def _sweep_failures() -> DiffstageError | None:
 def _note_no_job_met_the_objective() -> None:
     """An optimizing sweep in which no job met objective.psnr_min found no setting: say so."""
     scored = [row["score"] for row in STATE.rows if "score" in row]
+    table = [str(p) for p in STATE.report if p.suffix == ".jsonl"]
     if scored and all(score.get("objective") is None for score in scored):
         print(f"note: no job of this sweep met objective.psnr_min (see the psnr of each in "
-              f"{STATE.sweep_dir / TABLE}); the sweeper saw +inf for every one", file=sys.stderr)
+              f"{table[0] if table else 'its rows'}); the sweeper saw +inf for every one", file=sys.stderr)
 
 
 def _launcher_error(e: Exception) -> DiffstageError:

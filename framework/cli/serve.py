@@ -28,16 +28,20 @@ def _serve_task(cfg, job: HydraJob) -> None:
         plain = OmegaConf.to_container(cfg, resolve=False)
         settings = serve_settings(plain.pop("serve", None))
         run = parse_run_config(OmegaConf.create(plain))
-        if settings.backend == "ray":
-            return serve_on_ray(run, settings)
-        state = ServerState(run, settings)
+        state = ServerState(run, settings) if settings.backend != "ray" else None
     except ImportError as e:
         fail(DiffstageError(f"diffstage serve needs the serve extra: pip install 'diffstage[serve]' ({e})"))
         return
     except DiffstageError as e:
         fail(e)
         return
-    run_server(state)
+    if state is not None:
+        run_server(state)
+        return
+    try:
+        serve_on_ray(run, settings)
+    except DiffstageError as e:
+        fail(e)
 
 
 def serve_on_ray(run, settings) -> None:

@@ -164,7 +164,7 @@ def deployment_options(settings: ServeSettings, cpus: float) -> dict[str, Any]:
         options["num_replicas"] = settings.replicas or 1
     replicas = options.get("num_replicas") or (autoscaling or {}).get("max_replicas") or 1
     actor = dict(options.get("ray_actor_options") or {})
-    actor.setdefault("num_cpus", max(1, int(cpus // replicas)))
+    actor.setdefault("num_cpus", cpus / replicas)  # a fraction when replicas outnumber the CPUs: still placeable
     options["ray_actor_options"] = actor
     # a replica takes as many requests as its own queue and batch hold: its 429 (serve.queue_size) still applies
     options.setdefault("max_ongoing_requests", settings.queue_size + settings.max_batch)
@@ -185,6 +185,9 @@ def deploy(run: RunConfig, settings: ServeSettings) -> str:
         raise DiffstageError(f"serve.ray: Ray Serve refused the deployment options {shown(settings.ray)}: {e}") \
             from None
     serve.start(http_options={"host": settings.host, "port": settings.port})
+    if APP_NAME in serve.status().applications:  # on a cluster this joined: serve.run would replace it
+        raise DiffstageError(f"Ray Serve already runs an application named '{APP_NAME}' on this cluster; stop it "
+                             f"first (serve.delete('{APP_NAME}')), or serve from a Ray of this command's own")
     app = deployment.bind(run, settings, threads, SharedFiles.remote(settings.url_ttl_s))
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
@@ -195,12 +198,14 @@ def deploy(run: RunConfig, settings: ServeSettings) -> str:
 
 def stop(stop_ray: bool, timeout_s: float) -> bool:
     """Delete the deployment (each replica finishes its running requests within its grace, as on SIGTERM with
-    uvicorn) and Serve's proxy; then Ray itself when `stop_ray` (this process started it). False when the
-    deletion did not end within `timeout_s`: Ray's own processes were stopped meanwhile (a SIGTERM sent to the
-    whole process group reaches them too), and nothing is left to delete."""
+    uvicorn); then, when `stop_ray` (this process started Ray), Serve's proxy and Ray itself: on a cluster this
+    joined, other applications keep running. False when the deletion did not end within `timeout_s`: Ray's own
+    processes were stopped meanwhile (a SIGTERM sent to the whole process group reaches them too), and nothing
+    is left to delete."""
     def delete():
         serve.delete(APP_NAME)  # first, while the proxy still passes the running requests' answers on
-        serve.shutdown()
+        if stop_ray:
+            serve.shutdown()
 
     deleting = threading.Thread(target=delete, name="diffstage-ray-shutdown", daemon=True)
     deleting.start()
