@@ -78,3 +78,14 @@ def test_optuna_without_an_objective_says_what_to_set(tmp_path):
         "error: this sweeper minimizes a number that each job returns: set objective.metric=seconds (and "
         "objective.psnr_min for a quality bound; README \"Tuning settings with Optuna\")")
     assert "Traceback" not in result.stderr
+
+
+def test_an_optimizing_sweeper_under_torchrun_is_refused(tmp_path):
+    """Each torchrun process would run its own sampler on its own timings, and the ranks would part ways."""
+    result = run("generate", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "seed=choice(0,1)",
+                 "objective.metric=seconds", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path,
+                 env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: an optimizing sweeper cannot run under torchrun: each process would pick its own settings from its "
+        "own timings; run the sweep in one process (or on a launcher)")
