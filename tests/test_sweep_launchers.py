@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffstage.sweep import ROWS
 from test_cli import run
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
@@ -80,6 +81,7 @@ def test_submitit_local_jobs_give_the_in_process_report(in_process, tmp_path_fac
 def test_a_worker_that_dies_is_recorded_and_the_report_is_written(tmp_path):
     """A job whose process ends (a crash, the kernel's OOM killer) keeps the row it wrote when it started."""
     model = tmp_path / "digits_vanish.yaml"
+    rows = tmp_path / "sweep" / ROWS
     model.write_text("extends: digits\nname: digits_vanish\n"
                      f"model_path: {TESTS.parent / 'models' / 'digits' / 'checkpoint'}\n"
                      "pipeline_config:\n  callbacks:\n    latent_preparation:\n"
@@ -88,7 +90,9 @@ def test_a_worker_that_dies_is_recorded_and_the_report_is_written(tmp_path):
                  "prompt=a handwritten digit one,vanish", "seed=1", "sampling.num_inference_steps=2",
                  "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                  cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS),
-                                                                                os.environ.get("PYTHONPATH")]))})
+                                                                                os.environ.get("PYTHONPATH")])),
+                                    # joblib stops every worker once one dies: job 1 waits for job 0's report
+                                    "DIFFSTAGE_TEST_VANISH_AFTER": str(rows / "job-0.json")})
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     at = [i for i, line in enumerate(lines) if line.startswith("error: ")][-1]  # joblib may warn after it
