@@ -1,7 +1,12 @@
-"""A callback for the server's fault tests: the digits model's own `pack`, except that a prompt of "explode"
-makes it raise, as a stage with a bug would (inside the pipeline, after the request passed its checks), and
-one of "oom" runs out of memory."""
+"""Callbacks for the fault tests: the digits model's own `pack`, except that a prompt of "explode" makes it
+raise, as a stage with a bug would (inside the pipeline, after the request passed its checks), one of "oom"
+runs out of memory, and one of "vanish" ends the process (the sweep launcher tests)."""
+import os
+import time
+from pathlib import Path
+
 from diffstage.models.flux.callbacks import pack
+from diffstage.sweep import read_rows
 
 
 def pack_or_explode(latents, req, settings):
@@ -15,28 +20,14 @@ def pack_or_explode(latents, req, settings):
 def pack_or_vanish(latents, req, settings):
     """As `pack`, except that a prompt of "vanish" ends the process at once, as a killed worker would.
 
-    If DIFFSTAGE_TEST_VANISH_AFTER names a sweep row file, the process first waits (up to a minute) for that
-    job to report: a launcher may stop every worker once one dies, and the test wants one job to finish."""
+    If DIFFSTAGE_TEST_VANISH_AFTER names a sweep directory, the process first waits (up to a minute) for another
+    job there to succeed: a launcher may stop every worker once one dies, and the test wants one job to finish."""
     if "vanish" in req.prompts():
-        import os
-
-        _wait_for_row(os.environ.get("DIFFSTAGE_TEST_VANISH_AFTER"))
+        sweep_dir = os.environ.get("DIFFSTAGE_TEST_VANISH_AFTER")
+        deadline = time.monotonic() + 60
+        while sweep_dir and time.monotonic() < deadline:
+            if any(row["error"] is None for row in read_rows(Path(sweep_dir))):
+                break
+            time.sleep(0.1)
         os._exit(3)
     return pack(latents, req, settings)
-
-
-def _wait_for_row(path, timeout=60.0):
-    import json
-    import time
-    from pathlib import Path
-
-    from diffstage.sweep import UNFINISHED
-
-    deadline = time.monotonic() + timeout
-    while path and time.monotonic() < deadline:
-        try:
-            if json.loads(Path(path).read_text()).get("error") != UNFINISHED:
-                return
-        except (OSError, ValueError):
-            pass  # not written yet
-        time.sleep(0.1)

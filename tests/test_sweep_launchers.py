@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffstage.sweep import ROWS
 from test_cli import run
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
@@ -81,7 +80,6 @@ def test_submitit_local_jobs_give_the_in_process_report(in_process, tmp_path_fac
 def test_a_worker_that_dies_is_recorded_and_the_report_is_written(tmp_path):
     """A job whose process ends (a crash, the kernel's OOM killer) keeps the row it wrote when it started."""
     model = tmp_path / "digits_vanish.yaml"
-    rows = tmp_path / "sweep" / ROWS
     model.write_text("extends: digits\nname: digits_vanish\n"
                      f"model_path: {TESTS.parent / 'models' / 'digits' / 'checkpoint'}\n"
                      "pipeline_config:\n  callbacks:\n    latent_preparation:\n"
@@ -92,7 +90,7 @@ def test_a_worker_that_dies_is_recorded_and_the_report_is_written(tmp_path):
                  cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS),
                                                                                 os.environ.get("PYTHONPATH")])),
                                     # joblib stops every worker once one dies: job 1 waits for job 0's report
-                                    "DIFFSTAGE_TEST_VANISH_AFTER": str(rows / "job-0.json")})
+                                    "DIFFSTAGE_TEST_VANISH_AFTER": str(tmp_path / "sweep")})
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     at = [i for i, line in enumerate(lines) if line.startswith("error: ")][-1]  # joblib may warn after it
